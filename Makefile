@@ -1,0 +1,22 @@
+# Set-up and the two everyday commands. TORCH pins the CPU build; on a GPU machine use
+# `make demo TORCH=torch` (or install your CUDA build first) to keep CUDA.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+BIN = $(VENV)/bin
+
+.PHONY: demo test install
+
+$(BIN)/tuner: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/tuner
+
+demo: $(BIN)/tuner
+	$(BIN)/tuner run studies/demo.yaml --workers 2 --storage sqlite:///demo.db
+
+test: $(BIN)/tuner
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

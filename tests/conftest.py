@@ -1,0 +1,91 @@
+"""Shared fixtures: a SQLite file per test, a fresh PostgreSQL database per session, and helpers
+that run the real ``tuner`` command in worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Short heartbeats so that dead workers are noticed within seconds in tests.
+os.environ.setdefault("TUNER_HEARTBEAT_INTERVAL", "1")
+os.environ.setdefault("TUNER_HEARTBEAT_GRACE", "4")
+
+POSTGRES_URL = os.environ.get("TUNER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REQUIRE_SERVICES = os.environ.get("TUNER_REQUIRE_SERVICES") == "1"
+TESTS = Path(__file__).parent
+
+
+def small_spec(name: str, **overrides: object) -> dict:
+    """A spec that trains in about a second per trial on the digits MLP."""
+    spec = {
+        "name": name,
+        "workload": "digits_mlp",
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "budget": {"n_trials": 6},
+        "search": {
+            "batch_size": {"low": 32, "high": 256, "scale": "pow2"},
+            "lr": {"low": 1e-3, "high": 3e-2, "log": True},
+            "epochs": {"low": 1, "high": 3},
+        },
+        "sampler": {"name": "tpe", "seed": 0},
+        "pruner": {"name": "median"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    def write(spec: dict, filename: str = "spec.yaml") -> Path:
+        path = tmp_path / filename
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A database of its own for this session, dropped at the end."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required (TUNER_REQUIRE_SERVICES=1): {error}")
+        pytest.skip(f"PostgreSQL not reachable: {error}")
+    name = f"tuner_test_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def tuner(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the real ``tuner`` command and capture what it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "tuner", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+    )
+
+
+def start_tuner(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuner", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+    )

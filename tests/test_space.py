@@ -1,0 +1,52 @@
+import math
+
+import optuna
+import pytest
+
+from tuner.space import scaled_learning_rate, suggest
+from tuner.spec import LearningRateSpace, SearchSpace
+
+
+def space(**lr: object) -> SearchSpace:
+    return SearchSpace.model_validate(
+        {
+            "batch_size": {"low": 16, "high": 1024, "scale": "pow2"},
+            "lr": {"low": 1e-4, "high": 1.0, **lr},
+            "epochs": {"low": 2, "high": 20},
+            "optimizer": {"choices": ["sgd", "adamw"]},
+            "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+        }
+    )
+
+
+@pytest.mark.parametrize("rule, factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_scaling_rule(rule, factor):
+    lr_space = LearningRateSpace(low=1e-4, high=1.0, scale_with_batch=rule, reference_batch_size=128)
+    assert math.isclose(scaled_learning_rate(0.01, 512, lr_space), 0.01 * factor)
+    assert math.isclose(scaled_learning_rate(0.01, 128, lr_space), 0.01)
+
+
+def test_suggest_records_base_and_used_rate():
+    trial = optuna.trial.FixedTrial(
+        {"batch_size": 512, "base_lr": 0.01, "epochs": 3, "optimizer": "sgd", "weight_decay": 1e-4}
+    )
+    hp = suggest(trial, space(scale_with_batch="sqrt", reference_batch_size=128), seed=7)
+    assert hp.batch_size == 512 and hp.epochs == 3 and hp.optimizer == "sgd"
+    assert math.isclose(hp.base_lr, 0.01) and math.isclose(hp.lr, 0.02)
+    assert hp.seed == 7
+
+
+def test_without_scaling_the_param_is_lr():
+    trial = optuna.trial.FixedTrial({"batch_size": 64, "lr": 0.05, "epochs": 2, "optimizer": "adamw", "weight_decay": 1e-3})
+    hp = suggest(trial, space(), seed=0)
+    assert hp.lr == hp.base_lr == 0.05
+
+
+def test_sampled_values_lie_in_the_space():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        hp = suggest(study.ask(), space(scale_with_batch="linear"), seed=0)
+        assert hp.batch_size in [16, 32, 64, 128, 256, 512, 1024]
+        assert 2 <= hp.epochs <= 20
+        assert 1e-4 <= hp.base_lr <= 1.0
+        assert math.isclose(hp.lr, hp.base_lr * hp.batch_size / 128)

@@ -1,0 +1,83 @@
+import pytest
+
+from conftest import small_spec
+from tuner.errors import SpecError, WorkloadError
+from tuner.spec import BatchSizeSpace, load_spec, parse_spec
+from tuner.study import create_study
+
+
+def test_bundled_specs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("studies").glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.search.batch_size.low <= spec.search.batch_size.high
+
+
+def test_defaults_are_tpe_and_hyperband():
+    spec = parse_spec({k: v for k, v in small_spec("d").items() if k not in ("sampler", "pruner")})
+    assert spec.sampler.name == "tpe" and spec.sampler.multivariate
+    assert spec.pruner.name == "hyperband"
+    assert spec.directions == ["maximize"]
+
+
+def test_pow2_choices():
+    assert BatchSizeSpace(low=16, high=1024).choices() == [16, 32, 64, 128, 256, 512, 1024]
+    assert BatchSizeSpace(low=20, high=100).choices() == [32, 64]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"colour": "red"}, "spec field 'colour' is not a known field"),
+        ({"budget": {"n_trials": "many"}}, "spec field 'budget.n_trials'"),
+        ({"budget": {}}, "set n_trials, timeout_s or both"),
+        ({"sampler": {"name": "annealing"}}, "'tpe', 'random', 'gp', 'cmaes', 'nsga2' or 'qmc'"),
+        ({"pruner": {"name": "median", "patience": 3}}, "patience"),
+        ({"pruner": {"name": "magic"}}, "'median', 'percentile', 'sha', 'hyperband', 'patient', 'threshold', 'none'"),
+    ],
+)
+def test_bad_fields_are_named(change, expected):
+    with pytest.raises(SpecError) as error:
+        parse_spec(small_spec("bad", **change))
+    assert expected in str(error.value)
+
+
+def test_low_above_high_names_the_field():
+    spec = small_spec("bad")
+    spec["search"]["epochs"] = {"low": 5, "high": 2}
+    with pytest.raises(SpecError, match=r"search\.epochs.*low \(5\) must not be above high \(2\)"):
+        parse_spec(spec)
+
+
+def test_batch_scale_allowed_values():
+    spec = small_spec("bad")
+    spec["search"]["batch_size"]["scale"] = "cubic"
+    with pytest.raises(SpecError, match=r"search\.batch_size\.scale.*'pow2', 'log' or 'linear'.*cubic"):
+        parse_spec(spec)
+
+
+def test_unknown_optimizer_is_refused():
+    spec = small_spec("bad")
+    spec["search"]["optimizer"] = {"choices": ["lion"]}
+    with pytest.raises(SpecError, match="allowed: sgd, adamw, adam"):
+        parse_spec(spec)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_batch_range_must_fit_the_data(sqlite_url):
+    spec = small_spec("too-big")
+    spec["search"]["batch_size"] = {"low": 32, "high": 4096, "scale": "pow2"}
+    with pytest.raises(SpecError, match=r"search\.batch_size\.high.*1437 training samples"):
+        create_study(parse_spec(spec), sqlite_url)
+
+
+def test_unknown_workload(sqlite_url):
+    with pytest.raises(WorkloadError, match="Unknown workload 'imagenet'.*digits_cnn"):
+        create_study(parse_spec(small_spec("w", workload="imagenet")), sqlite_url)
+    with pytest.raises(WorkloadError, match="no 'missing'"):
+        create_study(parse_spec(small_spec("w", workload="user_workloads:missing")), sqlite_url)

@@ -1,0 +1,65 @@
+"""Workloads as a user writes them, loaded by ``package.module:function`` in the tests' specs."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import tuner
+
+
+def _blobs(samples: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, 2, (samples,), generator=generator)
+    inputs = torch.randn(samples, 4, generator=generator) + targets[:, None] * 2.0
+    return TensorDataset(inputs, targets)
+
+
+class Blobs:
+    """A torch workload of the Workload protocol, written from scratch."""
+
+    def __init__(self) -> None:
+        self.train_data = _blobs(256, 0)
+        self.val_data = _blobs(64, 1)
+
+    def model(self, hp: tuner.Hyperparameters) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        return {"val_accuracy": float((outputs.argmax(1) == targets).float().mean())}
+
+
+def blobs() -> Blobs:
+    return Blobs()
+
+
+def own_loop(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """A training function: its own loop, tuner's search, pruning and records."""
+    loss = 1.0
+    for epoch in range(1, hp.epochs + 1):
+        loss *= 1.0 - min(hp.lr, 0.5)
+        report(epoch, {"val_loss": loss, "val_accuracy": 1.0 - loss})
+    return {"val_loss": loss, "val_accuracy": 1.0 - loss}
+
+
+def diverges_on_large_lr(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """NaN once the learning rate is above 0.01: such trials must end as ``diverged``."""
+    value = math.nan if hp.lr > 0.01 else 0.5 + hp.lr
+    for epoch in range(1, hp.epochs + 1):
+        report(epoch, {"val_accuracy": value})
+    return {"val_accuracy": value}
+
+
+def raises(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    raise ValueError("broken workload")
+
+
+def pruned_always(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    raise optuna.TrialPruned("user pruned")

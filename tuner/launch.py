@@ -1,0 +1,150 @@
+"""Start local worker processes and follow the study until they are done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tuner.spec import StudySpec
+from tuner.study import budget_state
+
+
+def worker_command(
+    study_name: str,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    worker_index: int | None = None,
+    checkpoint_dir: Path | None = None,
+    keep_checkpoints: bool = False,
+) -> list[str]:
+    """The ``tuner worker`` command line of one local worker process."""
+    command = [sys.executable, "-m", "tuner", "worker", "--study", study_name, "--device", device]
+    if threads:
+        command += ["--threads", str(threads)]
+    if worker_index is not None:
+        command += ["--worker-index", str(worker_index)]
+    if checkpoint_dir is not None:
+        command += ["--checkpoint-dir", str(checkpoint_dir)]
+    if keep_checkpoints:
+        command.append("--keep-checkpoints")
+    return command
+
+
+def start_workers(
+    study_name: str,
+    storage_url: str,
+    count: int,
+    *,
+    device: str = "auto",
+    environments: Sequence[dict[str, str]] | None = None,
+    checkpoint_dir: Path | None = None,
+    keep_checkpoints: bool = False,
+) -> list[subprocess.Popen[str]]:
+    """Start ``count`` workers; the storage URL travels in the environment, not on the command
+    line, so a password does not show in the process list. CPU threads are shared out so that
+    the workers do not oversubscribe the cores."""
+    threads = max(1, (os.cpu_count() or 1) // count)
+    processes = []
+    for index in range(count):
+        env = {**os.environ, "TUNER_STORAGE": storage_url, "PYTHONUNBUFFERED": "1"}
+        if environments:
+            env.update(environments[index])
+        command = worker_command(
+            study_name, device=device, threads=threads, worker_index=index,
+            checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+        )
+        processes.append(
+            # A session of its own: a Ctrl-C reaches the workers once, forwarded by ``follow``.
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,
+            )
+        )
+    return processes
+
+
+def _relay(process: subprocess.Popen[str], console: Console, prefix: str) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        console.print(f"{prefix} {line.rstrip()}", highlight=False, markup=False)
+
+
+def _summary(study: optuna.Study, spec: StudySpec) -> tuple[int, str]:
+    state = budget_state(study, spec)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+    text = f"running {state.running} · pruned {pruned}"
+    if len(spec.all_objectives) == 1 and any(t.state == TrialState.COMPLETE for t in trials):
+        text = f"best {spec.all_objectives[0].metric}={study.best_value:.4g} · " + text
+    return state.finished, text
+
+
+def follow(
+    study: optuna.Study,
+    spec: StudySpec,
+    processes: list[subprocess.Popen[str]],
+    console: Console,
+    poll_s: float = 1.0,
+) -> list[int]:
+    """Relay the workers' lines and show trials done / budget, best value, pruned count, until
+    every worker has exited; return their exit codes."""
+    relays = [
+        threading.Thread(target=_relay, args=(p, console, f"[w{i}]"), daemon=True)
+        for i, p in enumerate(processes)
+    ]
+    for relay in relays:
+        relay.start()
+
+    def forward(signum: int, frame: object) -> None:
+        console.print(f"{signal.Signals(signum).name}: stopping workers after their current epoch")
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _show_progress(study, spec, processes, console, poll_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for relay in relays:
+        relay.join(timeout=5)
+    return [p.wait() for p in processes]
+
+
+def _show_progress(
+    study: optuna.Study,
+    spec: StudySpec,
+    processes: list[subprocess.Popen[str]],
+    console: Console,
+    poll_s: float,
+) -> None:
+    total = spec.budget.n_trials
+    last = None
+    with Progress(
+        TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console, disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("trials", total=total, info="")
+        while True:
+            done = all(p.poll() is not None for p in processes)
+            finished, info = _summary(study, spec)
+            progress.update(task, completed=finished, info=info)
+            if not console.is_terminal and (finished, info) != last:
+                console.print(f"trials {finished}/{total or '-'} · {info}", highlight=False)
+                last = (finished, info)
+            if done:
+                break
+            time.sleep(poll_s)

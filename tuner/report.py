@@ -1,0 +1,82 @@
+"""Reading a study back: the best trial (or Pareto front) and every trial with its records."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.study import load_study
+
+# Records shown in tables; everything is still in ``user_attrs``.
+TABLE_RECORDS = ("effective_batch_size", "micro_batch_size", "lr_used", "epochs_completed", "train_time_s", "stop_reason")
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial, or the Pareto front of a study with several objectives."""
+    if len(study.directions) > 1:
+        return list(study.best_trials)
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [study.best_trial] if completed else []
+
+
+def best_trial(study_name: str, storage: str | None = None) -> FrozenTrial | list[FrozenTrial] | None:
+    """The best trial of a study; for several objectives, the trials of its Pareto front."""
+    study, _ = load_study(study_name, storage)
+    trials = best_trials(study)
+    if len(study.directions) > 1:
+        return trials
+    return trials[0] if trials else None
+
+
+def used_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's parameters as trained: ``lr`` is the rate used, after any batch scaling."""
+    params = dict(trial.params)
+    if "lr_used" in trial.user_attrs:
+        params["lr"] = trial.user_attrs["lr_used"]
+    return params
+
+
+def trial_record(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The JSON object of ``tuner best``: study, trial, values, params, user_attrs, duration_s."""
+    record: dict[str, Any] = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "state": trial.state.name,
+        "values": trial.values,
+        "params": used_params(trial),
+        "user_attrs": trial.user_attrs,
+        "duration_s": trial.duration.total_seconds() if trial.duration else None,
+    }
+    if len(study.directions) == 1:
+        record["value"] = trial.value
+    return record
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One flat row per trial (not the unclaimed budget slots), for tables and CSV."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.WAITING:
+            continue
+        row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
+        names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+        for name, value in zip(names, trial.values or [None] * len(names)):
+            row[name] = value
+        row.update(used_params(trial))
+        row.update({key: trial.user_attrs.get(key) for key in TABLE_RECORDS})
+        error = trial.user_attrs.get("error")
+        row["error"] = error.splitlines()[0] if error else None
+        row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
+        rows.append(row)
+    return rows
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)

@@ -1,0 +1,71 @@
+"""The joint search space: one Optuna trial becomes one set of ``Hyperparameters``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import optuna
+
+from tuner.spec import LearningRateSpace, SearchSpace
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What a trial trains with.
+
+    ``batch_size`` is the effective batch size (samples per optimizer step); how many samples go
+    through the device at once is a hardware fact decided by the training loop, not searched.
+    """
+
+    batch_size: int
+    lr: float
+    epochs: int
+    base_lr: float
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+def scaled_learning_rate(base_lr: float, batch_size: int, space: LearningRateSpace) -> float:
+    """The rate used at ``batch_size``: ``base * (batch / reference) ** k``, k = 1 or 1/2."""
+    exponent = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}[space.scale_with_batch]
+    return base_lr * (batch_size / space.reference_batch_size) ** exponent
+
+
+def lr_param_name(space: LearningRateSpace) -> str:
+    """``base_lr`` when the searched value is a rate at the reference batch, else ``lr``."""
+    return "lr" if space.scale_with_batch == "none" else "base_lr"
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparameters:
+    """Ask the trial for every searched value and derive the rate actually used."""
+    batch = space.batch_size
+    if batch.scale == "pow2":
+        batch_size = int(trial.suggest_categorical("batch_size", batch.choices()))
+    else:
+        batch_size = trial.suggest_int(
+            "batch_size", batch.low, batch.high, log=batch.scale == "log"
+        )
+    base_lr = trial.suggest_float(
+        lr_param_name(space.lr), space.lr.low, space.lr.high, log=space.lr.log
+    )
+    epochs = trial.suggest_int("epochs", space.epochs.low, space.epochs.high)
+    extras: dict[str, float | str] = {}
+    if space.optimizer is not None:
+        extras["optimizer"] = trial.suggest_categorical("optimizer", space.optimizer.choices)
+    for name in ("weight_decay", "momentum"):
+        bounds = getattr(space, name)
+        if bounds is not None:
+            extras[name] = trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
+    return Hyperparameters(
+        batch_size=batch_size,
+        lr=scaled_learning_rate(base_lr, batch_size, space.lr),
+        epochs=epochs,
+        base_lr=base_lr,
+        seed=seed,
+        **extras,  # type: ignore[arg-type]
+    )

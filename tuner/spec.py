@@ -1,0 +1,248 @@
+"""Study specs: the YAML contract of DESIGN.md as pydantic models.
+
+Every model forbids unknown keys, so a typo is refused before any trial starts, and every error
+names the field's path (``search.batch_size.scale``) and what it allows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuner.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Range(_Strict):
+    @model_validator(mode="after")
+    def _low_not_above_high(self) -> "_Range":
+        if self.low > self.high:  # type: ignore[attr-defined]
+            raise ValueError(f"low ({self.low}) must not be above high ({self.high})")  # type: ignore[attr-defined]
+        return self
+
+
+class BatchSizeSpace(_Range):
+    """Effective batch size: samples per optimizer step, whatever the hardware."""
+
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+    scale: Literal["pow2", "log", "linear"] = "pow2"
+
+    @model_validator(mode="after")
+    def _pow2_has_a_power(self) -> "BatchSizeSpace":
+        if self.scale == "pow2" and not self.choices():
+            raise ValueError(f"no power of two lies between low ({self.low}) and high ({self.high})")
+        return self
+
+    def choices(self) -> list[int]:
+        """The powers of two in [low, high], for ``scale: pow2``."""
+        first = math.ceil(math.log2(self.low))
+        return [2**k for k in range(first, int(math.log2(self.high)) + 1) if 2**k >= self.low]
+
+
+class LearningRateSpace(_Range):
+    """The learning rate, optionally searched as a base rate at ``reference_batch_size``."""
+
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    log: bool = True
+    scale_with_batch: Literal["linear", "sqrt", "none"] = "none"
+    reference_batch_size: int = Field(default=128, ge=1)
+
+
+class EpochsSpace(_Range):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+
+class FloatSpace(_Range):
+    low: float = Field(ge=0)
+    high: float = Field(ge=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _log_needs_positive(self) -> "FloatSpace":
+        if self.log and self.low <= 0:
+            raise ValueError("low must be above 0 when log is true")
+        return self
+
+
+class ChoiceSpace(_Strict):
+    choices: list[str] = Field(min_length=1)
+
+
+class SearchSpace(_Strict):
+    batch_size: BatchSizeSpace
+    lr: LearningRateSpace
+    epochs: EpochsSpace
+    optimizer: ChoiceSpace | None = None
+    weight_decay: FloatSpace | None = None
+    momentum: FloatSpace | None = None
+
+    @model_validator(mode="after")
+    def _known_optimizers(self) -> "SearchSpace":
+        if self.optimizer is not None:
+            unknown = set(self.optimizer.choices) - set(OPTIMIZERS)
+            if unknown:
+                raise ValueError(
+                    f"optimizer.choices has {sorted(unknown)}; allowed: {', '.join(OPTIMIZERS)}"
+                )
+        return self
+
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+
+
+class Objective(_Strict):
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class Budget(_Strict):
+    """Shared by every worker of the study: finished trials and/or wall time since the first."""
+
+    n_trials: int | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> "Budget":
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("set n_trials, timeout_s or both")
+        return self
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random", "gp", "cmaes", "nsga2", "qmc"] = "tpe"
+    seed: int | None = None
+    multivariate: bool = True
+    n_startup_trials: int | None = Field(default=None, ge=0)
+
+
+class MedianPrunerSpec(_Strict):
+    name: Literal["median"]
+    n_startup_trials: int = Field(default=5, ge=0)
+    n_warmup_steps: int = Field(default=1, ge=0)
+
+
+class PercentilePrunerSpec(_Strict):
+    name: Literal["percentile"]
+    percentile: float = Field(default=25.0, ge=0, le=100)
+    n_startup_trials: int = Field(default=5, ge=0)
+    n_warmup_steps: int = Field(default=1, ge=0)
+
+
+class HalvingPrunerSpec(_Strict):
+    name: Literal["sha"]
+    min_resource: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+
+
+class HyperbandPrunerSpec(_Strict):
+    name: Literal["hyperband"]
+    min_resource: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+
+
+class PatientPrunerSpec(_Strict):
+    name: Literal["patient"]
+    patience: int = Field(default=2, ge=0)
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class ThresholdPrunerSpec(_Strict):
+    name: Literal["threshold"]
+    lower: float | None = None
+    upper: float | None = None
+    n_warmup_steps: int = Field(default=0, ge=0)
+
+
+class NoPrunerSpec(_Strict):
+    name: Literal["none"]
+
+
+PrunerSpec = Annotated[
+    Union[
+        MedianPrunerSpec,
+        PercentilePrunerSpec,
+        HalvingPrunerSpec,
+        HyperbandPrunerSpec,
+        PatientPrunerSpec,
+        ThresholdPrunerSpec,
+        NoPrunerSpec,
+    ],
+    Field(discriminator="name"),
+]
+
+
+class StudySpec(_Strict):
+    name: str = Field(min_length=1)
+    workload: str = Field(min_length=1)
+    objective: Objective | None = None
+    objectives: list[Objective] | None = Field(default=None, min_length=1)
+    budget: Budget
+    search: SearchSpace
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = HyperbandPrunerSpec(name="hyperband")
+    max_retries: int = Field(default=2, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _one_objective_form(self) -> "StudySpec":
+        if (self.objective is None) == (self.objectives is None):
+            raise ValueError("set exactly one of objective or objectives")
+        return self
+
+    @property
+    def all_objectives(self) -> list[Objective]:
+        return [self.objective] if self.objective is not None else list(self.objectives or [])
+
+    @property
+    def directions(self) -> list[str]:
+        return [objective.direction for objective in self.all_objectives]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data, as stored inside the study."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"spec field '{path}' is not a known field"
+    if error["type"] == "missing":
+        return f"spec field '{path}' is required"
+    where = f"spec field '{path}'" if path else "spec"
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{where}: {message}{shown}"
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
+    """Validate plain data as a spec; raise SpecError naming each bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source} must be a mapping of fields, not {type(data).__name__}.")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as error:
+        details = "; ".join(_describe(item) for item in error.errors())
+        raise SpecError(f"{source} is invalid: {details}.") from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read a YAML spec file (``yaml.safe_load``) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"Spec file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path} is not valid YAML: {error}") from None
+    return parse_spec(data, source=str(path))

@@ -1,0 +1,113 @@
+"""Storage URLs of DESIGN.md turned into Optuna storages, with passwords never shown."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from tuner.errors import StorageError
+
+DEFAULT_STORAGE = "sqlite:///tuner.db"
+
+_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+
+
+def storage_url(url: str | None = None) -> str:
+    """The URL in effect: the argument, else ``TUNER_STORAGE``, else ``sqlite:///tuner.db``."""
+    return url or os.environ.get("TUNER_STORAGE") or DEFAULT_STORAGE
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be printed: any password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        return url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Spell out the driver: psycopg 3 for PostgreSQL, PyMySQL for MySQL."""
+    scheme, sep, rest = url.partition("://")
+    return f"{_DRIVERS.get(scheme, scheme)}{sep}{rest}"
+
+
+def _heartbeat_settings() -> tuple[int, int]:
+    interval = int(os.environ.get("TUNER_HEARTBEAT_INTERVAL", "10"))
+    grace = int(os.environ.get("TUNER_HEARTBEAT_GRACE", str(3 * interval)))
+    return interval, grace
+
+
+def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
+    full_url = sqlalchemy_url(url)
+    try:
+        parsed = make_url(full_url)
+    except ArgumentError:
+        raise StorageError(f"Storage URL {mask_url(url)!r} is not a valid database URL.") from None
+    engine_kwargs: dict = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "sqlite":
+        # Several worker processes write one file: wait for the lock instead of failing.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        engine_kwargs["pool_size"] = 2
+        engine_kwargs["max_overflow"] = 2
+    interval, grace = _heartbeat_settings()
+    try:
+        storage = optuna.storages.RDBStorage(
+            full_url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=interval,
+            grace_period=grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max_retries, inherit_intermediate_values=True
+            ),
+        )
+    except ModuleNotFoundError as error:
+        raise StorageError(
+            f"Storage URL {mask_url(url)!r} needs the Python package {error.name!r}."
+        ) from None
+    except (SQLAlchemyError, OSError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        password = parsed.password
+        if password:
+            reason = reason.replace(str(password), "***")
+        raise StorageError(f"Cannot open storage {mask_url(url)!r}: {reason}") from None
+    if parsed.get_backend_name() == "sqlite":
+        with storage.engine.connect() as connection:
+            # WAL lets readers (dashboard, status) work while a worker writes.
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    return storage
+
+
+def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.storages.BaseStorage:
+    """Open the storage a URL names; raise StorageError with the masked URL when it cannot."""
+    url = storage_url(url)
+    if url.endswith(".log") or url.startswith("journal://"):
+        path = url.removeprefix("journal://")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    if url.startswith("redis://"):
+        try:
+            backend = optuna.storages.journal.JournalRedisBackend(url)
+        except Exception as error:  # redis raises its own connection errors
+            raise StorageError(f"Cannot open storage {mask_url(url)!r}: {error}") from None
+        return optuna.storages.JournalStorage(backend)
+    if url.startswith("grpc://"):
+        host, _, port = url.removeprefix("grpc://").partition(":")
+        if not port.isdigit():
+            raise StorageError(f"Storage URL {url!r} must be grpc://HOST:PORT.")
+        return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
+    if "://" not in url:
+        raise StorageError(
+            f"Storage URL {mask_url(url)!r} is not a URL; use sqlite:///PATH, postgresql://..., "
+            "mysql://..., a path ending in .log, redis://... or grpc://HOST:PORT."
+        )
+    return _rdb_storage(url, max_retries)

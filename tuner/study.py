@@ -1,0 +1,244 @@
+"""Create and load studies from specs: sampler and pruner factories, and the exact trial budget.
+
+The budget is exact under any number of workers because every trial of it exists first as a
+WAITING trial (a *slot*), made when the study is created; a worker only runs a trial it won
+through the atomic WAITING -> RUNNING transition, and a worker that finds no slot is done.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from tuner.errors import BadInputError, SpecError, StudyNotFoundError
+from tuner.spec import StudySpec, parse_spec
+from tuner.storage import make_storage
+
+SPEC_ATTR = "tuner:spec"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; ``seed_offset`` keeps parallel workers from proposing the same points."""
+    options = spec.sampler
+    seed = None if options.seed is None else options.seed + seed_offset
+    n_startup = options.n_startup_trials
+    name = options.name
+    if name == "tpe":
+        # Multivariate: batch size and learning rate interact, which independent TPE cannot see.
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=options.multivariate,
+            n_startup_trials=10 if n_startup is None else n_startup,
+            constant_liar=True,
+            constraints_func=infeasibility,
+        )
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=10 if n_startup is None else n_startup,
+            constraints_func=infeasibility,
+        )
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=1 if n_startup is None else n_startup,
+            consider_pruned_trials=True,
+        )
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=infeasibility)
+    return optuna.samplers.QMCSampler(seed=seed, warn_asynchronous_seeding=False)
+
+
+def infeasibility(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraint value: positive for a trial that could not run (out of memory)."""
+    return [1.0 if trial.user_attrs.get("stop_reason") == "out_of_memory" else 0.0]
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner; its step is the epoch, so every trial is judged after equal data."""
+    options = spec.pruner
+    max_epochs = spec.search.epochs.high
+    if options.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=options.n_startup_trials, n_warmup_steps=options.n_warmup_steps
+        )
+    if options.name == "percentile":
+        return optuna.pruners.PercentilePruner(
+            options.percentile,
+            n_startup_trials=options.n_startup_trials,
+            n_warmup_steps=options.n_warmup_steps,
+        )
+    if options.name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=options.min_resource, reduction_factor=options.reduction_factor
+        )
+    if options.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=options.min_resource,
+            max_resource=max(max_epochs, options.min_resource),
+            reduction_factor=options.reduction_factor,
+        )
+    if options.name == "patient":
+        return optuna.pruners.PatientPruner(
+            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+            patience=options.patience,
+            min_delta=options.min_delta,
+        )
+    if options.name == "threshold":
+        return optuna.pruners.ThresholdPruner(
+            lower=options.lower, upper=options.upper, n_warmup_steps=options.n_warmup_steps
+        )
+    return optuna.pruners.NopPruner()
+
+
+def _spec_diff(stored: dict, wanted: dict) -> str:
+    old = yaml.safe_dump(stored, sort_keys=True).splitlines()
+    new = yaml.safe_dump(wanted, sort_keys=True).splitlines()
+    lines = difflib.unified_diff(old, new, "stored", "given", lineterm="", n=0)
+    return "\n".join(line for line in lines if not line.startswith("@@"))
+
+
+def stored_spec(storage: optuna.storages.BaseStorage, study_name: str) -> StudySpec | None:
+    """The spec kept inside a study, or None for a study that tuner did not make."""
+    study_id = storage.get_study_id_from_name(study_name)
+    raw = storage.get_study_system_attrs(study_id).get(SPEC_ATTR)
+    return None if raw is None else parse_spec(json.loads(raw), source=f"study {study_name!r}")
+
+
+def create_study(
+    spec: StudySpec,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    *,
+    study_name: str | None = None,
+) -> optuna.Study:
+    """Create the spec's study, or load it when it exists with the same spec.
+
+    A different spec under the same name is refused with the difference, except for the budget:
+    a larger ``n_trials`` adds slots, so a finished study can be extended.
+    """
+    if study_name:
+        spec = spec.model_copy(update={"name": study_name})
+    if not isinstance(storage, optuna.storages.BaseStorage):
+        storage = make_storage(storage, max_retries=spec.max_retries)
+    from tuner.workloads import check_workload
+
+    check_workload(spec)
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        directions=spec.directions,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        load_if_exists=True,
+    )
+    study_id = storage.get_study_id_from_name(spec.name)
+    stored = stored_spec(storage, spec.name)
+    wanted = spec.to_dict()
+    if stored is None:
+        storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
+        study.set_metric_names([objective.metric for objective in spec.all_objectives])
+    else:
+        stored_dict = stored.to_dict()
+        if {**stored_dict, "budget": None} != {**wanted, "budget": None}:
+            raise SpecError(
+                f"Study {spec.name!r} exists with a different spec; use another name or the "
+                f"stored spec. Difference:\n{_spec_diff(stored_dict, wanted)}"
+            )
+        if stored_dict["budget"] != wanted["budget"]:
+            storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
+    _add_slots(study, spec)
+    return study
+
+
+def _budget_slots(study: optuna.Study) -> int:
+    """Trials that hold a slot: every trial except failed ones that were retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials if t.number not in retried)
+
+
+def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
+    if spec.budget.n_trials is None:
+        return
+    missing = spec.budget.n_trials - _budget_slots(study)
+    if missing < 0:
+        raise BadInputError(
+            f"Study {spec.name!r} already holds {_budget_slots(study)} trials; "
+            f"budget.n_trials cannot shrink to {spec.budget.n_trials}."
+        )
+    study.add_trials([optuna.trial.create_trial(state=TrialState.WAITING)] * missing)
+
+
+def load_study(
+    study_name: str,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    *,
+    seed_offset: int = 0,
+) -> tuple[optuna.Study, StudySpec]:
+    """Load a study made by ``create_study`` with the sampler and pruner of its stored spec."""
+    if not isinstance(storage, optuna.storages.BaseStorage):
+        storage = make_storage(storage)
+    names = optuna.get_all_study_names(storage)
+    if study_name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise StudyNotFoundError(f"No study named {study_name!r} in the storage; studies there: {known}.")
+    spec = stored_spec(storage, study_name)
+    if spec is None:
+        raise BadInputError(f"Study {study_name!r} was not made by tuner (it has no stored spec).")
+    heartbeat = getattr(storage, "heartbeat_stale_trial_callback", None)
+    if heartbeat is not None:
+        storage.heartbeat_stale_trial_callback = optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=spec.max_retries, inherit_intermediate_values=True
+        )
+    study = optuna.load_study(
+        study_name=study_name,
+        storage=storage,
+        sampler=make_sampler(spec, seed_offset=seed_offset),
+        pruner=make_pruner(spec),
+    )
+    return study, spec
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """Where a study stands against its budget."""
+
+    finished: int
+    running: int
+    waiting: int
+    n_trials: int | None
+    elapsed_s: float
+    timeout_s: float | None
+
+    @property
+    def exhausted(self) -> bool:
+        out_of_time = self.timeout_s is not None and self.elapsed_s >= self.timeout_s
+        out_of_trials = self.n_trials is not None and self.finished >= self.n_trials
+        return out_of_time or out_of_trials
+
+
+def budget_state(study: optuna.Study, spec: StudySpec) -> BudgetState:
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    counts = {state: 0 for state in TrialState}
+    for trial in trials:
+        if trial.number not in retried:
+            counts[trial.state] += 1
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    # Optuna stamps trials with naive local times.
+    elapsed = (datetime.now() - min(starts)).total_seconds() if starts else 0.0
+    return BudgetState(
+        finished=sum(counts[state] for state in FINISHED),
+        running=counts[TrialState.RUNNING],
+        waiting=counts[TrialState.WAITING],
+        n_trials=spec.budget.n_trials,
+        elapsed_s=elapsed,
+        timeout_s=spec.budget.timeout_s,
+    )

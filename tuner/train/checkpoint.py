@@ -1,0 +1,50 @@
+"""A trial's state after its last finished epoch: on disk for resuming, else in memory."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class Checkpoint:
+    """Holds one trial's latest state; written atomically (temp file + rename) when on disk.
+
+    Without a directory the state stays in memory, which still lets an epoch be restarted after
+    an out-of-memory error but does not survive the process.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._in_memory: bytes | None = None
+
+    def save(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        if self.path is None:
+            self._in_memory = buffer.getvalue()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as file:
+            file.write(buffer.getvalue())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None:
+            data = self._in_memory
+        else:
+            data = self.path.read_bytes() if self.path.exists() else None
+        if data is None:
+            return None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    def remove(self) -> None:
+        self._in_memory = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,233 @@
+"""The training loop of a torch workload: one readable loop over epochs, steps and micro-batches.
+
+Every optimizer step sees exactly ``hp.batch_size`` samples (the last step of an epoch may be
+shorter). When the device cannot hold that many at once, the step is split into micro-batches
+whose losses are weighted by their share of the step, so the accumulated gradient equals the
+gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from tuner.space import Hyperparameters
+from tuner.train import memory
+from tuner.train.checkpoint import Checkpoint
+from tuner.train.reporter import OutOfMemory, Reporter
+from tuner.workloads.base import Workload
+
+# A data set whose tensors take less than this stays on the device and is sliced by index.
+ON_DEVICE_BYTES = 512 * 2**20
+EVAL_BATCH_SIZE = 1024
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def warmup_cosine(total_steps: int) -> Any:
+    """Linear warm-up over the first 5% of steps, then cosine decay to zero at the last step."""
+    warmup_steps = max(1, total_steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Batches:
+    """Micro-batches of a data set in a given order: slices of device tensors when the data set
+    is small tensors, else a DataLoader over the same indices."""
+
+    def __init__(self, dataset: Dataset, device: torch.device, collate: Any = None) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.collate = collate
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+        if isinstance(dataset, TensorDataset) and collate is None:
+            size = sum(t.element_size() * t.nelement() for t in dataset.tensors)
+            if size <= ON_DEVICE_BYTES:
+                self.tensors = tuple(t.to(device) for t in dataset.tensors)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __call__(self, chunks: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.tensors is not None:
+            for chunk in chunks:
+                index = chunk.to(self.device)
+                yield self.tensors[0][index], self.tensors[1][index]
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=[chunk.tolist() for chunk in chunks],
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        for inputs, targets in loader:
+            yield inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+
+def evaluate(
+    model: torch.nn.Module, workload: Workload, batches: Batches, micro_batch_size: int, precision: str
+) -> dict[str, float]:
+    model.eval()
+    order = torch.arange(len(batches))
+    chunks = list(order.split(min(EVAL_BATCH_SIZE, max(micro_batch_size, 1))))
+    outputs, targets = [], []
+    with torch.no_grad(), _autocast(batches.device, precision):
+        for inputs, target in batches(chunks):
+            outputs.append(model(inputs).float())
+            targets.append(target)
+    all_outputs, all_targets = torch.cat(outputs), torch.cat(targets)
+    metrics = {"val_loss": float(workload.loss(all_outputs, all_targets))}
+    metrics.update({name: float(value) for name, value in workload.metrics(all_outputs, all_targets).items()})
+    return metrics
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    enabled = precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train(
+    workload: Workload,
+    hp: Hyperparameters,
+    report: Reporter,
+    *,
+    device: torch.device,
+    micro_batch_size: int | None = None,
+    checkpoint: Checkpoint | None = None,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """Train ``hp.epochs`` epochs, reporting after each; resume from ``checkpoint`` if it holds
+    a state. Returns the last epoch's metrics. Out of memory halves the micro-batch and restarts
+    the epoch from its start; a micro-batch of one that does not fit raises ``OutOfMemory``."""
+    checkpoint = checkpoint or Checkpoint()
+    micro_batch_size = min(micro_batch_size or hp.batch_size, hp.batch_size)
+    torch.manual_seed(hp.seed)
+    model = workload.model(hp).to(device)
+    optimizer = make_optimizer(model, hp)
+    train_batches = Batches(workload.train_data, device, getattr(workload, "collate", None))
+    val_batches = Batches(workload.val_data, device, getattr(workload, "collate", None))
+    steps_per_epoch = math.ceil(len(train_batches) / hp.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch * hp.epochs))
+    shuffle = torch.Generator().manual_seed(hp.seed)
+
+    def state(epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "shuffle": shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": report.history,
+        }
+
+    def restore(saved: dict[str, Any]) -> int:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        shuffle.set_state(saved["shuffle"])
+        torch.set_rng_state(saved["torch_rng"])
+        return int(saved["epoch"])
+
+    saved = checkpoint.load()
+    if saved is None:
+        checkpoint.save(state(0))
+        start_epoch = 0
+    else:
+        start_epoch = restore(saved)
+        report.restore(saved["history"])
+
+    memory.reset_peak_memory(device)
+    train_seconds, samples_seen = 0.0, 0
+    metrics: dict[str, float] = {}
+    epoch = start_epoch
+    while epoch < hp.epochs:
+        report.records.update(
+            micro_batch_size=micro_batch_size,
+            accumulation_steps=math.ceil(hp.batch_size / micro_batch_size),
+        )
+        started = time.perf_counter()
+        try:
+            train_loss = _train_epoch(
+                model, workload, optimizer, scheduler, train_batches, shuffle, hp.batch_size,
+                micro_batch_size, precision,
+            )
+            metrics = evaluate(model, workload, val_batches, micro_batch_size, precision)
+        except RuntimeError as error:
+            if not memory.is_out_of_memory(error):
+                raise
+            del error
+            optimizer.zero_grad(set_to_none=True)
+            memory.free_memory(device)
+            if micro_batch_size == 1:
+                raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}") from None
+            micro_batch_size //= 2
+            restore(checkpoint.load())  # type: ignore[arg-type]
+            continue
+        train_seconds += time.perf_counter() - started
+        samples_seen += len(train_batches)
+        epoch += 1
+        metrics.update(train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
+        checkpoint.save(state(epoch))
+        report.records.update(
+            train_time_s=train_seconds,
+            samples_per_s=samples_seen / train_seconds if train_seconds else 0.0,
+            peak_memory_mb=memory.peak_memory_mb(device),
+        )
+        report(epoch, metrics)
+    return metrics
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    workload: Workload,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Batches,
+    shuffle: torch.Generator,
+    batch_size: int,
+    micro_batch_size: int,
+    precision: str,
+) -> float:
+    model.train()
+    order = torch.randperm(len(batches), generator=shuffle)
+    # Each step's samples in micro-batches, each weighted by its share of the step's samples.
+    chunks: list[torch.Tensor] = []
+    plan: list[tuple[float, bool]] = []
+    for step in order.split(batch_size):
+        parts = step.split(micro_batch_size)
+        chunks.extend(parts)
+        plan.extend((len(part) / len(step), k == len(parts) - 1) for k, part in enumerate(parts))
+    total_loss = torch.zeros((), device=batches.device)
+    optimizer.zero_grad(set_to_none=True)
+    for position, (inputs, targets) in enumerate(batches(chunks)):
+        memory.check_injected_limit(len(inputs))
+        with _autocast(batches.device, precision):
+            loss = workload.loss(model(inputs), targets)
+        weight, ends_step = plan[position]
+        (loss * weight).backward()
+        total_loss += loss.detach().float() * len(inputs)
+        if ends_step:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return float(total_loss) / len(batches)

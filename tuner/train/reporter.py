@@ -1,0 +1,86 @@
+"""The per-epoch report: records the epoch, catches divergence, and asks the pruner."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optuna
+
+from tuner.spec import Objective
+
+
+class Diverged(optuna.TrialPruned):
+    """A metric became NaN or infinite: the trial is pruned with ``stop_reason: diverged``."""
+
+
+class OutOfMemory(optuna.TrialPruned):
+    """Even a micro-batch of one sample did not fit: ``stop_reason: out_of_memory``."""
+
+
+class WorkerStopped(Exception):
+    """The worker was asked to stop; its trial goes back to the queue to be resumed."""
+
+
+class Reporter:
+    """``report(epoch, metrics)``: what a training function calls after every epoch.
+
+    Epochs count from 1 and are the pruner's step. A pruned trial raises ``optuna.TrialPruned``
+    out of this call, which a training function must let through. ``records`` collects the
+    trial's user attributes; the worker writes them whatever way the trial ends.
+    """
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        objectives: list[Objective],
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.trial = trial
+        self.stop_requested = stop_requested
+        self.objectives = objectives
+        self.history: list[dict[str, float]] = list(trial.user_attrs.get("history", []))
+        self.records: dict[str, Any] = {}
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.history[-1]["epoch"]) if self.history else 0
+
+    def restore(self, history: list[dict[str, float]]) -> None:
+        """Take the history of a resumed trial's checkpoint as its own, so the pruner and the
+        dashboard see one continuous curve."""
+        self.history = list(history)
+        self.trial.set_user_attr("history", self.history)
+        reported = self.trial.storage.get_trial(self.trial._trial_id).intermediate_values
+        if len(self.objectives) == 1:
+            for entry in self.history:
+                if int(entry["epoch"]) not in reported:
+                    self.trial.report(entry[self.objectives[0].metric], int(entry["epoch"]))
+        if self.history:
+            self.records["epochs_completed"] = self.epochs_done
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        missing = [o.metric for o in self.objectives if o.metric not in metrics]
+        if missing:
+            raise KeyError(
+                f"objective metric {missing[0]!r} is not among the reported metrics "
+                f"{sorted(metrics)}"
+            )
+        metrics = {name: float(value) for name, value in metrics.items()}
+        for name, value in metrics.items():
+            if not math.isfinite(value):
+                raise Diverged(f"{name} is {value} at epoch {epoch}")
+        self.history.append({"epoch": epoch, **metrics})
+        self.trial.set_user_attr("history", self.history)
+        self.trial.set_user_attr("epochs_completed", epoch)
+        self.records["epochs_completed"] = epoch
+        if self.stop_requested():
+            raise WorkerStopped(f"stopped after epoch {epoch}")
+        if len(self.objectives) > 1:
+            # Optuna prunes single-objective studies only; several objectives train to the end.
+            return
+        value = metrics[self.objectives[0].metric]
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.objectives[0].metric}={value:.4g}")

@@ -1,0 +1,85 @@
+"""Workloads: the bundled ones by name, a user's by ``package.module:function``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from tuner.errors import SpecError, WorkloadError
+from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, train_size
+from tuner.workloads.bundled import breast_cancer_mlp, digits_cnn, digits_mlp, wine_mlp
+from tuner.workloads.sklearn_mlp import sklearn_mlp
+
+BUNDLED: dict[str, Callable[..., Any]] = {
+    "digits_mlp": digits_mlp,
+    "digits_cnn": digits_cnn,
+    "breast_cancer_mlp": breast_cancer_mlp,
+    "wine_mlp": wine_mlp,
+    "sklearn_mlp": sklearn_mlp,
+}
+
+__all__ = [
+    "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_workload",
+    "load_workload",
+]
+
+
+def _import(reference: str) -> Any:
+    module_name, _, attribute = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise WorkloadError(f"Workload {reference!r} does not load: {error}.") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise WorkloadError(f"Workload {reference!r}: module {module_name!r} has no {attribute!r}.") from None
+
+
+def _is_training_function(target: Any) -> bool:
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 2
+
+
+def load_workload(reference: str) -> Workload | TrainingFunction:
+    """A ``Workload`` or a training function ``train(hp, report)``.
+
+    ``reference`` is a bundled name or ``package.module:attribute``, where the attribute is a
+    ``Workload``, a function of no arguments returning one, or a training function.
+    """
+    if ":" in reference:
+        target = _import(reference)
+    elif reference in BUNDLED:
+        target = BUNDLED[reference]
+    else:
+        raise WorkloadError(
+            f"Unknown workload {reference!r}; use one of {', '.join(BUNDLED)} "
+            "or 'package.module:function'."
+        )
+    if isinstance(target, Workload) or _is_training_function(target):
+        return target
+    if callable(target):
+        workload = target()
+        if isinstance(workload, Workload):
+            return workload
+    raise WorkloadError(
+        f"Workload {reference!r} is neither a Workload, a function returning one, "
+        "nor a training function train(hp, report)."
+    )
+
+
+def check_workload(spec: Any) -> None:
+    """Refuse a spec whose workload does not load or whose batch range exceeds the data set."""
+    workload = load_workload(spec.workload)
+    samples = train_size(workload)
+    if samples is not None and spec.search.batch_size.high > samples:
+        raise SpecError(
+            f"spec field 'search.batch_size.high' ({spec.search.batch_size.high}) is larger than "
+            f"the {samples} training samples of workload {spec.workload!r}; use at most {samples}."
+        )
