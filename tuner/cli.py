@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Tune batch size, learning rate and epochs together in an Optuna study.",
 )
-console = Console()
+# Piped output keeps whole table rows instead of folding them to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True)
 
 StorageOption = Annotated[
@@ -171,6 +172,8 @@ def trials(study: StudyOption, storage: StorageOption = None, output: FormatOpti
     loaded, _ = load_study(study, storage)
     rows = trial_rows(loaded)
     columns = list(dict.fromkeys(key for row in rows for key in row))
+    if output == "table":
+        columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
     if output == "json":
         print(json.dumps(rows))
     elif output == "csv":
@@ -222,10 +225,10 @@ def main() -> None:
     except TunerError as error:
         if os.environ.get("TUNER_DEBUG"):
             traceback.print_exc()
-        errors.print(f"error: {error}", highlight=False, markup=False)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except Exception as error:  # anything else is a bug or an outside failure: exit 1, one line
         if os.environ.get("TUNER_DEBUG"):
             traceback.print_exc()
-        errors.print(f"error: {type(error).__name__}: {error}", highlight=False, markup=False)
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         sys.exit(1)

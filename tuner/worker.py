@@ -183,43 +183,53 @@ def _run_trial(
         reporter.records["retried_from"] = frozen.system_attrs["failed_trial"]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
     started = time.perf_counter()
-    values: list[float] | None = None
-    state = TrialState.FAIL
-    outcome = "failed"
+    # The heartbeat runs until the trial is told: a slow final write must not look like death.
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        state, values, outcome = _train(workload, hp, reporter, device, checkpoint, spec)
+        reporter.records["duration_s"] = time.perf_counter() - started
+        for key, value in reporter.records.items():
+            trial.set_user_attr(key, value)
+        if outcome == "worker_stopped":
+            _hand_back(study, trial)
+        else:
+            if outcome == "out_of_memory":
+                trial.set_constraint("out_of_memory", 1.0)
+            study.tell(trial, values, state=state)
+    if outcome != "worker_stopped" and not options.keep_checkpoints:
+        checkpoint.remove()
+    _log_trial(trial, spec, hp, outcome, values, reporter)
+    return outcome
+
+
+def _train(
+    workload: Any,
+    hp: Any,
+    reporter: Reporter,
+    device: torch.device,
+    checkpoint: Checkpoint,
+    spec: StudySpec,
+) -> tuple[TrialState, list[float] | None, str]:
+    """Run the workload; turn how it ended into a trial state, values and an outcome word."""
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage):
-            if isinstance(workload, Workload):
-                metrics = train(
-                    workload, hp, reporter, device=device, checkpoint=checkpoint,
-                    precision=spec.precision,
-                )
-            else:
-                metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
+        if isinstance(workload, Workload):
+            metrics = train(
+                workload, hp, reporter, device=device, checkpoint=checkpoint, precision=spec.precision
+            )
+        else:
+            metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
         values = [float(metrics[o.metric]) for o in spec.all_objectives]
-        state, outcome = TrialState.COMPLETE, "complete"
+        return TrialState.COMPLETE, values, "complete"
     except (Diverged, OutOfMemory, optuna.TrialPruned) as stopped:
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
         reporter.records.update(stop_reason=reason, stop_detail=str(stopped))
-        if reason == "out_of_memory":
-            trial.set_constraint([1.0])
-        state, outcome = TrialState.PRUNED, reason
+        return TrialState.PRUNED, None, reason
     except WorkerStopped:
         reporter.records["stop_reason"] = "worker_stopped"
-        outcome = "worker_stopped"
+        return TrialState.FAIL, None, "worker_stopped"
     except Exception as error:  # a workload's own error fails its trial, never the worker
         reporter.records["error"] = _describe_error(error)
-        logger.warning("trial %d failed: %s", trial.number, reporter.records["error"].splitlines()[0])
-    reporter.records["duration_s"] = time.perf_counter() - started
-    for key, value in reporter.records.items():
-        trial.set_user_attr(key, value)
-    if outcome == "worker_stopped":
-        _hand_back(study, trial)
-    else:
-        study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-        if not options.keep_checkpoints:
-            checkpoint.remove()
-    _log_trial(trial, spec, hp, outcome, values, reporter)
-    return outcome
+        logger.warning("trial %d failed: %s", reporter.trial.number, reporter.records["error"].splitlines()[0])
+        return TrialState.FAIL, None, "failed"
 
 
 def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:

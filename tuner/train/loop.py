@@ -187,13 +187,14 @@ def train(
         samples_seen += len(train_batches)
         epoch += 1
         metrics.update(train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
-        checkpoint.save(state(epoch))
         report.records.update(
             train_time_s=train_seconds,
             samples_per_s=samples_seen / train_seconds if train_seconds else 0.0,
             peak_memory_mb=memory.peak_memory_mb(device),
         )
-        report(epoch, metrics)
+        report.record(epoch, metrics)
+        checkpoint.save(state(epoch))
+        report.decide(epoch)
     return metrics
 
 

@@ -61,6 +61,11 @@ class Reporter:
             self.records["epochs_completed"] = self.epochs_done
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        self.record(epoch, metrics)
+        self.decide(epoch)
+
+    def record(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Keep the epoch's metrics; NaN or infinity anywhere is divergence."""
         missing = [o.metric for o in self.objectives if o.metric not in metrics]
         if missing:
             raise KeyError(
@@ -75,12 +80,16 @@ class Reporter:
         self.trial.set_user_attr("history", self.history)
         self.trial.set_user_attr("epochs_completed", epoch)
         self.records["epochs_completed"] = epoch
+
+    def decide(self, epoch: int) -> None:
+        """Stop here if the worker is stopping or the pruner says so."""
         if self.stop_requested():
             raise WorkerStopped(f"stopped after epoch {epoch}")
         if len(self.objectives) > 1:
             # Optuna prunes single-objective studies only; several objectives train to the end.
             return
-        value = metrics[self.objectives[0].metric]
+        metric = self.objectives[0].metric
+        value = self.history[-1][metric]
         self.trial.report(value, epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.objectives[0].metric}={value:.4g}")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {metric}={value:.4g}")

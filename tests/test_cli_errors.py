@@ -1,0 +1,78 @@
+"""Bad input: exit code 2, one or two plain sentences naming the cause, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import small_spec, tuner
+
+
+def _assert_bad_input(result, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_unknown_workload(write_spec, sqlite_url):
+    spec = write_spec(small_spec("x", workload="resnet_on_the_moon"))
+    _assert_bad_input(tuner("create", str(spec), "--storage", sqlite_url), "Unknown workload 'resnet_on_the_moon'", "digits_mlp")
+
+
+def test_wrong_type(write_spec, sqlite_url):
+    spec = small_spec("x")
+    spec["search"]["epochs"]["low"] = "three"
+    _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", sqlite_url), "search.epochs.low")
+
+
+def test_unknown_key(write_spec, sqlite_url):
+    _assert_bad_input(tuner("create", str(write_spec(small_spec("x", pruner={"name": "median", "speed": 2}))), "--storage", sqlite_url), "pruner.median.speed", "not a known field")
+
+
+def test_low_above_high(write_spec, sqlite_url):
+    spec = small_spec("x")
+    spec["search"]["lr"] = {"low": 0.1, "high": 0.01}
+    _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", sqlite_url), "search.lr", "must not be above high")
+
+
+def test_missing_spec_file(tmp_path, sqlite_url):
+    _assert_bad_input(tuner("run", str(tmp_path / "nope.yaml"), "--storage", sqlite_url), "does not exist")
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("postgresql://alice:s3cret@127.0.0.1:1/db", "Cannot open storage 'postgresql://alice:***@127.0.0.1:1/db'"),
+        ("nonsense", "is not a URL"),
+        ("mysql://bob:hunter2@127.0.0.1:1/db", "Cannot open storage"),
+    ],
+)
+def test_bad_storage_url_masks_password(url, expected):
+    result = tuner("status", "--storage", url)
+    _assert_bad_input(result, expected)
+    assert "s3cret" not in result.stderr + result.stdout
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_unknown_study_lists_the_known_ones(write_spec, sqlite_url):
+    assert tuner("create", str(write_spec(small_spec("known-one"))), "--storage", sqlite_url).returncode == 0
+    _assert_bad_input(tuner("best", "--study", "unknown", "--storage", sqlite_url), "No study named 'unknown'", "known-one")
+
+
+def test_different_spec_under_the_same_name_shows_the_difference(write_spec, sqlite_url):
+    assert tuner("create", str(write_spec(small_spec("same"))), "--storage", sqlite_url).returncode == 0
+    again = tuner("create", str(write_spec(small_spec("same"))), "--storage", sqlite_url)
+    assert again.returncode == 0, again.stderr
+    changed = small_spec("same")
+    changed["search"]["epochs"]["high"] = 9
+    result = tuner("create", str(write_spec(changed)), "--storage", sqlite_url)
+    _assert_bad_input(result, "exists with a different spec", "+    high: 9", "-    high: 3")
+
+
+def test_unavailable_device(write_spec, sqlite_url):
+    _assert_bad_input(tuner("run", str(write_spec(small_spec("dev"))), "--device", "cuda", "--storage", sqlite_url), "CUDA is not available")
+
+
+def test_debug_shows_the_traceback(tmp_path, sqlite_url):
+    result = tuner("--debug", "run", str(tmp_path / "nope.yaml"), "--storage", sqlite_url)
+    assert result.returncode == 2 and "Traceback" in result.stderr

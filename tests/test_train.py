@@ -1,0 +1,82 @@
+"""The training loop on CPU: exact micro-batch gradients, seeded repeatability, divergence."""
+
+import math
+
+import optuna
+import pytest
+import torch
+
+from tuner.space import Hyperparameters
+from tuner.spec import Objective
+from tuner.train.checkpoint import Checkpoint
+from tuner.train.loop import train, warmup_cosine
+from tuner.train.reporter import Diverged, Reporter
+from tuner.workloads import load_workload
+
+OBJECTIVE = [Objective(metric="val_accuracy", direction="maximize")]
+
+
+def _reporter() -> Reporter:
+    study = optuna.create_study(direction="maximize")
+    return Reporter(study.ask(), OBJECTIVE)
+
+
+def _hp(**changes) -> Hyperparameters:
+    values = dict(batch_size=128, lr=0.01, base_lr=0.01, epochs=3, optimizer="adamw", seed=3)
+    values.update(changes)
+    return Hyperparameters(**values)
+
+
+def test_same_seed_same_curve():
+    workload = load_workload("digits_mlp")
+    first, second = _reporter(), _reporter()
+    train(workload, _hp(), first, device=torch.device("cpu"))
+    train(workload, _hp(), second, device=torch.device("cpu"))
+    assert first.history == second.history
+    assert [entry["epoch"] for entry in first.history] == [1, 2, 3]
+    assert first.history[-1]["val_accuracy"] > 0.8
+
+
+def test_micro_batches_give_the_same_training():
+    workload = load_workload("digits_mlp")
+    whole, split = _reporter(), _reporter()
+    train(workload, _hp(optimizer="sgd"), whole, device=torch.device("cpu"))
+    train(workload, _hp(optimizer="sgd"), split, device=torch.device("cpu"), micro_batch_size=32)
+    assert split.records["accumulation_steps"] == 4 and split.records["micro_batch_size"] == 32
+    for a, b in zip(whole.history, split.history):
+        assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4)
+        assert a["val_accuracy"] == b["val_accuracy"]
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path):
+    workload = load_workload("digits_mlp")
+    uninterrupted = _reporter()
+    train(workload, _hp(epochs=4), uninterrupted, device=torch.device("cpu"))
+
+    class StopAfterTwo(Reporter):
+        def decide(self, epoch):
+            super().decide(epoch)
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    checkpoint = Checkpoint(tmp_path / "trial.pt")
+    study = optuna.create_study(direction="maximize")
+    with pytest.raises(KeyboardInterrupt):
+        train(workload, _hp(epochs=4), StopAfterTwo(study.ask(), OBJECTIVE), device=torch.device("cpu"), checkpoint=checkpoint)
+    resumed = _reporter()
+    train(workload, _hp(epochs=4), resumed, device=torch.device("cpu"), checkpoint=checkpoint)
+    assert resumed.history == uninterrupted.history
+
+
+def test_nan_loss_is_divergence():
+    workload = load_workload("digits_mlp")
+    with pytest.raises(Diverged, match="is nan"):
+        train(workload, _hp(lr=1e6, base_lr=1e6, optimizer="sgd"), _reporter(), device=torch.device("cpu"))
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(100)
+    assert factor(0) == pytest.approx(0.2)
+    assert factor(4) == pytest.approx(1.0)
+    assert factor(52) == pytest.approx(0.5, abs=0.02)
+    assert factor(100) == pytest.approx(0.0, abs=1e-9)

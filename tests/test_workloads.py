@@ -1,0 +1,62 @@
+"""Both workload forms end to end, and how a trial's end is recorded."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+import tuner
+from conftest import small_spec
+
+
+def _run(spec: dict, url: str) -> optuna.Study:
+    study = tuner.create_study(tuner.parse_spec(spec), url)
+    tuner.run_worker(study.study_name, url, tuner.WorkerOptions(threads=1))
+    return optuna.load_study(study_name=study.study_name, storage=url)
+
+
+def test_user_torch_workload(sqlite_url):
+    spec = small_spec("user-torch", workload="user_workloads:blobs", budget={"n_trials": 2})
+    spec["search"]["batch_size"] = {"low": 16, "high": 64, "scale": "pow2"}
+    study = _run(spec, sqlite_url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 or any(t.state == TrialState.PRUNED for t in study.trials)
+    assert study.best_value > 0.8
+
+
+def test_training_function(sqlite_url):
+    study = _run(small_spec("own-loop", workload="user_workloads:own_loop", budget={"n_trials": 3}), sqlite_url)
+    trial = study.best_trial
+    assert trial.intermediate_values and max(trial.intermediate_values) == trial.params["epochs"]
+    assert trial.user_attrs["effective_batch_size"] == trial.params["batch_size"]
+
+
+def test_sklearn_mlp_prunes_like_torch(sqlite_url):
+    spec = small_spec("sk", workload="sklearn_mlp", budget={"n_trials": 3})
+    study = _run(spec, sqlite_url)
+    assert all(t.state.is_finished() for t in study.trials)
+    assert study.best_value > 0.8
+
+
+def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url):
+    spec = small_spec("nan", workload="user_workloads:diverges_on_large_lr", budget={"n_trials": 8})
+    spec["sampler"] = {"name": "random", "seed": 2}
+    study = _run(spec, sqlite_url)
+    diverged = [t for t in study.trials if t.user_attrs.get("stop_reason") == "diverged"]
+    assert diverged and all(t.state == TrialState.PRUNED for t in diverged)
+    assert all(t.params["lr"] > 0.01 for t in diverged)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 8
+
+
+def test_user_error_fails_the_trial_with_the_error(sqlite_url):
+    spec = small_spec("raises", workload="user_workloads:raises", budget={"n_trials": 7})
+    study = tuner.create_study(tuner.parse_spec(spec), sqlite_url)
+    try:
+        tuner.run_worker("raises", sqlite_url, tuner.WorkerOptions(threads=1))
+    except tuner.TunerError as error:
+        assert "5 consecutive failed trials" in str(error)
+    else:
+        raise AssertionError("the worker should stop after 5 failures")
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 5
+    assert failed[0].user_attrs["error"].startswith("ValueError: broken workload")
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
