@@ -67,11 +67,13 @@ def postgres_url() -> str:
             pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required (TUNER_REQUIRE_SERVICES=1): {error}")
         pytest.skip(f"PostgreSQL not reachable: {error}")
     name = f"tuner_test_{uuid.uuid4().hex[:8]}"
-    admin.execute(f"CREATE DATABASE {name}")
+    with admin:
+        admin.execute(f"CREATE DATABASE {name}")
     base = POSTGRES_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    # A new connection: a test may have restarted the server meanwhile.
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=30) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def tuner(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

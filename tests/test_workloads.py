@@ -45,18 +45,3 @@ def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url):
     assert diverged and all(t.state == TrialState.PRUNED for t in diverged)
     assert all(t.params["lr"] > 0.01 for t in diverged)
     assert len([t for t in study.trials if t.state.is_finished()]) == 8
-
-
-def test_user_error_fails_the_trial_with_the_error(sqlite_url):
-    spec = small_spec("raises", workload="user_workloads:raises", budget={"n_trials": 7})
-    study = tuner.create_study(tuner.parse_spec(spec), sqlite_url)
-    try:
-        tuner.run_worker("raises", sqlite_url, tuner.WorkerOptions(threads=1))
-    except tuner.TunerError as error:
-        assert "5 consecutive failed trials" in str(error)
-    else:
-        raise AssertionError("the worker should stop after 5 failures")
-    failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(failed) == 5
-    assert failed[0].user_attrs["error"].startswith("ValueError: broken workload")
-    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import optuna
 import torch
@@ -38,6 +40,34 @@ class Blobs:
 
 def blobs() -> Blobs:
     return Blobs()
+
+
+class SlowBlobs(Blobs):
+    """Blobs whose validation takes ``SLOW_EVAL_S`` seconds, so a test can stop a worker mid-trial."""
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        time.sleep(float(os.environ.get("SLOW_EVAL_S", "0.5")))
+        return super().metrics(outputs, targets)
+
+
+def slow_blobs() -> SlowBlobs:
+    return SlowBlobs()
+
+
+def slow_loop(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """A training function that takes a few tenths of a second per epoch."""
+    metrics = {}
+    for epoch in range(1, hp.epochs + 1):
+        time.sleep(0.3)
+        metrics = {"val_accuracy": 1.0 - hp.lr / epoch}
+        report(epoch, metrics)
+    return metrics
+
+
+def raises_on_large_batch(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    if hp.batch_size > 64:
+        raise ValueError(f"batch {hp.batch_size} is too large for this workload")
+    return own_loop(hp, report)
 
 
 def own_loop(hp: tuner.Hyperparameters, report) -> dict[str, float]:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from tuner.errors import StorageError
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
+_logger = logging.getLogger("tuner.storage")
 
 _DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg", "mysql": "mysql+pymysql"}
 
@@ -38,6 +45,67 @@ def sqlalchemy_url(url: str) -> str:
     return f"{_DRIVERS.get(scheme, scheme)}{sep}{rest}"
 
 
+class ReconnectingRDBStorage(optuna.storages.RDBStorage):
+    """An RDBStorage that waits for its database to come back.
+
+    A restart of the server, a dropped link or a locked SQLite file fails a call with an
+    operational error; each call is retried with exponential back-off until
+    ``TUNER_DB_RETRY_S`` seconds (default 120) have passed, then a ``StorageError`` says so. A
+    failed call's transaction was rolled back, so retrying it cannot count anything twice.
+    """
+
+
+_RETRIED_METHODS = (
+    {name for name in vars(optuna.storages.BaseStorage) if not name.startswith("_")}
+    | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
+    | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
+) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
+_retrying = threading.local()
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    return isinstance(cause, (OperationalError, InterfaceError)) or (
+        isinstance(cause, DBAPIError) and cause.connection_invalidated
+    )
+
+
+def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: optuna.storages.RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_retrying, "active", False):
+            return method(self, *args, **kwargs)
+        deadline = time.monotonic() + float(os.environ.get("TUNER_DB_RETRY_S", "120"))
+        delay = 0.5
+        _retrying.active = True
+        try:
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+                    if not _is_connection_error(error):
+                        raise
+                    if time.monotonic() + delay > deadline:
+                        raise StorageError(
+                            f"Lost the storage {mask_url(str(self.url))!r} and it did not come "
+                            f"back: {str(error.__cause__ or error).splitlines()[0]}"
+                        ) from None
+                    _logger.warning(
+                        "storage unreachable (%s); retrying in %.1f s",
+                        str(error.__cause__ or error).splitlines()[0], delay,
+                    )
+                    time.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+        finally:
+            _retrying.active = False
+
+    return call
+
+
+for _name in _RETRIED_METHODS:
+    setattr(ReconnectingRDBStorage, _name, _with_reconnect(getattr(optuna.storages.RDBStorage, _name)))
+
+
 def _heartbeat_settings() -> tuple[int, int]:
     interval = int(os.environ.get("TUNER_HEARTBEAT_INTERVAL", "10"))
     grace = int(os.environ.get("TUNER_HEARTBEAT_GRACE", str(3 * interval)))
@@ -61,7 +129,7 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         engine_kwargs["max_overflow"] = 2
     interval, grace = _heartbeat_settings()
     try:
-        storage = optuna.storages.RDBStorage(
+        storage = ReconnectingRDBStorage(
             full_url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=interval,

@@ -89,6 +89,20 @@ def _claim(study: optuna.Study, budgeted: bool) -> tuple[optuna.Trial, FrozenTri
     return optuna.Trial(study, trial_id), storage.get_trial(trial_id)
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's ``fail_stale_trials``, after writing on each stale trial why it fails, so that a
+    trial out of retries keeps the reason."""
+    storage = study._storage
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_user_attr(
+                trial_id, "error", "its worker stopped sending heartbeats (killed, preempted or cut off)"
+            )
+        except UpdateFinishedTrialError:
+            continue
+    fail_stale_trials(study)
+
+
 class _StopRequest:
     """SIGTERM/SIGINT: finish the current epoch, hand the trial back, exit; a second signal
     abandons the epoch at once."""
@@ -131,7 +145,7 @@ def run_worker(
             if state.exhausted:
                 break
             if is_heartbeat_enabled(study._storage):
-                fail_stale_trials(study)
+                _fail_stale_trials(study)
             claimed = _claim(study, budgeted=spec.budget.n_trials is not None)
             if claimed is None:
                 # Only a trial whose worker dies can add work now, and only heartbeats tell.
@@ -170,6 +184,10 @@ def _run_trial(
 ) -> str:
     """Train one trial and tell its end; return the outcome as a word."""
     origin = frozen.system_attrs.get("retry_history", [frozen.number])[0]
+    if origin != frozen.number:
+        # A retry inherits its original's records; how the original ended is not its own.
+        trial.set_user_attr("error", None)
+        trial.set_user_attr("stop_reason", None)
     hp = suggest(trial, spec.search, seed=origin)
     reporter = Reporter(trial, spec.all_objectives, stop_requested=lambda: bool(stop))
     reporter.records.update(
@@ -179,8 +197,8 @@ def _run_trial(
         device_name=memory.device_name(device),
         worker=worker_id(),
     )
-    if "failed_trial" in frozen.system_attrs:
-        reporter.records["retried_from"] = frozen.system_attrs["failed_trial"]
+    if origin != frozen.number:
+        reporter.records["retried_from"] = frozen.system_attrs["retry_history"][-1]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
     started = time.perf_counter()
     # The heartbeat runs until the trial is told: a slow final write must not look like death.

@@ -155,6 +155,7 @@ def train(
     else:
         start_epoch = restore(saved)
         report.restore(saved["history"])
+        report.records["resumed_from_epoch"] = start_epoch
 
     memory.reset_peak_memory(device)
     train_seconds, samples_seen = 0.0, 0

@@ -1,0 +1,183 @@
+"""No trial lost: killed and stopped workers, a restarted database, user errors, the exact budget."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import small_spec, start_tuner, tuner
+from tuner.space import Hyperparameters
+from tuner.spec import Objective
+from tuner.storage import sqlalchemy_url
+from tuner.train.loop import train
+from tuner.train.reporter import Reporter
+from user_workloads import slow_blobs
+
+EPOCHS = 6
+
+
+def _fixed_spec(name: str) -> dict:
+    spec = small_spec(name, workload="user_workloads:slow_blobs", budget={"n_trials": 1})
+    spec["search"] = {
+        "batch_size": {"low": 32, "high": 32, "scale": "linear"},
+        "lr": {"low": 0.01, "high": 0.01},
+        "epochs": {"low": EPOCHS, "high": EPOCHS},
+    }
+    spec["pruner"] = {"name": "none"}
+    return spec
+
+
+def _wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _epochs_done(url: str, name: str) -> int:
+    trials = optuna.load_study(study_name=name, storage=sqlalchemy_url(url)).get_trials(states=(TrialState.RUNNING,))
+    return max((t.user_attrs.get("epochs_completed", 0) for t in trials), default=0)
+
+
+def _uninterrupted_history(monkeypatch) -> list[dict]:
+    monkeypatch.setenv("SLOW_EVAL_S", "0")
+    torch.set_num_threads(1)
+    reporter = Reporter(optuna.create_study(direction="maximize").ask(), [Objective(metric="val_accuracy")])
+    hp = Hyperparameters(batch_size=32, lr=0.01, base_lr=0.01, epochs=EPOCHS, seed=0)
+    train(slow_blobs(), hp, reporter, device=torch.device("cpu"))
+    return reporter.history
+
+
+def _assert_resumed(url: str, name: str, checkpoints: Path, monkeypatch, first_reason: str) -> None:
+    study = optuna.load_study(study_name=name, storage=sqlalchemy_url(url))
+    original, retry = study.trials
+    assert original.state == TrialState.FAIL
+    assert (original.user_attrs.get("stop_reason") or original.user_attrs.get("error", "")).startswith(first_reason)
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["retried_from"] == original.number
+    assert retry.user_attrs["resumed_from_epoch"] >= 2
+    assert retry.user_attrs.get("error") is None and retry.user_attrs.get("stop_reason") is None
+    assert sorted(retry.intermediate_values) == list(range(1, EPOCHS + 1))
+    resumed = retry.user_attrs["history"]
+    expected = _uninterrupted_history(monkeypatch)
+    assert [e["epoch"] for e in resumed] == [e["epoch"] for e in expected]
+    for got, want in zip(resumed, expected):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+        assert got["val_accuracy"] == pytest.approx(want["val_accuracy"])
+    assert not list(checkpoints.rglob("*.pt")), "a finished trial's checkpoint is removed"
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, write_spec, postgres_url, monkeypatch):
+    checkpoints = tmp_path / "checkpoints"
+    assert tuner("create", str(write_spec(_fixed_spec("kill9"))), "--storage", postgres_url).returncode == 0
+    args = ("worker", "--study", "kill9", "--storage", postgres_url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+    first = start_tuner(*args)
+    _wait_for(lambda: _epochs_done(postgres_url, "kill9") >= 2, what="two epochs")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = start_tuner(*args)
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, output
+    _assert_resumed(postgres_url, "kill9", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
+
+
+@pytest.mark.slow
+def test_sigterm_hands_the_trial_back(tmp_path, write_spec, sqlite_url, monkeypatch):
+    checkpoints = tmp_path / "checkpoints"
+    assert tuner("create", str(write_spec(_fixed_spec("term"))), "--storage", sqlite_url).returncode == 0
+    args = ("worker", "--study", "term", "--storage", sqlite_url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+    first = start_tuner(*args)
+    _wait_for(lambda: _epochs_done(sqlite_url, "term") >= 2, what="two epochs")
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=20)
+    assert first.returncode == 0, output
+    study = optuna.load_study(study_name="term", storage=sqlite_url)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    second = start_tuner(*args)
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, output
+    _assert_resumed(sqlite_url, "term", checkpoints, monkeypatch, "worker_stopped")
+
+
+def _pg_cluster() -> tuple[str, str]:
+    line = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True).stdout.split()
+    return line[0], line[1]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_workers_survive_a_database_restart(tmp_path, write_spec, postgres_url):
+    spec = small_spec("restart", workload="user_workloads:slow_loop", budget={"n_trials": 12})
+    spec["search"]["epochs"] = {"low": 3, "high": 4}
+    assert tuner("create", str(write_spec(spec)), "--storage", postgres_url).returncode == 0
+    workers = [start_tuner("worker", "--study", "restart", "--storage", postgres_url, "--threads", "1") for _ in range(3)]
+    url = sqlalchemy_url(postgres_url)
+
+    def finished() -> int:
+        return len(optuna.load_study(study_name="restart", storage=url).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    _wait_for(lambda: finished() >= 2, timeout=90, what="two finished trials")
+    version, cluster = _pg_cluster()
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"], check=True)
+    for worker in workers:
+        output, _ = worker.communicate(timeout=180)
+        assert worker.returncode == 0, output
+    study = optuna.load_study(study_name="restart", storage=url)
+    retried = {n for t in study.trials for n in t.system_attrs.get("retry_history", [])}
+    counted = [t for t in study.trials if t.number not in retried]
+    assert len(counted) == 12 and all(t.state.is_finished() for t in counted)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_budget_is_exact_with_eight_workers(tmp_path, write_spec, postgres_url, attempt):
+    name = f"exact-{attempt}"
+    spec = small_spec(name, workload="user_workloads:own_loop", budget={"n_trials": 30})
+    result = tuner("run", str(write_spec(spec)), "--workers", "8", "--storage", postgres_url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name=name, storage=sqlalchemy_url(postgres_url))
+    assert len(study.trials) == 30
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+
+def test_a_raising_trial_fails_alone(sqlite_url, write_spec):
+    spec = small_spec("sometimes", workload="user_workloads:raises_on_large_batch", budget={"n_trials": 8})
+    spec["sampler"] = {"name": "random", "seed": 0}
+    spec["search"]["batch_size"] = {"low": 32, "high": 256, "scale": "pow2"}
+    assert tuner("create", str(write_spec(spec)), "--storage", sqlite_url).returncode == 0
+    result = tuner("worker", "--study", "sometimes", "--storage", sqlite_url)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="sometimes", storage=sqlite_url)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert failed and all(t.params["batch_size"] > 64 for t in failed)
+    assert failed[0].user_attrs["error"].startswith("ValueError: batch")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 8
+    listed = tuner("trials", "--study", "sometimes", "--storage", sqlite_url, "--format", "csv").stdout
+    assert "ValueError: batch" in listed
+
+
+def test_a_broken_workload_stops_the_worker(sqlite_url, write_spec):
+    spec = small_spec("broken", workload="user_workloads:raises", budget={"n_trials": 7})
+    assert tuner("create", str(write_spec(spec)), "--storage", sqlite_url).returncode == 0
+    result = tuner("worker", "--study", "broken", "--storage", sqlite_url)
+    assert result.returncode == 1
+    assert "5 consecutive failed trials" in result.stderr
+    study = optuna.load_study(study_name="broken", storage=sqlite_url)
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 5
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
