@@ -113,3 +113,17 @@ def test_run_prints_progress_and_best_table(tmp_path, write_spec, sqlite_url):
     assert len(csv_out.strip().splitlines()) == 5
     table = tuner("trials", "--study", "progress", "--storage", sqlite_url).stdout
     assert "COMPLETE" in table
+
+
+def test_time_budget_stops_workers(tmp_path, write_spec, sqlite_url):
+    spec = small_spec("timed", workload="user_workloads:slow_loop", budget={"timeout_s": 2})
+    spec["search"]["epochs"] = {"low": 2, "high": 2}
+    spec["pruner"] = {"name": "none"}
+    result = tuner("run", str(write_spec(spec)), "--storage", sqlite_url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="timed", storage=sqlite_url)
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    assert 1 <= len(finished) <= 4
+    assert len(finished) == len(study.trials)
+    span = max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
+    assert span.total_seconds() < 2 + 2 * 0.3 * 2 + 1

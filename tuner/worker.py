@@ -234,7 +234,9 @@ def _train(
                 workload, hp, reporter, device=device, checkpoint=checkpoint, precision=spec.precision
             )
         else:
+            started = time.perf_counter()
             metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
+            reporter.records["train_time_s"] = time.perf_counter() - started
         values = [float(metrics[o.metric]) for o in spec.all_objectives]
         return TrialState.COMPLETE, values, "complete"
     except (Diverged, OutOfMemory, optuna.TrialPruned) as stopped:
