@@ -37,14 +37,12 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
             multivariate=options.multivariate,
             n_startup_trials=10 if n_startup is None else n_startup,
             constant_liar=True,
-            constraints_func=infeasibility,
         )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(
             seed=seed, n_startup_trials=10 if n_startup is None else n_startup,
-            constraints_func=infeasibility,
         )
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(
@@ -52,13 +50,8 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
             consider_pruned_trials=True,
         )
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=infeasibility)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.QMCSampler(seed=seed, warn_asynchronous_seeding=False)
-
-
-def infeasibility(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's constraint value: positive for a trial that could not run (out of memory)."""
-    return [1.0 if trial.user_attrs.get("stop_reason") == "out_of_memory" else 0.0]
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -201,7 +201,8 @@ def _run_trial(
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
         reporter.records.update(stop_reason=reason, stop_detail=str(stopped))
         if reason == "out_of_memory":
-            trial.set_constraint([1.0])
+            # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
+            trial.set_constraint("out_of_memory", 1.0)
         state, outcome = TrialState.PRUNED, reason
     except WorkerStopped:
         reporter.records["stop_reason"] = "worker_stopped"
