@@ -26,7 +26,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import TunerError
-from tuner.space import lr_param_name, suggest
+from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
 from tuner.storage import make_storage, storage_url
 from tuner.study import budget_state, load_study
@@ -118,6 +118,10 @@ def run_worker(
     study, spec = load_study(study_name, make_storage(url), seed_offset=index)
     workload = load_workload(spec.workload)
     device = memory.resolve_device(options.device)
+    logger.info(
+        "worker %s on %s (%s), CUDA_VISIBLE_DEVICES=%s", worker_id(), device,
+        memory.device_name(device), os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+    )
     if options.threads:
         torch.set_num_threads(options.threads)
     checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(url)
@@ -189,10 +193,7 @@ def _run_trial(
     try:
         with get_heartbeat_thread(trial._trial_id, study._storage):
             if isinstance(workload, Workload):
-                metrics = train(
-                    workload, hp, reporter, device=device, checkpoint=checkpoint,
-                    precision=spec.precision,
-                )
+                metrics = _train_workload(study, spec, workload, hp, reporter, device, checkpoint)
             else:
                 metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
         values = [float(metrics[o.metric]) for o in spec.all_objectives]
@@ -221,6 +222,29 @@ def _run_trial(
             checkpoint.remove()
     _log_trial(trial, spec, hp, outcome, values, reporter)
     return outcome
+
+
+def _train_workload(
+    study: optuna.Study,
+    spec: StudySpec,
+    workload: Workload,
+    hp: Hyperparameters,
+    reporter: Reporter,
+    device: torch.device,
+    checkpoint: Checkpoint,
+) -> dict[str, float]:
+    """Train at the micro-batch the study knows to fit on this device model, and share what the
+    trial learns about it, even when it ends in out-of-memory."""
+    precision = memory.effective_precision(device, spec.precision)
+    key = memory.limits_key(spec.workload, memory.device_name(device), precision)
+    limits = memory.load_limits(study, key)
+    try:
+        return train(
+            workload, hp, reporter, device=device, checkpoint=checkpoint, precision=precision,
+            micro_batch_size=limits.start(hp.batch_size), limits=limits,
+        )
+    finally:
+        memory.save_limits(study, key, limits)
 
 
 def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
