@@ -36,6 +36,11 @@ CheckpointOption = Annotated[
     Optional[Path], typer.Option("--checkpoint-dir", help="Where trials checkpoint each epoch.")
 ]
 KeepOption = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep finished trials' checkpoints.")]
+GpusOption = Annotated[
+    Optional[str],
+    typer.Option("--gpus", help="all or indices like 0,2: worker processes per GPU, each seeing only its GPU."),
+]
+WorkersPerGpuOption = Annotated[int, typer.Option("--workers-per-gpu", min=1, help="Workers per GPU with --gpus.")]
 
 
 @app.callback()
@@ -74,6 +79,8 @@ def run(
     n_trials: Annotated[Optional[int], typer.Option("--n-trials", min=1, help="Override budget.n_trials.")] = None,
     checkpoint_dir: CheckpointOption = None,
     keep_checkpoints: KeepOption = False,
+    gpus: GpusOption = None,
+    workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
     """Create or load the study, run local workers until the budget is met, print the best trial."""
     from tuner.launch import follow, start_workers
@@ -86,11 +93,13 @@ def run(
     if n_trials is not None:
         spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": n_trials})})
     resolve_device(device)
+    environments = _gpu_environments(gpus, workers_per_gpu, device) if gpus is not None else None
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)
     processes = start_workers(
-        created.study_name, url, workers, device=device, checkpoint_dir=checkpoint_dir,
-        keep_checkpoints=keep_checkpoints,
+        created.study_name, url, len(environments) if environments else workers,
+        device="cuda" if environments else device, environments=environments,
+        checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
     )
     codes = follow(created, spec, processes, errors)
     _print_best(created.study_name, url, "table")
@@ -107,10 +116,17 @@ def worker(
     worker_index: Annotated[Optional[int], typer.Option("--worker-index", hidden=True)] = None,
     checkpoint_dir: CheckpointOption = None,
     keep_checkpoints: KeepOption = False,
+    gpus: GpusOption = None,
+    workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
-    """Pull trials from a study until its budget is met, then exit 0."""
+    """Pull trials from a study until its budget is met, then exit 0; with --gpus, start one
+    such worker process per GPU (--workers-per-gpu each) and wait for them."""
     from tuner.worker import WorkerOptions, run_worker
 
+    if gpus is not None:
+        environments = _gpu_environments(gpus, workers_per_gpu, device)
+        _work_on_gpus(study, storage, environments, checkpoint_dir, keep_checkpoints)
+        return
     _setup_logging()
     options = WorkerOptions(
         device=device, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
@@ -207,6 +223,44 @@ def status(study: Annotated[Optional[str], typer.Option("--study")] = None, stor
             str(state.n_trials or "-"), f"{state.elapsed_s:.0f}",
         )
     console.print(table)
+
+
+def _gpu_environments(gpus: str, workers_per_gpu: int, device: str) -> list[dict[str, str]]:
+    """Each worker's ``CUDA_VISIBLE_DEVICES``; bad input where this machine has no such GPUs."""
+    import torch
+
+    from tuner.launch import gpu_environments
+
+    if device not in ("auto", "cuda"):
+        raise BadInputError(
+            f"--gpus gives each worker one GPU as 'cuda'; it does not go with --device {device}."
+        )
+    return gpu_environments(
+        gpus, workers_per_gpu, device_count=torch.cuda.device_count(),
+        visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
+def _work_on_gpus(
+    study_name: str,
+    storage: str | None,
+    environments: list[dict[str, str]],
+    checkpoint_dir: Path | None,
+    keep_checkpoints: bool,
+) -> None:
+    from tuner.launch import follow, start_workers
+    from tuner.storage import storage_url
+    from tuner.study import load_study
+
+    url = storage_url(storage)
+    loaded, spec = load_study(study_name, url)
+    processes = start_workers(
+        study_name, url, len(environments), device="cuda", environments=environments,
+        checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+    )
+    codes = follow(loaded, spec, processes, errors)
+    if any(codes):
+        raise TunerError(f"{sum(1 for c in codes if c)} of {len(codes)} workers exited with an error.")
 
 
 def main() -> None:
