@@ -9,13 +9,16 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tuner.errors import BadInputError, TunerError
+
+if TYPE_CHECKING:
+    from tuner.spec import StudySpec
 
 app = typer.Typer(
     add_completion=False,
@@ -59,14 +62,19 @@ def create(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
     storage: StorageOption = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    run_probe: Annotated[bool, typer.Option("--probe", help="Probe the micro-batch that fits first.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Create the study of a spec (idempotent; a different spec under the name is refused)."""
     from tuner.spec import load_spec
     from tuner.storage import mask_url, storage_url
     from tuner.study import create_study
 
-    created = create_study(load_spec(spec_path), storage, study_name=study)
+    spec = load_spec(spec_path)
+    created = create_study(spec, storage, study_name=study)
     console.print(f"study {created.study_name!r} ready in {mask_url(storage_url(storage))}")
+    if run_probe:
+        _probe_and_share(spec, created.study_name, storage, device)
 
 
 @app.command()
@@ -223,6 +231,57 @@ def status(study: Annotated[Optional[str], typer.Option("--study")] = None, stor
             str(state.n_trials or "-"), f"{state.elapsed_s:.0f}",
         )
     console.print(table)
+
+
+@app.command()
+def probe(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
+    storage: StorageOption = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """The largest micro-batch that fits on the device and samples/s at each size tried; stored
+    in the study (when it exists) so that its workers start trials there."""
+    from tuner.spec import load_spec
+
+    spec = load_spec(spec_path)
+    _probe_and_share(spec, study or spec.name, storage, device)
+
+
+def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, device: str) -> None:
+    import optuna
+
+    from tuner.report import format_value
+    from tuner.storage import make_storage
+    from tuner.train.memory import resolve_device
+    from tuner.train.probe import probe_spec, share
+
+    result = probe_spec(spec, resolve_device(device))
+    table = Table(title=f"{spec.workload} on {result.device} ({result.device_name}, {result.precision})")
+    for column in ("micro-batch", "fits", "peak memory MB", "samples/s"):
+        table.add_column(column, justify="right")
+    for attempt in result.attempts:
+        table.add_row(
+            str(attempt.micro_batch_size), "yes" if attempt.fits else "out of memory",
+            format_value(attempt.peak_memory_mb), format_value(attempt.samples_per_s),
+        )
+    console.print(table)
+    if result.smallest_failed is None:
+        console.print(f"every micro-batch up to {result.max_size} fits (the largest effective batch searched)")
+    elif result.largest_fit is None:
+        console.print("not even a micro-batch of 1 fits")
+    else:
+        console.print(
+            f"largest micro-batch that fits: {result.largest_fit}; smallest that failed: "
+            f"{result.smallest_failed}; workers use {result.micro_batch_size} "
+            f"({result.margin:.0%} safety margin)"
+        )
+    opened = make_storage(storage)
+    if study_name not in optuna.get_all_study_names(opened):
+        console.print(f"not stored: no study {study_name!r} yet (tuner create SPEC --probe stores it)")
+        return
+    share(result, optuna.load_study(study_name=study_name, storage=opened), spec.workload)
+    console.print(f"stored in study {study_name!r} for {result.device_name} at {result.precision}")
 
 
 def _gpu_environments(gpus: str, workers_per_gpu: int, device: str) -> list[dict[str, str]]:

@@ -87,6 +87,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
