@@ -197,6 +197,7 @@ def train(
             oom_retries=oom_retries,
         )
         started = time.perf_counter()
+        out_of_memory = False
         try:
             train_loss = _train_epoch(
                 model, workload, optimizer, scheduler, train_batches, shuffle, hp.batch_size,
@@ -206,14 +207,17 @@ def train(
         except RuntimeError as error:
             if not memory.is_out_of_memory(error):
                 raise
-            del error
+            out_of_memory = True
+        if out_of_memory:
+            # Recovered outside the except clause: until it ends, the error's traceback keeps
+            # the failed micro-batch's tensors alive.
             optimizer.zero_grad(set_to_none=True)
             memory.free_memory(device)
             oom_retries += 1
             limits.record_failure(micro_batch_size)
             if micro_batch_size == 1:
                 report.records["oom_retries"] = oom_retries
-                raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}") from None
+                raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}")
             micro_batch_size = limits.start(hp.batch_size)
             restore(checkpoint.load())  # type: ignore[arg-type]
             continue

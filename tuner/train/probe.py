@@ -103,12 +103,13 @@ class _Trainer:
         except RuntimeError as error:
             if not memory.is_out_of_memory(error):
                 raise
-            del error
-            self.optimizer.zero_grad(set_to_none=True)
-            memory.free_memory(device)
-            return Attempt(size, fits=False)
-        seconds = time.perf_counter() - started
-        return Attempt(size, True, memory.peak_memory_mb(device), size * steps / seconds)
+        else:
+            seconds = time.perf_counter() - started
+            return Attempt(size, True, memory.peak_memory_mb(device), size * steps / seconds)
+        # Out of memory: freed outside the except clause, whose traceback holds the tensors.
+        self.optimizer.zero_grad(set_to_none=True)
+        memory.free_memory(device)
+        return Attempt(size, fits=False)
 
 
 def probe(
