@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-
 from typer.testing import CliRunner
 
 from conftest import small_spec
 from tuner.cli import app
+from tuner.errors import BadInputError
 from tuner.space import Hyperparameters
+from tuner.spec import parse_spec
 from tuner.study import load_study
 from tuner.train import memory
-from tuner.train.probe import probe
+from tuner.train.probe import probe, probe_spec
 from tuner.worker import WorkerOptions, run_worker
 from tuner.workloads import load_workload
 
@@ -62,7 +64,8 @@ def test_create_probe_stores_what_fits_and_trials_start_there(
     }
     spec = write_spec(small_spec("probed", budget={"n_trials": 1}, search=search, pruner={"name": "none"}))
     monkeypatch.setenv(memory.INJECT_OOM_ENV, "64")
-    result = CliRunner().invoke(app, ["create", str(spec), "--storage", sqlite_url, "--probe", "--device", "cpu"])
+    arguments = ["create", str(spec), "--storage", sqlite_url, "--probe", "--device", "cpu"]
+    result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "micro-batch" in result.stdout and "samples/s" in result.stdout
     assert "largest micro-batch that fits: 64; smallest that failed: 65; workers use 60" in result.stdout
@@ -76,3 +79,9 @@ def test_create_probe_stores_what_fits_and_trials_start_there(
     assert trial.user_attrs["micro_batch_size"] == 60
     assert trial.user_attrs["accumulation_steps"] == 3
     assert trial.user_attrs["oom_retries"] == 0
+
+
+def test_a_training_function_cannot_be_probed() -> None:
+    spec = parse_spec(small_spec("own", workload="user_workloads:own_loop"))
+    with pytest.raises(BadInputError, match="training function with its own loop"):
+        probe_spec(spec, CPU)

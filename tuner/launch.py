@@ -99,7 +99,7 @@ def gpu_environments(
             raise BadInputError(
                 f"--gpus names GPU {unknown[0]}, but this machine has GPUs 0 to {device_count - 1}."
             )
-    names = [name.strip() for name in visible.split(",")] if visible else [str(i) for i in range(device_count)]
+    names = [name.strip() for name in visible.split(",")] if visible else list(map(str, range(device_count)))
     return [{"CUDA_VISIBLE_DEVICES": names[index]} for _ in range(workers_per_gpu) for index in indices]
 
 

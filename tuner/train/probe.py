@@ -67,7 +67,7 @@ class ProbeResult:
         return max(1, int(self.largest_fit * (1 - self.margin)))
 
     def limits(self) -> memory.MicroBatchLimits:
-        return memory.MicroBatchLimits(largest_fit=self.micro_batch_size, smallest_failed=self.smallest_failed)
+        return memory.MicroBatchLimits(self.micro_batch_size, self.smallest_failed)
 
 
 @dataclass
