@@ -137,5 +137,6 @@ def test_a_limit_below_one_prunes_as_out_of_memory_and_marks_the_trial_infeasibl
         assert trial.state == TrialState.PRUNED
         assert trial.user_attrs["stop_reason"] == "out_of_memory"
         assert trial.constraints == {"out_of_memory": 1.0}
+        assert trial.user_attrs["peak_memory_mb"] > 0
     assert first.user_attrs["oom_retries"] == 10  # 512 halved down to 1
     assert second.user_attrs["oom_retries"] == 1  # the study knew that even 1 fails

@@ -216,7 +216,7 @@ def train(
             oom_retries += 1
             limits.record_failure(micro_batch_size)
             if micro_batch_size == 1:
-                report.records["oom_retries"] = oom_retries
+                report.records.update(oom_retries=oom_retries, peak_memory_mb=memory.peak_memory_mb(device))
                 raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}")
             micro_batch_size = limits.start(hp.batch_size)
             restore(checkpoint.load())  # type: ignore[arg-type]
