@@ -9,13 +9,16 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tuner.errors import BadInputError, TunerError
+
+if TYPE_CHECKING:
+    from tuner.spec import StudySpec
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +40,11 @@ CheckpointOption = Annotated[
     Optional[Path], typer.Option("--checkpoint-dir", help="Where trials checkpoint each epoch.")
 ]
 KeepOption = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep finished trials' checkpoints.")]
+GpusOption = Annotated[
+    Optional[str],
+    typer.Option("--gpus", help="all or indices like 0,2: worker processes per GPU, each seeing only its GPU."),
+]
+WorkersPerGpuOption = Annotated[int, typer.Option("--workers-per-gpu", min=1, help="Workers per GPU with --gpus.")]
 
 
 @app.callback()
@@ -55,14 +63,19 @@ def create(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
     storage: StorageOption = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    run_probe: Annotated[bool, typer.Option("--probe", help="Probe the micro-batch that fits first.")] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Create the study of a spec (idempotent; a different spec under the name is refused)."""
     from tuner.spec import load_spec
     from tuner.storage import mask_url, storage_url
     from tuner.study import create_study
 
-    created = create_study(load_spec(spec_path), storage, study_name=study)
+    spec = load_spec(spec_path)
+    created = create_study(spec, storage, study_name=study)
     console.print(f"study {created.study_name!r} ready in {mask_url(storage_url(storage))}")
+    if run_probe:
+        _probe_and_share(spec, created.study_name, storage, device)
 
 
 @app.command()
@@ -75,6 +88,8 @@ def run(
     n_trials: Annotated[Optional[int], typer.Option("--n-trials", min=1, help="Override budget.n_trials.")] = None,
     checkpoint_dir: CheckpointOption = None,
     keep_checkpoints: KeepOption = False,
+    gpus: GpusOption = None,
+    workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
     """Create or load the study, run local workers until the budget is met, print the best trial."""
     from tuner.launch import follow, start_workers
@@ -87,11 +102,13 @@ def run(
     if n_trials is not None:
         spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": n_trials})})
     resolve_device(device)
+    environments = _gpu_environments(gpus, workers_per_gpu, device) if gpus is not None else None
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)
     processes = start_workers(
-        created.study_name, url, workers, device=device, checkpoint_dir=checkpoint_dir,
-        keep_checkpoints=keep_checkpoints,
+        created.study_name, url, len(environments) if environments else workers,
+        device="cuda" if environments else device, environments=environments,
+        checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
     )
     codes = follow(created, spec, processes, errors)
     _print_best(created.study_name, url, "table")
@@ -108,10 +125,17 @@ def worker(
     worker_index: Annotated[Optional[int], typer.Option("--worker-index", hidden=True)] = None,
     checkpoint_dir: CheckpointOption = None,
     keep_checkpoints: KeepOption = False,
+    gpus: GpusOption = None,
+    workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
-    """Pull trials from a study until its budget is met, then exit 0."""
+    """Pull trials from a study until its budget is met, then exit 0; with --gpus, start one
+    such worker process per GPU (--workers-per-gpu each) and wait for them."""
     from tuner.worker import WorkerOptions, run_worker
 
+    if gpus is not None:
+        environments = _gpu_environments(gpus, workers_per_gpu, device)
+        _work_on_gpus(study, storage, environments, checkpoint_dir, keep_checkpoints)
+        return
     _setup_logging()
     options = WorkerOptions(
         device=device, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
@@ -210,6 +234,95 @@ def status(study: Annotated[Optional[str], typer.Option("--study")] = None, stor
             str(state.n_trials or "-"), f"{state.elapsed_s:.0f}",
         )
     console.print(table)
+
+
+@app.command()
+def probe(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
+    storage: StorageOption = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """The largest micro-batch that fits on the device and samples/s at each size tried; stored
+    in the study (when it exists) so that its workers start trials there."""
+    from tuner.spec import load_spec
+
+    spec = load_spec(spec_path)
+    _probe_and_share(spec, study or spec.name, storage, device)
+
+
+def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, device: str) -> None:
+    import optuna
+
+    from tuner.report import format_value
+    from tuner.storage import make_storage
+    from tuner.train.memory import resolve_device
+    from tuner.train.probe import probe_spec, share
+
+    result = probe_spec(spec, resolve_device(device))
+    table = Table(title=f"{spec.workload} on {result.device} ({result.device_name}, {result.precision})")
+    for column in ("micro-batch", "fits", "peak memory MB", "samples/s"):
+        table.add_column(column, justify="right")
+    for attempt in result.attempts:
+        table.add_row(
+            str(attempt.micro_batch_size), "yes" if attempt.fits else "out of memory",
+            format_value(attempt.peak_memory_mb), format_value(attempt.samples_per_s),
+        )
+    console.print(table)
+    if result.smallest_failed is None:
+        console.print(f"every micro-batch up to {result.max_size} fits (the largest effective batch searched)")
+    elif result.largest_fit is None:
+        console.print("not even a micro-batch of 1 fits")
+    else:
+        console.print(
+            f"largest micro-batch that fits: {result.largest_fit}; smallest that failed: "
+            f"{result.smallest_failed}; workers use {result.micro_batch_size} "
+            f"({result.margin:.0%} safety margin)"
+        )
+    opened = make_storage(storage)
+    if study_name not in optuna.get_all_study_names(opened):
+        console.print(f"not stored: no study {study_name!r} yet (tuner create SPEC --probe stores it)")
+        return
+    share(result, optuna.load_study(study_name=study_name, storage=opened), spec.workload)
+    console.print(f"stored in study {study_name!r} for {result.device_name} at {result.precision}")
+
+
+def _gpu_environments(gpus: str, workers_per_gpu: int, device: str) -> list[dict[str, str]]:
+    """Each worker's ``CUDA_VISIBLE_DEVICES``; bad input where this machine has no such GPUs."""
+    import torch
+
+    from tuner.launch import gpu_environments
+
+    if device not in ("auto", "cuda"):
+        raise BadInputError(
+            f"--gpus gives each worker one GPU as 'cuda'; it does not go with --device {device}."
+        )
+    return gpu_environments(
+        gpus, workers_per_gpu, device_count=torch.cuda.device_count(),
+        visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
+def _work_on_gpus(
+    study_name: str,
+    storage: str | None,
+    environments: list[dict[str, str]],
+    checkpoint_dir: Path | None,
+    keep_checkpoints: bool,
+) -> None:
+    from tuner.launch import follow, start_workers
+    from tuner.storage import storage_url
+    from tuner.study import load_study
+
+    url = storage_url(storage)
+    loaded, spec = load_study(study_name, url)
+    processes = start_workers(
+        study_name, url, len(environments), device="cuda", environments=environments,
+        checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+    )
+    codes = follow(loaded, spec, processes, errors)
+    if any(codes):
+        raise TunerError(f"{sum(1 for c in codes if c)} of {len(codes)} workers exited with an error.")
 
 
 def main() -> None:

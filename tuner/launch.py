@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tuner.errors import BadInputError
 from tuner.spec import StudySpec
 from tuner.study import budget_state
 
@@ -73,6 +74,33 @@ def start_workers(
             )
         )
     return processes
+
+
+def gpu_environments(
+    gpus: str, workers_per_gpu: int = 1, *, device_count: int, visible: str | None = None
+) -> list[dict[str, str]]:
+    """One environment per worker process, its ``CUDA_VISIBLE_DEVICES`` naming one GPU.
+
+    ``gpus`` is ``all`` or indices as torch counts them here (``0,2``); ``workers_per_gpu``
+    workers share each GPU, spread round-robin. Under a ``visible`` list of our own (this
+    process's ``CUDA_VISIBLE_DEVICES``), index K is its K-th entry, as it is for torch.
+    """
+    if device_count == 0:
+        raise BadInputError("--gpus needs CUDA GPUs and none is available here; use --device cpu or auto.")
+    if gpus == "all":
+        indices = list(range(device_count))
+    else:
+        try:
+            indices = list(dict.fromkeys(int(part) for part in gpus.split(",")))
+        except ValueError:
+            raise BadInputError(f"--gpus takes 'all' or GPU indices like 0,2, not {gpus!r}.") from None
+        unknown = [index for index in indices if not 0 <= index < device_count]
+        if unknown:
+            raise BadInputError(
+                f"--gpus names GPU {unknown[0]}, but this machine has GPUs 0 to {device_count - 1}."
+            )
+    names = [name.strip() for name in visible.split(",")] if visible else list(map(str, range(device_count)))
+    return [{"CUDA_VISIBLE_DEVICES": names[index]} for _ in range(workers_per_gpu) for index in indices]
 
 
 def _relay(process: subprocess.Popen[str], console: Console, prefix: str) -> None:

@@ -26,7 +26,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import TunerError
-from tuner.space import lr_param_name, suggest
+from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
 from tuner.storage import make_storage, storage_url
 from tuner.study import budget_state, load_study
@@ -132,6 +132,10 @@ def run_worker(
     study, spec = load_study(study_name, make_storage(url), seed_offset=index)
     workload = load_workload(spec.workload)
     device = memory.resolve_device(options.device)
+    logger.info(
+        "worker %s on %s (%s), CUDA_VISIBLE_DEVICES=%s", worker_id(), device,
+        memory.device_name(device), os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+    )
     if options.threads:
         torch.set_num_threads(options.threads)
     checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(url)
@@ -203,7 +207,7 @@ def _run_trial(
     started = time.perf_counter()
     # The heartbeat runs until the trial is told: a slow final write must not look like death.
     with get_heartbeat_thread(trial._trial_id, study._storage):
-        state, values, outcome = _train(workload, hp, reporter, device, checkpoint, spec)
+        state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
         reporter.records["duration_s"] = time.perf_counter() - started
         for key, value in reporter.records.items():
             trial.set_user_attr(key, value)
@@ -211,6 +215,7 @@ def _run_trial(
             _hand_back(study, trial)
         else:
             if outcome == "out_of_memory":
+                # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
                 trial.set_constraint("out_of_memory", 1.0)
             study.tell(trial, values, state=state)
     if outcome != "worker_stopped" and not options.keep_checkpoints:
@@ -220,19 +225,18 @@ def _run_trial(
 
 
 def _train(
+    study: optuna.Study,
+    spec: StudySpec,
     workload: Any,
-    hp: Any,
+    hp: Hyperparameters,
     reporter: Reporter,
     device: torch.device,
     checkpoint: Checkpoint,
-    spec: StudySpec,
 ) -> tuple[TrialState, list[float] | None, str]:
     """Run the workload; turn how it ended into a trial state, values and an outcome word."""
     try:
         if isinstance(workload, Workload):
-            metrics = train(
-                workload, hp, reporter, device=device, checkpoint=checkpoint, precision=spec.precision
-            )
+            metrics = _train_workload(study, spec, workload, hp, reporter, device, checkpoint)
         else:
             started = time.perf_counter()
             metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
@@ -250,6 +254,29 @@ def _train(
         reporter.records["error"] = _describe_error(error)
         logger.warning("trial %d failed: %s", reporter.trial.number, reporter.records["error"].splitlines()[0])
         return TrialState.FAIL, None, "failed"
+
+
+def _train_workload(
+    study: optuna.Study,
+    spec: StudySpec,
+    workload: Workload,
+    hp: Hyperparameters,
+    reporter: Reporter,
+    device: torch.device,
+    checkpoint: Checkpoint,
+) -> dict[str, float]:
+    """Train at the micro-batch the study knows to fit on this device model, and share what the
+    trial learns about it, even when it ends in out-of-memory."""
+    precision = memory.effective_precision(device, spec.precision)
+    key = memory.limits_key(spec.workload, memory.device_name(device), precision)
+    limits = memory.load_limits(study, key)
+    try:
+        return train(
+            workload, hp, reporter, device=device, checkpoint=checkpoint, precision=precision,
+            micro_batch_size=limits.start(hp.batch_size), limits=limits,
+        )
+    finally:
+        memory.save_limits(study, key, limits)
 
 
 def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:

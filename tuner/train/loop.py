@@ -101,8 +101,30 @@ def evaluate(
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    enabled = precision == "bf16" and device.type == "cuda"
+    enabled = memory.effective_precision(device, precision) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def split_step(step: torch.Tensor, micro_batch_size: int) -> list[tuple[torch.Tensor, float]]:
+    """A step's sample indices as micro-batches, each with its share of the step: the weight of
+    its mean loss, so that the accumulated gradient is the gradient of the whole step."""
+    return [(part, len(part) / len(step)) for part in step.split(micro_batch_size)]
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    workload: Workload,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weight: float,
+    precision: str,
+) -> torch.Tensor:
+    """Add one micro-batch's weighted gradient to the parameters'; return its mean loss."""
+    memory.check_injected_limit(len(inputs))
+    with _autocast(inputs.device, precision):
+        loss = workload.loss(model(inputs), targets)
+    (loss * weight).backward()
+    return loss.detach()
 
 
 def train(
@@ -114,12 +136,19 @@ def train(
     micro_batch_size: int | None = None,
     checkpoint: Checkpoint | None = None,
     precision: str = "fp32",
+    limits: memory.MicroBatchLimits | None = None,
 ) -> dict[str, float]:
     """Train ``hp.epochs`` epochs, reporting after each; resume from ``checkpoint`` if it holds
-    a state. Returns the last epoch's metrics. Out of memory halves the micro-batch and restarts
-    the epoch from its start; a micro-batch of one that does not fit raises ``OutOfMemory``."""
+    a state. Returns the last epoch's metrics.
+
+    Out of memory makes the micro-batch smaller (halved, or the largest known to fit) and
+    restarts the epoch from its checkpoint; the effective batch never changes. A micro-batch of
+    one that does not fit raises ``OutOfMemory``. What fits and what failed goes into ``limits``.
+    """
     checkpoint = checkpoint or Checkpoint()
-    micro_batch_size = min(micro_batch_size or hp.batch_size, hp.batch_size)
+    limits = limits if limits is not None else memory.MicroBatchLimits()
+    micro_batch_size = min(micro_batch_size or limits.start(hp.batch_size), hp.batch_size)
+    precision = memory.effective_precision(device, precision)
     torch.manual_seed(hp.seed)
     model = workload.model(hp).to(device)
     optimizer = make_optimizer(model, hp)
@@ -158,15 +187,18 @@ def train(
         report.records["resumed_from_epoch"] = start_epoch
 
     memory.reset_peak_memory(device)
-    train_seconds, samples_seen = 0.0, 0
+    train_seconds, samples_seen, oom_retries = 0.0, 0, 0
     metrics: dict[str, float] = {}
     epoch = start_epoch
     while epoch < hp.epochs:
         report.records.update(
             micro_batch_size=micro_batch_size,
             accumulation_steps=math.ceil(hp.batch_size / micro_batch_size),
+            precision=precision,
+            oom_retries=oom_retries,
         )
         started = time.perf_counter()
+        out_of_memory = False
         try:
             train_loss = _train_epoch(
                 model, workload, optimizer, scheduler, train_batches, shuffle, hp.batch_size,
@@ -176,14 +208,21 @@ def train(
         except RuntimeError as error:
             if not memory.is_out_of_memory(error):
                 raise
-            del error
+            out_of_memory = True
+        if out_of_memory:
+            # Recovered outside the except clause: until it ends, the error's traceback keeps
+            # the failed micro-batch's tensors alive.
             optimizer.zero_grad(set_to_none=True)
             memory.free_memory(device)
+            oom_retries += 1
+            limits.record_failure(micro_batch_size)
             if micro_batch_size == 1:
-                raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}") from None
-            micro_batch_size //= 2
+                report.records.update(oom_retries=oom_retries, peak_memory_mb=memory.peak_memory_mb(device))
+                raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}")
+            micro_batch_size = limits.start(hp.batch_size)
             restore(checkpoint.load())  # type: ignore[arg-type]
             continue
+        limits.record_fit(micro_batch_size)
         train_seconds += time.perf_counter() - started
         samples_seen += len(train_batches)
         epoch += 1
@@ -212,22 +251,18 @@ def _train_epoch(
 ) -> float:
     model.train()
     order = torch.randperm(len(batches), generator=shuffle)
-    # Each step's samples in micro-batches, each weighted by its share of the step's samples.
     chunks: list[torch.Tensor] = []
     plan: list[tuple[float, bool]] = []
     for step in order.split(batch_size):
-        parts = step.split(micro_batch_size)
-        chunks.extend(parts)
-        plan.extend((len(part) / len(step), k == len(parts) - 1) for k, part in enumerate(parts))
+        parts = split_step(step, micro_batch_size)
+        chunks.extend(part for part, _ in parts)
+        plan.extend((weight, k == len(parts) - 1) for k, (_, weight) in enumerate(parts))
     total_loss = torch.zeros((), device=batches.device)
     optimizer.zero_grad(set_to_none=True)
     for position, (inputs, targets) in enumerate(batches(chunks)):
-        memory.check_injected_limit(len(inputs))
-        with _autocast(batches.device, precision):
-            loss = workload.loss(model(inputs), targets)
         weight, ends_step = plan[position]
-        (loss * weight).backward()
-        total_loss += loss.detach().float() * len(inputs)
+        loss = forward_backward(model, workload, inputs, targets, weight, precision)
+        total_loss += loss.float() * len(inputs)
         if ends_step:
             optimizer.step()
             scheduler.step()

@@ -1,0 +1,68 @@
+"""``--gpus``: which GPU each worker process sees. This machine may have no GPU, so the mapping is
+tested as a pure function of a given GPU count, and real worker processes (on the CPU) started by
+the same launching function show the ``CUDA_VISIBLE_DEVICES`` they were given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import small_spec, tuner
+from tuner.errors import BadInputError
+from tuner.launch import gpu_environments, start_workers
+from tuner.spec import parse_spec
+from tuner.study import create_study
+from tuner.train.memory import resolve_device
+
+
+def visible(environments: list[dict[str, str]]) -> list[str]:
+    return [env["CUDA_VISIBLE_DEVICES"] for env in environments]
+
+
+def test_all_gpus_get_one_worker_each() -> None:
+    assert visible(gpu_environments("all", device_count=4)) == ["0", "1", "2", "3"]
+
+
+def test_workers_per_gpu_are_spread_round_robin() -> None:
+    assert visible(gpu_environments("0,2", 2, device_count=4)) == ["0", "2", "0", "2"]
+
+
+def test_indices_map_through_our_own_visible_devices() -> None:
+    assert visible(gpu_environments("1", device_count=2, visible="5, GPU-ab12")) == ["GPU-ab12"]
+    assert visible(gpu_environments("all", device_count=2, visible="5,7")) == ["5", "7"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "count", "message"),
+    [
+        ("all", 0, "none is available"),
+        ("0,2", 2, "has GPUs 0 to 1"),
+        ("first", 2, "'all' or GPU indices"),
+    ],
+)
+def test_bad_gpus_are_bad_input(gpus: str, count: int, message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        gpu_environments(gpus, device_count=count)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_without_cuda_gpus_all_exits_2_and_auto_is_cpu() -> None:
+    result = tuner("worker", "--study", "any", "--gpus", "all")
+    assert result.returncode == 2
+    assert " ".join(result.stderr.split()) == (
+        "error: --gpus needs CUDA GPUs and none is available here; use --device cpu or auto."
+    )
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_each_launched_worker_sees_its_own_gpu(sqlite_url: str) -> None:
+    study = create_study(parse_spec(small_spec("launch", budget={"n_trials": 1})), sqlite_url)
+    study.tell(study.ask(), 0.5)  # the budget is met: the workers start, report and exit
+    environments = gpu_environments("0,1", device_count=2)
+    processes = start_workers("launch", sqlite_url, 2, device="cpu", environments=environments)
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    for output, expected in zip(outputs, ["0", "1"]):
+        assert f"CUDA_VISIBLE_DEVICES={expected}\n" in output, output
