@@ -144,6 +144,9 @@ def create_study(
     if stored is None:
         storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
         study.set_metric_names([objective.metric for objective in spec.all_objectives])
+        from tuner.notes import save_study_note
+
+        save_study_note(study, spec)
     else:
         stored_dict = stored.to_dict()
         if {**stored_dict, "budget": None} != {**wanted, "budget": None}:

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,10 +25,12 @@ from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.artifacts import default_artifact_dir, upload_learning_curve
 from tuner.errors import TunerError
+from tuner.notes import refresh_study_note
 from tuner.space import lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import make_storage, storage_url
+from tuner.storage import beside_storage, make_storage, storage_url
 from tuner.study import budget_state, load_study
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
@@ -45,6 +47,7 @@ MAX_CONSECUTIVE_FAILURES = 5
 class WorkerOptions:
     device: str = "auto"
     checkpoint_dir: Path | None = None
+    artifact_dir: Path | None = None
     keep_checkpoints: bool = False
     worker_index: int | None = None
     threads: int | None = None
@@ -61,11 +64,7 @@ class WorkerSummary:
 
 def default_checkpoint_dir(url: str) -> Path:
     """Beside a SQLite or journal file; else ``./checkpoints``."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url.removeprefix("sqlite:///")).resolve().parent / "checkpoints"
-    if url.endswith(".log"):
-        return Path(url.removeprefix("journal://")).resolve().parent / "checkpoints"
-    return Path("checkpoints").resolve()
+    return beside_storage(url, "checkpoints")
 
 
 def worker_id() -> str:
@@ -121,6 +120,7 @@ def run_worker(
     if options.threads:
         torch.set_num_threads(options.threads)
     checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(url)
+    options = replace(options, artifact_dir=options.artifact_dir or default_artifact_dir(url))
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     summary = WorkerSummary()
@@ -179,6 +179,7 @@ def _run_trial(
         device_name=memory.device_name(device),
         worker=worker_id(),
     )
+    trial.set_user_attr("worker", worker_id())  # who runs it, for ``tuner status`` meanwhile
     if "failed_trial" in frozen.system_attrs:
         reporter.records["retried_from"] = frozen.system_attrs["failed_trial"]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
@@ -215,7 +216,9 @@ def _run_trial(
     if outcome == "worker_stopped":
         _hand_back(study, trial)
     else:
+        upload_learning_curve(trial, reporter.history, [o.metric for o in spec.all_objectives], options.artifact_dir)
         study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+        refresh_study_note(study, spec)
         if not options.keep_checkpoints:
             checkpoint.remove()
     _log_trial(trial, spec, hp, outcome, values, reporter)
