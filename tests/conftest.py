@@ -91,3 +91,15 @@ def start_tuner(*args: str, env: dict | None = None, cwd: Path | None = None) ->
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small real study run to its budget on SQLite: its URL, name and the run's output."""
+    folder = tmp_path_factory.mktemp("finished")
+    spec = folder / "spec.yaml"
+    spec.write_text(yaml.safe_dump(small_spec("watched", budget={"n_trials": 5})))
+    url = f"sqlite:///{folder / 'study.db'}"
+    run = tuner("run", str(spec), "--storage", url)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return {"url": url, "name": "watched", "folder": folder, "output": run.stdout + run.stderr}

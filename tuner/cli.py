@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import sys
 import traceback
@@ -39,6 +38,10 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cu
 CheckpointOption = Annotated[
     Optional[Path], typer.Option("--checkpoint-dir", help="Where trials checkpoint each epoch.")
 ]
+ArtifactOption = Annotated[
+    Optional[Path],
+    typer.Option("--artifact-dir", help="Artifact store folder; default: 'artifacts' beside the storage."),
+]
 KeepOption = Annotated[bool, typer.Option("--keep-checkpoints", help="Keep finished trials' checkpoints.")]
 GpusOption = Annotated[
     Optional[str],
@@ -51,11 +54,6 @@ WorkersPerGpuOption = Annotated[int, typer.Option("--workers-per-gpu", min=1, he
 def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
     if debug:
         os.environ["TUNER_DEBUG"] = "1"
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -124,24 +122,26 @@ def worker(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
     worker_index: Annotated[Optional[int], typer.Option("--worker-index", hidden=True)] = None,
     checkpoint_dir: CheckpointOption = None,
+    artifact_dir: ArtifactOption = None,
     keep_checkpoints: KeepOption = False,
     gpus: GpusOption = None,
     workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
     """Pull trials from a study until its budget is met, then exit 0; with --gpus, start one
     such worker process per GPU (--workers-per-gpu each) and wait for them."""
+    from tuner.progress import log_output
     from tuner.worker import WorkerOptions, run_worker
 
     if gpus is not None:
         environments = _gpu_environments(gpus, workers_per_gpu, device)
         _work_on_gpus(study, storage, environments, checkpoint_dir, keep_checkpoints)
         return
-    _setup_logging()
     options = WorkerOptions(
-        device=device, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
-        worker_index=worker_index, threads=threads,
+        device=device, checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir,
+        keep_checkpoints=keep_checkpoints, worker_index=worker_index, threads=threads,
     )
-    run_worker(study, storage, options)
+    with log_output(errors):
+        run_worker(study, storage, options)
 
 
 FormatOption = Annotated[str, typer.Option("--format", help="table, json (best) or table, csv, json (trials).")]
@@ -178,11 +178,45 @@ def _print_best(study_name: str, storage: str | None, output: str) -> None:
 
 
 @app.command()
-def best(study: StudyOption, storage: StorageOption = None, output: FormatOption = "table") -> None:
+def best(
+    study: StudyOption,
+    storage: StorageOption = None,
+    output: FormatOption = "table",
+    export: Annotated[
+        Optional[Path], typer.Option("--export", help="Also write the best trial as a spec fragment for 'tuner train'.")
+    ] = None,
+) -> None:
     """The best trial (for several objectives: the Pareto front)."""
     if output not in ("table", "json"):
         raise BadInputError(f"--format must be table or json, not {output!r}.")
     _print_best(study, storage, output)
+    if export is not None:
+        from tuner.retrain import export_best
+        from tuner.study import load_study
+
+        export_best(*load_study(study, storage), export)
+        errors.print(f"wrote {export}; retrain with: tuner train {export}", highlight=False)
+
+
+@app.command(name="train")
+def train_once(
+    fixed_path: Annotated[Path, typer.Argument(metavar="FIXED", help="Spec fragment from 'tuner best --export'.")],
+    device: DeviceOption = "auto",
+    out: Annotated[Path, typer.Option("--out", help="Where to save the trained weights.")] = Path("model.pt"),
+) -> None:
+    """Train the workload once with fixed hyperparameters, save the model, print the metrics."""
+    from tuner.progress import log_output
+    from tuner.report import format_value
+    from tuner.retrain import load_fixed_spec, retrain
+
+    fixed = load_fixed_spec(fixed_path)
+    with log_output(errors):
+        metrics, saved = retrain(fixed, device=device, out=out)
+    table = Table(title=f"{fixed.workload} trained once", show_header=False)
+    for name, value in metrics.items():
+        table.add_row(f"[bold]{name}[/]" if name == fixed.objective.metric else name, format_value(value))
+    console.print(table)
+    console.print(f"model saved to {saved}" if saved else "the training function saves its own model")
 
 
 @app.command()
@@ -214,26 +248,68 @@ def trials(study: StudyOption, storage: StorageOption = None, output: FormatOpti
 
 
 @app.command()
-def status(study: Annotated[Optional[str], typer.Option("--study")] = None, storage: StorageOption = None) -> None:
-    """Per study: trials by state and budget left."""
-    import optuna
+def status(
+    study: Annotated[Optional[str], typer.Option("--study", help="One study; default: every study.")] = None,
+    storage: StorageOption = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.5, help="Seconds between refreshes.")] = 2.0,
+    last: Annotated[int, typer.Option("--last", min=1, help="Finished trials the pace is measured over.")] = 10,
+) -> None:
+    """Per study: trials by state, budget, best value, epochs saved by pruning, pace, ETA, live workers."""
+    import time
 
+    import optuna
+    from rich.live import Live
+
+    from tuner.status import status_table, study_status
     from tuner.storage import make_storage
-    from tuner.study import budget_state, load_study
+    from tuner.study import load_study
 
     opened = make_storage(storage)
     names = [study] if study else sorted(optuna.get_all_study_names(opened))
-    table = Table(title="studies")
-    for column in ("study", "finished", "running", "waiting", "budget", "elapsed_s"):
-        table.add_column(column)
-    for name in names:
-        loaded, spec = load_study(name, opened)
-        state = budget_state(loaded, spec)
-        table.add_row(
-            name, str(state.finished), str(state.running), str(state.waiting),
-            str(state.n_trials or "-"), f"{state.elapsed_s:.0f}",
-        )
-    console.print(table)
+    loaded = [load_study(name, opened) for name in names]
+
+    def table() -> Table:
+        return status_table([study_status(s, spec, last=last) for s, spec in loaded])
+
+    if not watch:
+        console.print(table())
+        return
+    with Live(table(), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(table(), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def report(
+    study: StudyOption,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNG files and index.html.")],
+    storage: StorageOption = None,
+) -> None:
+    """Plots of a study as PNG files and an index.html with the best trial's parameters."""
+    from tuner.plots import write_report
+    from tuner.study import load_study
+
+    loaded, spec = load_study(study, storage)
+    written = write_report(loaded, spec, out)
+    console.print(f"wrote {len(written)} files; open {out / 'index.html'}")
+
+
+@app.command()
+def dashboard(
+    storage: StorageOption = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; other machines need 0.0.0.0.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    artifact_dir: ArtifactOption = None,
+) -> None:
+    """optuna-dashboard on the storage and the workers' artifact store, until Ctrl-C."""
+    from tuner.dashboard import serve
+
+    serve(storage, host=host, port=port, artifact_dir=artifact_dir, announce=console.print)
 
 
 @app.command()

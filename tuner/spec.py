@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -225,19 +225,22 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}{shown}"
 
 
-def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
-    """Validate plain data as a spec; raise SpecError naming each bad field."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(model: type[M], data: Any, *, source: str) -> M:
+    """Validate plain data as ``model``; raise SpecError naming each bad field."""
     if not isinstance(data, dict):
         raise SpecError(f"{source} must be a mapping of fields, not {type(data).__name__}.")
     try:
-        return StudySpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         details = "; ".join(_describe(item) for item in error.errors())
         raise SpecError(f"{source} is invalid: {details}.") from None
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Read a YAML spec file (``yaml.safe_load``) and validate it."""
+def load_model(model: type[M], path: str | Path) -> M:
+    """Read a YAML file (``yaml.safe_load``) and validate it as ``model``."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"Spec file {str(path)!r} does not exist.")
@@ -245,4 +248,14 @@ def load_spec(path: str | Path) -> StudySpec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise SpecError(f"{path} is not valid YAML: {error}") from None
-    return parse_spec(data, source=str(path))
+    return parse_model(model, data, source=str(path))
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
+    """Validate plain data as a spec; raise SpecError naming each bad field."""
+    return parse_model(StudySpec, data, source=source)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read a YAML spec file (``yaml.safe_load``) and validate it."""
+    return load_model(StudySpec, path)

@@ -39,6 +39,17 @@ def mask_url(url: str) -> str:
         return url
 
 
+def beside_storage(url: str, name: str) -> Path:
+    """Folder ``name`` beside a SQLite or journal file, else ``./name``: where a storage's
+    checkpoints and artifacts go by default, so that every local reader finds them."""
+    url = storage_url(url)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url.removeprefix("sqlite:///")).resolve().parent / name
+    if url.endswith(".log"):
+        return Path(url.removeprefix("journal://")).resolve().parent / name
+    return Path(name).resolve()
+
+
 def sqlalchemy_url(url: str) -> str:
     """Spell out the driver: psycopg 3 for PostgreSQL, PyMySQL for MySQL."""
     scheme, sep, rest = url.partition("://")

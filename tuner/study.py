@@ -14,7 +14,7 @@ from datetime import datetime
 
 import optuna
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.spec import StudySpec, parse_spec
@@ -141,6 +141,9 @@ def create_study(
     if stored is None:
         storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
         study.set_metric_names([objective.metric for objective in spec.all_objectives])
+        from tuner.notes import save_study_note
+
+        save_study_note(study, spec)
     else:
         stored_dict = stored.to_dict()
         if {**stored_dict, "budget": None} != {**wanted, "budget": None}:
@@ -154,11 +157,14 @@ def create_study(
     return study
 
 
-def _budget_slots(study: optuna.Study) -> int:
-    """Trials that hold a slot: every trial except failed ones that were retried."""
-    trials = study.get_trials(deepcopy=False)
+def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that hold a budget slot: every trial except failed ones that were retried."""
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if t.number not in retried)
+    return [t for t in trials if t.number not in retried]
+
+
+def _budget_slots(study: optuna.Study) -> int:
+    return len(slot_holders(study.get_trials(deepcopy=False)))
 
 
 def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
@@ -223,11 +229,9 @@ class BudgetState:
 
 def budget_state(study: optuna.Study, spec: StudySpec) -> BudgetState:
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     counts = {state: 0 for state in TrialState}
-    for trial in trials:
-        if trial.number not in retried:
-            counts[trial.state] += 1
+    for trial in slot_holders(trials):
+        counts[trial.state] += 1
     starts = [t.datetime_start for t in trials if t.datetime_start is not None]
     # Optuna stamps trials with naive local times.
     elapsed = (datetime.now() - min(starts)).total_seconds() if starts else 0.0

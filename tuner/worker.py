@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,10 +25,12 @@ from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.artifacts import default_artifact_dir, upload_learning_curve
 from tuner.errors import TunerError
+from tuner.notes import refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import make_storage, storage_url
+from tuner.storage import beside_storage, make_storage, storage_url
 from tuner.study import budget_state, load_study
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
@@ -45,6 +47,7 @@ MAX_CONSECUTIVE_FAILURES = 5
 class WorkerOptions:
     device: str = "auto"
     checkpoint_dir: Path | None = None
+    artifact_dir: Path | None = None
     keep_checkpoints: bool = False
     worker_index: int | None = None
     threads: int | None = None
@@ -61,11 +64,7 @@ class WorkerSummary:
 
 def default_checkpoint_dir(url: str) -> Path:
     """Beside a SQLite or journal file; else ``./checkpoints``."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url.removeprefix("sqlite:///")).resolve().parent / "checkpoints"
-    if url.endswith(".log"):
-        return Path(url.removeprefix("journal://")).resolve().parent / "checkpoints"
-    return Path("checkpoints").resolve()
+    return beside_storage(url, "checkpoints")
 
 
 def worker_id() -> str:
@@ -139,6 +138,7 @@ def run_worker(
     if options.threads:
         torch.set_num_threads(options.threads)
     checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(url)
+    options = replace(options, artifact_dir=options.artifact_dir or default_artifact_dir(url))
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     summary = WorkerSummary()
@@ -201,6 +201,7 @@ def _run_trial(
         device_name=memory.device_name(device),
         worker=worker_id(),
     )
+    trial.set_user_attr("worker", worker_id())  # who runs it, for ``tuner status`` meanwhile
     if origin != frozen.number:
         reporter.records["retried_from"] = frozen.system_attrs["retry_history"][-1]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
@@ -217,9 +218,13 @@ def _run_trial(
             if outcome == "out_of_memory":
                 # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
                 trial.set_constraint("out_of_memory", 1.0)
+            # Artifacts write an attribute on the trial, which a finished trial refuses.
+            upload_learning_curve(trial, reporter.history, [o.metric for o in spec.all_objectives], options.artifact_dir)
             study.tell(trial, values, state=state)
-    if outcome != "worker_stopped" and not options.keep_checkpoints:
-        checkpoint.remove()
+    if outcome != "worker_stopped":
+        refresh_study_note(study, spec)
+        if not options.keep_checkpoints:
+            checkpoint.remove()
     _log_trial(trial, spec, hp, outcome, values, reporter)
     return outcome
 

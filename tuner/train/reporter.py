@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import optuna
 
 from tuner.spec import Objective
+
+logger = logging.getLogger("tuner.progress")
 
 
 class Diverged(optuna.TrialPruned):
@@ -60,6 +63,15 @@ class Reporter:
         if self.history:
             self.records["epochs_completed"] = self.epochs_done
 
+    def _log(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """One line per epoch; its ``progress`` field feeds a terminal's progress bar."""
+        epochs = self.trial.params.get("epochs")
+        shown = " ".join(f"{o.metric}={metrics[o.metric]:.4g}" for o in self.objectives)
+        logger.info(
+            "trial %d epoch %s: %s", self.trial.number, f"{epoch}/{epochs}" if epochs else epoch, shown,
+            extra={"progress": (self.trial.number, epoch, epochs, shown)},
+        )
+
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
         self.record(epoch, metrics)
         self.decide(epoch)
@@ -77,6 +89,7 @@ class Reporter:
             if not math.isfinite(value):
                 raise Diverged(f"{name} is {value} at epoch {epoch}")
         self.history.append({"epoch": epoch, **metrics})
+        self._log(epoch, metrics)
         self.trial.set_user_attr("history", self.history)
         self.trial.set_user_attr("epochs_completed", epoch)
         self.records["epochs_completed"] = epoch

@@ -1,0 +1,67 @@
+"""``tuner status`` on a study whose trial states are set by hand through Optuna."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import small_spec, tuner
+from tuner.spec import parse_spec
+from tuner.status import study_status
+from tuner.study import create_study
+
+
+def _finish(study: optuna.Study, epochs: int, trained: int, state: TrialState) -> None:
+    trial = study.ask()  # claims one of the budget's waiting slots
+    trial.suggest_int("epochs", epochs, epochs)
+    trial.set_user_attr("epochs_completed", trained)
+    study.tell(trial, 0.9 if state == TrialState.COMPLETE else None, state=state)
+
+
+@pytest.fixture
+def known_study(sqlite_url: str) -> optuna.Study:
+    """Six slots: one complete, two pruned, one failed, one running, one waiting; the trained
+    trials ran 3 + 1 + 1 of 3 + 3 + 4 epochs, so pruning saved half."""
+    study = create_study(parse_spec(small_spec("known", budget={"n_trials": 6})), sqlite_url)
+    _finish(study, 3, 3, TrialState.COMPLETE)
+    _finish(study, 3, 1, TrialState.PRUNED)
+    _finish(study, 4, 1, TrialState.PRUNED)
+    _finish(study, 2, 0, TrialState.FAIL)
+    running = study.ask()
+    running.suggest_int("epochs", 3, 3)
+    running.set_user_attr("worker", "gpu-box:4242")
+    running.set_user_attr("epochs_completed", 2)
+    return study
+
+
+def test_status_figures(known_study: optuna.Study):
+    status = study_status(known_study, parse_spec(small_spec("known", budget={"n_trials": 6})))
+    assert {k: v for k, v in status.states.items() if v} == {
+        "COMPLETE": 1, "PRUNED": 2, "FAIL": 1, "RUNNING": 1, "WAITING": 1,
+    }
+    assert (status.budget.finished, status.budget.n_trials) == (4, 6)
+    assert (status.epochs_trained, status.epochs_unpruned) == (5, 10)
+    assert status.pruning_savings_pct == pytest.approx(50.0)
+    assert status.best_value == pytest.approx(0.9)
+    assert status.trials_per_hour is not None and status.eta_s is not None
+    assert [(t.worker, t.epochs_completed, t.epochs) for t in status.live] == [("gpu-box:4242", 2, 3)]
+
+
+def test_status_command_prints_them(known_study: optuna.Study, sqlite_url: str):
+    result = tuner("status", "--study", "known", "--storage", sqlite_url, env={"COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    rows = {
+        cells[0]: cells[1]
+        for line in result.stdout.splitlines()
+        if len(cells := [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]) == 2
+    }
+    assert {k: rows[k] for k in ("complete", "pruned", "failed", "running", "waiting")} == {
+        "complete": "1", "pruned": "2", "failed": "1", "running": "1", "waiting": "1",
+    }
+    assert rows["budget"] == "4 used, 2 left"
+    assert rows["epochs trained"] == "5 of 10 without pruning"
+    assert rows["saved by pruning"] == "50%"
+    assert "gpu-box:4242: epoch 2/3" in rows["live workers"]

@@ -1,0 +1,122 @@
+"""What a finished study leaves for people watching it: the note, learning-curve artifacts, the
+report, the exported best trial and progress output."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.trial import TrialState
+from optuna_dashboard import get_note
+from rich.console import Console
+
+from conftest import small_spec, tuner
+from tuner.progress import ProgressHandler, log_output
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(finished_study: dict) -> optuna.Study:
+    return optuna.load_study(study_name=finished_study["name"], storage=finished_study["url"])
+
+
+def test_note_summarises_the_study(finished_study: dict):
+    study = _load(finished_study)
+    note = get_note(study)
+    assert note.startswith("## watched")
+    assert "5 of 5 trials finished" in note
+    assert f"| {study.best_trial.number} | val_accuracy = " in note
+    assert "### Batch-size findings" in note and "### Memory limits learned" in note
+
+
+def test_finished_trials_carry_their_learning_curve(finished_study: dict, tmp_path: Path):
+    study = _load(finished_study)
+    store = FileSystemArtifactStore(str(finished_study["folder"] / "artifacts"))
+    for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        metas = {meta.filename: meta for meta in get_all_artifact_meta(trial, storage=study._storage)}
+        assert set(metas) == {f"trial-{trial.number}-curve.json", f"trial-{trial.number}-curve.png"}
+        meta = metas[f"trial-{trial.number}-curve.json"]
+        target = tmp_path / meta.filename
+        download_artifact(artifact_store=store, file_path=str(target), artifact_id=meta.artifact_id)
+        history = json.loads(target.read_text())
+        assert history == trial.user_attrs["history"]
+        assert {"epoch", "train_loss", "val_accuracy", "lr"} <= set(history[0])
+
+
+def test_run_logs_every_epoch_as_a_line(finished_study: dict):
+    assert "trial 0 epoch 1/" in finished_study["output"]
+
+
+def test_progress_bar_on_a_terminal():
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with log_output(console):
+        logging.getLogger("tuner.progress").info(
+            "trial 3 epoch 2/4", extra={"progress": (3, 2, 4, "val_accuracy=0.91")}
+        )
+        logging.getLogger("tuner.worker").info("trial 2 complete")
+        handler = next(h for h in logging.getLogger().handlers if isinstance(h, ProgressHandler))
+        task = handler.progress.tasks[0]
+        assert (task.description, task.completed, task.total) == ("trial 3", 2, 4)
+    shown = console.file.getvalue()
+    assert "val_accuracy=0.91" in shown and "trial 2 complete" in shown and "2/4" in shown
+
+
+def _assert_files(out: Path, names: set[str]) -> None:
+    assert {path.name for path in out.iterdir()} == names | {"index.html"}
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!doctype html>") and all(f'src="{name}"' in page for name in names)
+
+
+def test_report_writes_every_plot(finished_study: dict, tmp_path: Path):
+    result = tuner("report", "--study", "watched", "--storage", finished_study["url"], "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    _assert_files(tmp_path, {
+        "history_val_accuracy.png", "param_importances.png", "intermediate_values.png",
+        "batch_size_lr.png", "metric_vs_batch_size.png", "train_time_vs_batch_size.png",
+    })
+    best = _load(finished_study).best_trial
+    assert f"<td>{best.number}</td>" in (tmp_path / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_report_of_two_objectives_has_a_pareto_front(write_spec, sqlite_url: str, tmp_path: Path):
+    objectives = [{"metric": "val_accuracy", "direction": "maximize"}, {"metric": "val_loss", "direction": "minimize"}]
+    spec = small_spec("pareto", objectives=objectives, budget={"n_trials": 3})
+    del spec["objective"]
+    run = tuner("run", str(write_spec(spec)), "--storage", sqlite_url)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "report"
+    result = tuner("report", "--study", "pareto", "--storage", sqlite_url, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    _assert_files(out, {
+        "history_val_accuracy.png", "history_val_loss.png", "param_importances.png", "pareto_front.png",
+        "batch_size_lr.png", "metric_vs_batch_size.png", "train_time_vs_batch_size.png",
+    })
+
+
+def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_path: Path):
+    fragment = tmp_path / "best.yaml"
+    exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))
+    assert exported.returncode == 0, exported.stderr
+    model = tmp_path / "model.pt"
+    trained = tuner("train", str(fragment), "--out", str(model), "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert model.stat().st_size > 10_000
+    shown = next(line for line in trained.stdout.splitlines() if "val_accuracy" in line)
+    best = _load(finished_study).best_value
+    # Same seed, same data, same loop: the curve repeats up to thread-count rounding.
+    assert float(shown.split("│")[2]) == pytest.approx(best, abs=0.02)
+
+
+def test_train_refuses_a_bad_fragment(write_spec):
+    result = tuner("train", str(write_spec({"workload": "digits_mlp", "hyperparameters": {"batch_size": "x"}})))
+    assert result.returncode == 2
+    assert "hyperparameters.batch_size" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,68 @@
+"""Learning curves in Optuna's artifact store, where optuna-dashboard shows them on the trial page."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from tuner.storage import beside_storage
+
+LOSSES = ("train_loss", "val_loss")
+
+
+def default_artifact_dir(url: str | None) -> Path:
+    """Beside a SQLite or journal file, else ``./artifacts``: the workers and the dashboard of one
+    storage agree on it without being told."""
+    return beside_storage(url, "artifacts")
+
+
+def artifact_store(directory: Path) -> FileSystemArtifactStore:
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(directory))
+
+
+def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) -> Figure:
+    """Losses, the objective metrics and the learning rate per epoch, side by side.
+
+    A ``Figure`` rather than pyplot: no global state, so workers need no backend choice.
+    """
+    epochs = [entry["epoch"] for entry in history]
+    figure = Figure(figsize=(12, 3.5), layout="constrained")
+    panels = figure.subplots(1, 3)
+    columns = (LOSSES, tuple(metrics), ("lr",))
+    for axes, names, title in zip(panels, columns, ("loss", "validation", "learning rate")):
+        for name in names:
+            if all(name in entry for entry in history):
+                axes.plot(epochs, [entry[name] for entry in history], marker="o", label=name)
+        axes.set(title=title, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if axes.lines:
+            axes.legend()
+    return figure
+
+
+def upload_learning_curve(
+    trial: optuna.Trial, history: Sequence[dict[str, Any]], metrics: Sequence[str], directory: Path
+) -> None:
+    """Attach the trial's per-epoch history as JSON and as a PNG plot.
+
+    Must run before the trial is told: Optuna refuses attributes on finished trials.
+    """
+    if not history:
+        return
+    store = artifact_store(directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / f"trial-{trial.number}-curve.json"
+        data.write_text(json.dumps(list(history), indent=1))
+        plot = Path(scratch) / f"trial-{trial.number}-curve.png"
+        curve_figure(history, metrics).savefig(plot, dpi=80)
+        for path in (data, plot):
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)

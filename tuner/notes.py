@@ -1,0 +1,166 @@
+"""The study's optuna-dashboard note: the spec, the budget, the best trial and what the study has
+learned about batch sizes, in Markdown, written at creation and refreshed by workers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+
+import optuna
+from optuna.exceptions import StorageInternalError
+from optuna.trial import FrozenTrial, TrialState
+from optuna_dashboard import save_note
+
+from tuner.report import best_trials, format_value, used_params
+from tuner.spec import StudySpec
+from tuner.study import budget_state
+
+logger = logging.getLogger("tuner.notes")
+
+SAVED_AT_ATTR = "tuner:note_saved_at"
+REFRESH_INTERVAL_S = 30.0
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(format_value(cell) for cell in cells) + " |"
+
+
+def _table(header: Iterable[str], rows: Iterable[tuple[object, ...]]) -> list[str]:
+    header = list(header)
+    return [_row(*header), "|" + " --- |" * len(header), *(_row(*row) for row in rows)]
+
+
+def _spec_lines(spec: StudySpec) -> list[str]:
+    search = spec.search
+    lr = search.lr
+    lr_text = f"{lr.low:g} – {lr.high:g}" + (" (log)" if lr.log else "")
+    if lr.scale_with_batch != "none":
+        lr_text += f", scaled {lr.scale_with_batch} from batch {lr.reference_batch_size}"
+    rows: list[tuple[object, ...]] = [
+        ("effective batch size", f"{search.batch_size.low} – {search.batch_size.high} ({search.batch_size.scale})"),
+        ("learning rate", lr_text),
+        ("epochs", f"{search.epochs.low} – {search.epochs.high}"),
+    ]
+    if search.optimizer is not None:
+        rows.append(("optimizer", ", ".join(search.optimizer.choices)))
+    sampler = spec.sampler.name + ("" if spec.sampler.seed is None else f" (seed {spec.sampler.seed})")
+    rows += [("sampler", sampler), ("pruner", spec.pruner.name)]
+    return _table(("searched", "range"), rows)
+
+
+def _budget_line(study: optuna.Study, spec: StudySpec) -> str:
+    state = budget_state(study, spec)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
+    pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+    limits = []
+    if state.n_trials is not None:
+        limits.append(f"{state.finished} of {state.n_trials} trials finished")
+    if state.timeout_s is not None:
+        limits.append(f"{state.elapsed_s:.0f} s of {state.timeout_s:.0f} s used")
+    return (
+        f"**Budget**: {', '.join(limits)}; {state.running} running, {pruned} pruned, "
+        f"{len(trials) - pruned} failed."
+    )
+
+
+def _best_lines(study: optuna.Study, spec: StudySpec) -> list[str]:
+    best = best_trials(study)
+    if not best:
+        return ["No completed trial yet."]
+    metrics = [objective.metric for objective in spec.all_objectives]
+    rows = []
+    for trial in best[:10]:
+        values = ", ".join(f"{m} = {format_value(v)}" for m, v in zip(metrics, trial.values))
+        params = ", ".join(f"{k} = {format_value(v)}" for k, v in used_params(trial).items())
+        rows.append((trial.number, values, params))
+    return _table(("trial", "value", "parameters (lr as used)"), rows)
+
+
+def _batch_range(batch: int, pow2: bool) -> tuple[int, str]:
+    low = 2 ** int(math.log2(batch))
+    return low, str(low) if pow2 else f"{low} – {2 * low - 1}"
+
+
+def _batch_lines(trials: list[FrozenTrial], spec: StudySpec) -> list[str]:
+    """The best trial within each power-of-two range of effective batch sizes."""
+    objective = spec.all_objectives[0]
+    better = max if objective.direction == "maximize" else min
+    groups: dict[tuple[int, str], list[FrozenTrial]] = defaultdict(list)
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE and "effective_batch_size" in trial.user_attrs:
+            groups[_batch_range(trial.user_attrs["effective_batch_size"], spec.search.batch_size.scale == "pow2")].append(trial)
+    if not groups:
+        return ["No completed trial yet."]
+    rows = []
+    for (_, label), group in sorted(groups.items()):
+        top = better(group, key=lambda t: t.values[0])
+        rows.append((label, len(group), top.values[0], top.user_attrs.get("lr_used"), top.params.get("epochs"), top.number))
+    return _table(("effective batch", "trials", f"best {objective.metric}", "lr used", "epochs", "trial"), rows)
+
+
+def _memory_lines(trials: list[FrozenTrial]) -> list[str]:
+    """Per device: the largest micro-batch that fitted, where accumulation began, and
+    out-of-memory trials."""
+    fitted: dict[str, list[FrozenTrial]] = defaultdict(list)
+    for trial in trials:
+        if "device_name" in trial.user_attrs:
+            fitted[trial.user_attrs["device_name"]].append(trial)
+    rows = []
+    for device, group in sorted(fitted.items()):
+        micro = [t.user_attrs["micro_batch_size"] for t in group if "micro_batch_size" in t.user_attrs]
+        split = [t.user_attrs["effective_batch_size"] for t in group if t.user_attrs.get("accumulation_steps", 1) > 1]
+        oom = sum(1 for t in group if t.user_attrs.get("stop_reason") == "out_of_memory")
+        rows.append((device, max(micro, default=None), min(split, default="none"), oom))
+    if not rows:
+        return ["No trial has run yet."]
+    return _table(("device", "largest micro-batch", "smallest batch split into micro-batches", "out of memory"), rows)
+
+
+def study_note(study: optuna.Study, spec: StudySpec) -> str:
+    """The note's Markdown, from the stored spec and the trials as they are now."""
+    trials = study.get_trials(deepcopy=False)
+    goal = ", ".join(f"{o.metric} ({o.direction})" for o in spec.all_objectives)
+    return "\n".join([
+        f"## {study.study_name}",
+        "",
+        f"Joint search of batch size, learning rate and epochs for workload `{spec.workload}`, "
+        f"objective {goal}.",
+        "",
+        *_spec_lines(spec),
+        "",
+        _budget_line(study, spec),
+        "",
+        "### Best so far",
+        "",
+        *_best_lines(study, spec),
+        "",
+        "### Batch-size findings",
+        "",
+        *_batch_lines(trials, spec),
+        "",
+        "### Memory limits learned",
+        "",
+        *_memory_lines(trials),
+        "",
+        f"_Refreshed {time.strftime('%Y-%m-%d %H:%M:%S')} by tuner._",
+    ])
+
+
+def save_study_note(study: optuna.Study, spec: StudySpec) -> None:
+    save_note(study, study_note(study, spec))
+    study._storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, time.time())
+
+
+def refresh_study_note(study: optuna.Study, spec: StudySpec, interval_s: float = REFRESH_INTERVAL_S) -> None:
+    """Rewrite the note when the last write is older than ``interval_s`` or the budget is met,
+    so that many workers do not rewrite it after every trial."""
+    saved_at = study._storage.get_study_system_attrs(study._study_id).get(SAVED_AT_ATTR, 0.0)
+    if time.time() - saved_at < interval_s and not budget_state(study, spec).exhausted:
+        return
+    try:
+        save_study_note(study, spec)
+    except StorageInternalError as error:  # two workers wrote the same attribute at once
+        logger.warning("study note not refreshed: %s", error)

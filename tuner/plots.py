@@ -1,0 +1,181 @@
+"""``tuner report``: a study's plots as PNG files and one page that ties them together.
+
+Optuna draws what it can (history, importances, intermediate values, Pareto front); the plots
+against the *effective* batch size and the rate *as used* are drawn here, since those are trial
+records, not parameters, and Optuna plots parameters only.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # Optuna's plots go through pyplot; no display is needed or wanted.
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+from tuner.errors import TunerError  # noqa: E402
+from tuner.report import best_trials, format_value, used_params  # noqa: E402
+from tuner.spec import StudySpec  # noqa: E402
+
+RECORDS = ("effective_batch_size", "micro_batch_size", "accumulation_steps", "lr_used", "epochs_completed", "train_time_s")
+
+
+def _optuna_figure(draw: Callable[[], Any]) -> Figure:
+    axes = draw()
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    return first.figure
+
+
+def _batch_axis(axes: Any) -> None:
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.set_xlabel("effective batch size")
+
+
+def _records(trials: list[FrozenTrial], *names: str) -> list[FrozenTrial]:
+    return [t for t in trials if all(name in t.user_attrs for name in names)]
+
+
+def batch_lr_figure(trials: list[FrozenTrial], metric: str) -> Figure:
+    """Effective batch size against the rate used, coloured by the metric; pruned trials grey."""
+    figure = Figure(figsize=(7, 5), layout="constrained")
+    axes = figure.subplots()
+    recorded = _records(trials, "effective_batch_size", "lr_used")
+    complete = [t for t in recorded if t.state == TrialState.COMPLETE]
+    pruned = [t for t in recorded if t.state == TrialState.PRUNED]
+    if pruned:
+        axes.scatter(
+            [t.user_attrs["effective_batch_size"] for t in pruned], [t.user_attrs["lr_used"] for t in pruned],
+            marker="x", color="0.6", label="pruned",
+        )
+    points = axes.scatter(
+        [t.user_attrs["effective_batch_size"] for t in complete], [t.user_attrs["lr_used"] for t in complete],
+        c=[t.values[0] for t in complete], cmap="viridis", edgecolors="black", label="complete",
+    )
+    figure.colorbar(points, ax=axes, label=metric)
+    _batch_axis(axes)
+    axes.set(yscale="log", ylabel="learning rate used", title="batch size x learning rate")
+    axes.legend()
+    return figure
+
+
+def metric_vs_batch_figure(trials: list[FrozenTrial], metrics: list[str]) -> Figure:
+    figure = Figure(figsize=(6 * len(metrics), 4.5), layout="constrained")
+    complete = [t for t in _records(trials, "effective_batch_size") if t.state == TrialState.COMPLETE]
+    for index, (axes, metric) in enumerate(zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics)):
+        axes.scatter([t.user_attrs["effective_batch_size"] for t in complete], [t.values[index] for t in complete])
+        _batch_axis(axes)
+        axes.set(ylabel=metric, title=f"{metric} against effective batch size")
+    return figure
+
+
+def time_vs_batch_figure(trials: list[FrozenTrial]) -> Figure:
+    """Seconds per epoch, so that trials of different lengths and pruned ones compare."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.subplots()
+    timed = [t for t in _records(trials, "effective_batch_size", "train_time_s") if t.user_attrs.get("epochs_completed")]
+    for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
+        chosen = [t for t in timed if t.state == state]
+        if not chosen:
+            continue
+        axes.scatter(
+            [t.user_attrs["effective_batch_size"] for t in chosen],
+            [t.user_attrs["train_time_s"] / t.user_attrs["epochs_completed"] for t in chosen],
+            marker=marker, label=state.name.lower(),
+        )
+    _batch_axis(axes)
+    axes.set(ylabel="training seconds per epoch", title="training time against effective batch size")
+    axes.legend()
+    return figure
+
+
+def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str, Figure]]:
+    """File name -> (caption, figure) of every plot of the report."""
+    metrics = [objective.metric for objective in spec.all_objectives]
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    figures: dict[str, tuple[str, Figure]] = {}
+    single = len(metrics) == 1
+    for index, metric in enumerate(metrics):
+        target = None if single else (lambda t, i=index: t.values[i])
+        figures[f"history_{metric}.png"] = (f"Optimization history of {metric}", _optuna_figure(
+            lambda: optuna_plots.plot_optimization_history(study, target=target, target_name=metric)
+        ))
+    figures["param_importances.png"] = ("Parameter importances", _optuna_figure(
+        lambda: optuna_plots.plot_param_importances(study) if single else optuna_plots.plot_param_importances(
+            study, target=lambda t: t.values[0], target_name=metrics[0]
+        )
+    ))
+    if single:
+        figures["intermediate_values.png"] = ("Per-epoch curves (intermediate values)", _optuna_figure(
+            lambda: optuna_plots.plot_intermediate_values(study)
+        ))
+    else:
+        figures["pareto_front.png"] = ("Pareto front", _optuna_figure(
+            lambda: optuna_plots.plot_pareto_front(study, target_names=metrics)
+        ))
+    figures["batch_size_lr.png"] = ("Batch size x learning rate, coloured by " + metrics[0], batch_lr_figure(trials, metrics[0]))
+    figures["metric_vs_batch_size.png"] = ("Metric against effective batch size", metric_vs_batch_figure(trials, metrics))
+    figures["train_time_vs_batch_size.png"] = ("Training time against effective batch size", time_vs_batch_figure(trials))
+    return figures
+
+
+def _best_table(study: optuna.Study, spec: StudySpec) -> str:
+    rows = []
+    metrics = [objective.metric for objective in spec.all_objectives]
+    for trial in best_trials(study):
+        cells = {
+            "trial": trial.number,
+            **dict(zip(metrics, trial.values)),
+            **used_params(trial),
+            **{name: trial.user_attrs.get(name) for name in RECORDS},
+        }
+        rows.append(cells)
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_value(value))}</td>" for value in row.values()) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{header}</tr>{body}</table>"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>{title}</h1><p>{summary}</p><h2>{best_heading}</h2>{best}{figures}</body></html>
+"""
+
+
+def write_report(study: optuna.Study, spec: StudySpec, out: Path) -> list[Path]:
+    """Write every plot as PNG and ``index.html``; return the paths written."""
+    if not best_trials(study):
+        raise TunerError(f"Study {study.study_name!r} has no completed trial to report on yet.")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    sections = []
+    for name, (caption, figure) in report_figures(study, spec).items():
+        figure.savefig(out / name, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        written.append(out / name)
+        sections.append(f'<h2>{html.escape(caption)}</h2><img src="{name}" alt="{html.escape(caption)}">')
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    page = PAGE.format(
+        title=html.escape(f"tuner report: {study.study_name}"),
+        summary=html.escape(f"Workload {spec.workload}; {len(finished)} trials finished."),
+        best_heading="Best trial" if len(spec.all_objectives) == 1 else "Pareto front",
+        best=_best_table(study, spec),
+        figures="".join(sections),
+    )
+    index = out / "index.html"
+    index.write_text(page)
+    return [*written, index]

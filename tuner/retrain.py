@@ -1,0 +1,85 @@
+"""The winner, retrained: ``tuner best --export`` writes a trial's hyperparameters as a spec
+fragment, and ``tuner train`` trains the workload once with them and saves the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import optuna
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from tuner.errors import BadInputError, TunerError
+from tuner.space import Hyperparameters, suggest
+from tuner.spec import Objective, StudySpec, load_model
+from tuner.train import memory
+from tuner.train.checkpoint import Checkpoint
+from tuner.train.loop import train
+from tuner.train.reporter import Reporter
+from tuner.workloads import Workload, load_workload
+
+
+class FixedSpec(BaseModel):
+    """The fields of a spec that one training run needs, with the hyperparameters fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workload: str
+    objective: Objective
+    precision: Literal["fp32", "bf16"] = "fp32"
+    hyperparameters: Hyperparameters
+
+
+def fixed_spec(study: optuna.Study, spec: StudySpec) -> FixedSpec:
+    """The best trial's hyperparameters exactly as it trained: the same space rules, the rate
+    as used, and the trial's seed, so a CPU retrain repeats its curve."""
+    if spec.objective is None:
+        raise BadInputError(
+            f"Study {study.study_name!r} has several objectives; export needs a single best trial."
+        )
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        raise TunerError(f"Study {study.study_name!r} has no completed trial yet.")
+    best = study.best_trial
+    origin = best.system_attrs.get("retry_history", [best.number])[0]
+    hp = suggest(optuna.trial.FixedTrial(best.params, best.number), spec.search, seed=origin)
+    return FixedSpec(workload=spec.workload, objective=spec.objective, precision=spec.precision, hyperparameters=hp)
+
+
+def export_best(study: optuna.Study, spec: StudySpec, path: Path) -> FixedSpec:
+    """Write the best trial as a spec fragment that ``tuner train`` reads."""
+    fixed = fixed_spec(study, spec)
+    header = (
+        f"# Best trial {study.best_trial.number} of study {study.study_name!r}: "
+        f"{fixed.objective.metric} = {study.best_value:.6g}.\n# Retrain it with: tuner train {path}\n"
+    )
+    path.write_text(header + yaml.safe_dump(fixed.model_dump(mode="json"), sort_keys=False))
+    return fixed
+
+
+def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.pt")) -> tuple[dict[str, float], Path | None]:
+    """Train once with fixed hyperparameters; return the last epoch's metrics and where a torch
+    workload's weights were saved (a training function saves its own model: None).
+
+    ``optuna.trial.FixedTrial`` stands in for a trial: it records and never prunes, so the
+    same reporter and loop as in a study run unchanged.
+    """
+    workload = load_workload(fixed.workload)
+    hp = fixed.hyperparameters
+    reporter = Reporter(optuna.trial.FixedTrial({}, hp.seed), [fixed.objective])
+    if not isinstance(workload, Workload):
+        return dict(workload(hp, reporter) or reporter.history[-1]), None
+    checkpoint = Checkpoint()
+    metrics = train(
+        workload, hp, reporter, device=memory.resolve_device(device), checkpoint=checkpoint,
+        precision=fixed.precision,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint.load()["model"], out)  # type: ignore[index]
+    return metrics, out
+
+
+def load_fixed_spec(path: Path) -> FixedSpec:
+    return load_model(FixedSpec, path)

@@ -1,0 +1,139 @@
+"""Where a study stands: trials by state, budget, best value, epochs saved by pruning, pace and
+live workers. Computed here, printed by the command line."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from tuner.report import format_value
+from tuner.spec import StudySpec
+from tuner.study import FINISHED, BudgetState, budget_state, slot_holders
+
+# A finished trial trained ``epochs_completed`` of its ``epochs``; a pruned one stopped early.
+TRAINED = (TrialState.COMPLETE, TrialState.PRUNED)
+STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+
+
+@dataclass(frozen=True)
+class LiveTrial:
+    """A RUNNING trial as its worker last recorded it."""
+
+    number: int
+    worker: str | None
+    epochs_completed: int
+    epochs: int | None
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    study: str
+    states: dict[str, int]
+    budget: BudgetState
+    best_value: float | None
+    pareto_size: int | None
+    epochs_trained: int
+    epochs_unpruned: int
+    trials_per_hour: float | None
+    eta_s: float | None
+    live: list[LiveTrial]
+
+    @property
+    def pruning_savings_pct(self) -> float | None:
+        """Share of the epochs that the same trials would have trained without pruning."""
+        if not self.epochs_unpruned:
+            return None
+        return 100.0 * (1.0 - self.epochs_trained / self.epochs_unpruned)
+
+
+def _epochs_completed(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get("epochs_completed", len(trial.intermediate_values)))
+
+
+def _trials_per_hour(finished: list[FrozenTrial], last: int) -> float | None:
+    """Trials finished per hour over the ``last`` finished ones, from the first start among them
+    to the last end, so parallel workers count together."""
+    recent = sorted(finished, key=lambda t: t.datetime_complete)[-last:]
+    starts = [t.datetime_start for t in recent if t.datetime_start is not None]
+    if not recent or not starts:
+        return None
+    span = (recent[-1].datetime_complete - min(starts)).total_seconds()
+    return len(recent) * 3600.0 / span if span > 0 else None
+
+
+def _eta_s(budget: BudgetState, per_hour: float | None) -> float | None:
+    if budget.exhausted:
+        return 0.0
+    estimates = []
+    if budget.n_trials is not None and per_hour:
+        estimates.append((budget.n_trials - budget.finished) * 3600.0 / per_hour)
+    if budget.timeout_s is not None:
+        estimates.append(budget.timeout_s - budget.elapsed_s)
+    return min(estimates, default=None)
+
+
+def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> StudyStatus:
+    trials = slot_holders(study.get_trials(deepcopy=False))
+    states = {state.name: sum(1 for t in trials if t.state == state) for state in TrialState}
+    trained = [t for t in trials if t.state in TRAINED]
+    budget = budget_state(study, spec)
+    per_hour = _trials_per_hour([t for t in trials if t.state in FINISHED and t.datetime_complete], last)
+    single = len(study.directions) == 1
+    has_complete = states["COMPLETE"] > 0
+    return StudyStatus(
+        study=study.study_name,
+        states=states,
+        budget=budget,
+        best_value=study.best_value if single and has_complete else None,
+        pareto_size=None if single else len(study.best_trials),
+        epochs_trained=sum(_epochs_completed(t) for t in trained),
+        epochs_unpruned=sum(int(t.params.get("epochs", _epochs_completed(t))) for t in trained),
+        trials_per_hour=per_hour,
+        eta_s=_eta_s(budget, per_hour),
+        live=[
+            LiveTrial(t.number, t.user_attrs.get("worker"), _epochs_completed(t), t.params.get("epochs"))
+            for t in trials
+            if t.state == TrialState.RUNNING
+        ],
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    return "-" if seconds is None else str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
+
+
+def _cells(status: StudyStatus) -> dict[str, str]:
+    budget = status.budget
+    used = f"{budget.finished} used, {budget.n_trials - budget.finished} left" if budget.n_trials else f"{budget.finished} used"
+    if budget.timeout_s is not None:
+        used += f"; {_duration(budget.elapsed_s)} used, {_duration(budget.timeout_s - budget.elapsed_s)} left"
+    savings = status.pruning_savings_pct
+    pace = status.trials_per_hour
+    return {
+        **{label: str(status.states[state]) for state, label in STATE_LABELS.items()},
+        "budget": used,
+        "best": (format_value(status.best_value) or "-") if status.pareto_size is None else f"{status.pareto_size} on the Pareto front",
+        "epochs trained": f"{status.epochs_trained} of {status.epochs_unpruned} without pruning",
+        "saved by pruning": "-" if savings is None else f"{savings:.0f}%",
+        "trials per hour": "-" if pace is None else f"{pace:.1f}",
+        "ETA": _duration(status.eta_s),
+        "live workers": "\n".join(
+            f"trial {t.number} on {t.worker or '?'}: epoch {t.epochs_completed}/{t.epochs or '?'}" for t in status.live
+        ) or "-",
+    }
+
+
+def status_table(statuses: list[StudyStatus]) -> Table:
+    """One column per study, one row per figure: fits a terminal however many figures."""
+    table = Table(title="tuner status")
+    table.add_column("")
+    for status in statuses:
+        table.add_column(status.study, overflow="fold")
+    cells = [_cells(status) for status in statuses]
+    for name in cells[0] if cells else ():
+        table.add_row(name, *(column[name] for column in cells))
+    return table
