@@ -401,6 +401,20 @@ def _work_on_gpus(
         raise TunerError(f"{sum(1 for c in codes if c)} of {len(codes)} workers exited with an error.")
 
 
+@app.command()
+def proxy(
+    storage: StorageOption = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 13000,
+) -> None:
+    """Serve the storage through Optuna's gRPC proxy; workers use --storage grpc://HOST:PORT."""
+    from tuner.proxy import serve
+    from tuner.storage import mask_url, storage_url
+
+    errors.print(f"proxy for {mask_url(storage_url(storage))} on grpc://{host}:{port}", highlight=False)
+    serve(storage, host=host, port=port)
+
+
 def main() -> None:
     """Entry point: one or two plain sentences on stderr for errors, tracebacks with --debug."""
     import warnings

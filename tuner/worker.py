@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 import traceback
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -71,6 +72,14 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def seed_offset(worker_index: int | None) -> int:
+    """The worker's offset to the spec's sampler seed: its index, else drawn from host:pid, since
+    the workers of a container platform may all run as PID 1 and would propose the same points."""
+    if worker_index is not None:
+        return worker_index
+    return zlib.crc32(worker_id().encode()) % 1_000_000
+
+
 def _claim(study: optuna.Study, budgeted: bool) -> tuple[optuna.Trial, FrozenTrial] | None:
     """Win a WAITING trial (retries first), or make one when the budget counts no trials."""
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -127,8 +136,7 @@ def run_worker(
     """Pull trials of ``study_name`` until its budget is met; return what this worker ran."""
     options = options or WorkerOptions()
     url = storage_url(storage)
-    index = options.worker_index if options.worker_index is not None else os.getpid()
-    study, spec = load_study(study_name, make_storage(url), seed_offset=index)
+    study, spec = load_study(study_name, make_storage(url), seed_offset=seed_offset(options.worker_index))
     workload = load_workload(spec.workload)
     device = memory.resolve_device(options.device)
     logger.info(
