@@ -80,3 +80,13 @@ def test_warmup_then_cosine():
     assert factor(4) == pytest.approx(1.0)
     assert factor(52) == pytest.approx(0.5, abs=0.02)
     assert factor(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resume_after_the_last_epoch_returns_its_metrics(tmp_path):
+    workload = load_workload("digits_mlp")
+    checkpoint = Checkpoint(tmp_path / "trial.pt")
+    first = _reporter()
+    final = train(workload, _hp(epochs=2), first, device=torch.device("cpu"), checkpoint=checkpoint)
+    again = _reporter()
+    assert train(workload, _hp(epochs=2), again, device=torch.device("cpu"), checkpoint=checkpoint) == final
+    assert again.history == first.history

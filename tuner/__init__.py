@@ -1,31 +1,49 @@
-"""tuner: tune batch size, learning rate and epochs jointly in an Optuna study."""
+"""tuner: tune batch size, learning rate and epochs jointly in an Optuna study.
 
-from tuner.errors import BadInputError, SpecError, StorageError, StudyNotFoundError, TunerError, WorkloadError
-from tuner.report import best_trial
-from tuner.space import Hyperparameters
-from tuner.spec import StudySpec, load_spec, parse_spec
-from tuner.study import create_study, load_study
-from tuner.train.reporter import Reporter
-from tuner.worker import WorkerOptions, run_worker
-from tuner.workloads import Classification, Workload
+The public API is imported on first use, so that commands which only read a study (``tuner
+best``, ``status``, ``dashboard``) start without loading PyTorch.
+"""
 
-__all__ = [
-    "BadInputError",
-    "Classification",
-    "Hyperparameters",
-    "Reporter",
-    "SpecError",
-    "StorageError",
-    "StudyNotFoundError",
-    "StudySpec",
-    "TunerError",
-    "WorkerOptions",
-    "Workload",
-    "WorkloadError",
-    "best_trial",
-    "create_study",
-    "load_spec",
-    "load_study",
-    "parse_spec",
-    "run_worker",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "BadInputError": "tuner.errors",
+    "SpecError": "tuner.errors",
+    "StorageError": "tuner.errors",
+    "StudyNotFoundError": "tuner.errors",
+    "TunerError": "tuner.errors",
+    "WorkloadError": "tuner.errors",
+    "best_trial": "tuner.report",
+    "Hyperparameters": "tuner.space",
+    "StudySpec": "tuner.spec",
+    "load_spec": "tuner.spec",
+    "parse_spec": "tuner.spec",
+    "create_study": "tuner.study",
+    "load_study": "tuner.study",
+    "Reporter": "tuner.train.reporter",
+    "WorkerOptions": "tuner.worker",
+    "run_worker": "tuner.worker",
+    "Classification": "tuner.workloads",
+    "Workload": "tuner.workloads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from tuner.errors import BadInputError, SpecError, StorageError, StudyNotFoundError, TunerError, WorkloadError
+    from tuner.report import best_trial
+    from tuner.space import Hyperparameters
+    from tuner.spec import StudySpec, load_spec, parse_spec
+    from tuner.study import create_study, load_study
+    from tuner.train.reporter import Reporter
+    from tuner.worker import WorkerOptions, run_worker
+    from tuner.workloads import Classification, Workload
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tuner' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -188,7 +188,8 @@ def train(
 
     memory.reset_peak_memory(device)
     train_seconds, samples_seen, oom_retries = 0.0, 0, 0
-    metrics: dict[str, float] = {}
+    # A trial resumed after its last epoch was saved has nothing left to train but its metrics.
+    metrics = {k: v for k, v in report.history[-1].items() if k != "epoch"} if report.history else {}
     epoch = start_epoch
     while epoch < hp.epochs:
         report.records.update(
