@@ -6,14 +6,15 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from tuner.storage import beside_storage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LOSSES = ("train_loss", "val_loss")
 
@@ -34,6 +35,9 @@ def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) ->
 
     A ``Figure`` rather than pyplot: no global state, so workers need no backend choice.
     """
+    from matplotlib.figure import Figure  # imported by the first trial to finish, not at start
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [entry["epoch"] for entry in history]
     figure = Figure(figsize=(12, 3.5), layout="constrained")
     panels = figure.subplots(1, 3)

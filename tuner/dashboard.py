@@ -32,7 +32,8 @@ def serve(
     url = storage_url(storage)
     opened = make_storage(url)
     store = artifact_store(artifact_dir or default_artifact_dir(url))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Set for SIGINT too: a process started in the background inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     announce(f"optuna-dashboard at http://{host}:{port}/dashboard/ (Ctrl-C to stop)")
     try:
         optuna_dashboard.run_server(opened, host=host, port=port, artifact_store=store)
@@ -41,4 +42,5 @@ def serve(
             raise
         raise BadInputError(f"Port {port} on {host} is in use; choose another with --port.") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

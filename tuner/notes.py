@@ -12,7 +12,6 @@ from collections.abc import Iterable
 import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.trial import FrozenTrial, TrialState
-from optuna_dashboard import save_note
 
 from tuner.report import best_trials, format_value, used_params
 from tuner.spec import StudySpec
@@ -150,6 +149,8 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
 
 
 def save_study_note(study: optuna.Study, spec: StudySpec) -> None:
+    from optuna_dashboard import save_note  # its import loads scikit-learn: only when writing
+
     save_note(study, study_note(study, spec))
     study._storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, time.time())
 

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from tuner.errors import SpecError, WorkloadError
 from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, train_size
-from tuner.workloads.bundled import breast_cancer_mlp, digits_cnn, digits_mlp, wine_mlp
-from tuner.workloads.sklearn_mlp import sklearn_mlp
 
-BUNDLED: dict[str, Callable[..., Any]] = {
-    "digits_mlp": digits_mlp,
-    "digits_cnn": digits_cnn,
-    "breast_cancer_mlp": breast_cancer_mlp,
-    "wine_mlp": wine_mlp,
-    "sklearn_mlp": sklearn_mlp,
+# Imported when named, so a worker of another workload does not pay for scikit-learn.
+BUNDLED: dict[str, str] = {
+    "digits_mlp": "tuner.workloads.bundled:digits_mlp",
+    "digits_cnn": "tuner.workloads.bundled:digits_cnn",
+    "breast_cancer_mlp": "tuner.workloads.bundled:breast_cancer_mlp",
+    "wine_mlp": "tuner.workloads.bundled:wine_mlp",
+    "sklearn_mlp": "tuner.workloads.sklearn_mlp:sklearn_mlp",
 }
 
 __all__ = [
@@ -56,7 +54,7 @@ def load_workload(reference: str) -> Workload | TrainingFunction:
     if ":" in reference:
         target = _import(reference)
     elif reference in BUNDLED:
-        target = BUNDLED[reference]
+        target = _import(BUNDLED[reference])
     else:
         raise WorkloadError(
             f"Unknown workload {reference!r}; use one of {', '.join(BUNDLED)} "
