@@ -5,7 +5,7 @@ random worker is SIGKILLed (and replaced) every ``--kill-every`` seconds, and pr
 trials finished, trials lost (must be 0), epochs re-done after kills (checkpoints bound this to
 the epoch in progress at each kill) and the slowdown against the undisturbed run.
 
-    python benchmarks/recovery.py [--storage URL] [--workers 3] [--n-trials 16] [--kill-every 4]
+    python benchmarks/recovery.py [--storage URL] [--workers 3] [--n-trials 16] [--kill-every 6]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tuner.launch import start_workers
+from tuner.launch import worker_command
 from tuner.spec import parse_spec
 from tuner.storage import sqlalchemy_url
 from tuner.study import create_study
@@ -48,26 +49,32 @@ def _spec(name: str, n_trials: int) -> dict:
     }
 
 
+def _start(name: str, url: str, index: int, checkpoints: Path) -> tuple[subprocess.Popen, float]:
+    env = {**os.environ, "TUNER_STORAGE": url}
+    command = worker_command(name, device="cpu", threads=1, worker_index=index, checkpoint_dir=checkpoints)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, time.perf_counter()
+
+
 def _run(url: str, name: str, workers: int, n_trials: int, checkpoints: Path, kill_every: float | None, seed: int) -> dict:
     create_study(parse_spec(_spec(name, n_trials)), url)
     rng = random.Random(seed)
     started = time.perf_counter()
-    processes = start_workers(name, url, workers, device="cpu", checkpoint_dir=checkpoints)
+    processes = [_start(name, url, index, checkpoints) for index in range(workers)]
     kills = 0
     next_kill = started + kill_every if kill_every else float("inf")
-    while any(p.poll() is None for p in processes):
-        for process in processes:
-            if process.stdout and process.poll() is not None:
-                process.stdout.read()
-        if time.perf_counter() >= next_kill:
-            alive = [p for p in processes if p.poll() is None]
-            victim = rng.choice(alive)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
+    while any(process.poll() is None for process, _ in processes):
+        now = time.perf_counter()
+        # Only a worker that has had time to start is worth killing: it holds a trial.
+        ripe = [entry for entry in processes if entry[0].poll() is None and now - entry[1] > 5.0]
+        if now >= next_kill and ripe:
+            victim = rng.choice(ripe)
+            victim[0].send_signal(signal.SIGKILL)
+            victim[0].wait()
             kills += 1
             processes.remove(victim)
-            processes += start_workers(name, url, 1, device="cpu", checkpoint_dir=checkpoints)
-            next_kill = time.perf_counter() + kill_every
+            processes.append(_start(name, url, workers + kills, checkpoints))
+            next_kill = now + kill_every
         time.sleep(0.2)
     wall = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=sqlalchemy_url(url))
@@ -97,7 +104,7 @@ def main() -> None:
     parser.add_argument("--storage", help="default: a fresh SQLite file")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--n-trials", type=int, default=16)
-    parser.add_argument("--kill-every", type=float, default=4.0)
+    parser.add_argument("--kill-every", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()

@@ -161,7 +161,7 @@ def test_a_raising_trial_fails_alone(sqlite_url, write_spec):
     spec["sampler"] = {"name": "random", "seed": 0}
     spec["search"]["batch_size"] = {"low": 32, "high": 256, "scale": "pow2"}
     assert tuner("create", str(write_spec(spec)), "--storage", sqlite_url).returncode == 0
-    result = tuner("worker", "--study", "sometimes", "--storage", sqlite_url)
+    result = tuner("worker", "--study", "sometimes", "--storage", sqlite_url, "--worker-index", "0")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="sometimes", storage=sqlite_url)
     failed = study.get_trials(states=(TrialState.FAIL,))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import logging
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna_dashboard
 
@@ -14,9 +17,14 @@ from tuner.artifacts import artifact_store, default_artifact_dir
 from tuner.errors import BadInputError
 from tuner.storage import make_storage, storage_url
 
+_logger = logging.getLogger("tuner.dashboard")
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+
+class _QuietHandler(WSGIRequestHandler):
+    """Request lines go to the log only when asked: a dashboard polls every few seconds."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        _logger.debug(format, *args)
 
 
 def serve(
@@ -27,20 +35,30 @@ def serve(
     artifact_dir: Path | None = None,
     announce: Callable[[str], None] = print,
 ) -> None:
-    """Serve until Ctrl-C or SIGTERM, both of which end it quietly (the server catches
-    ``KeyboardInterrupt``)."""
+    """Serve optuna-dashboard's WSGI app (one request at a time, as its own server does) until
+    Ctrl-C or SIGTERM.
+
+    The server is stopped from a thread on the signal rather than by an exception, which a
+    request being handled at that moment would swallow.
+    """
     url = storage_url(storage)
-    opened = make_storage(url)
-    store = artifact_store(artifact_dir or default_artifact_dir(url))
-    # Set for SIGINT too: a process started in the background inherits SIGINT ignored.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    announce(f"optuna-dashboard at http://{host}:{port}/dashboard/ (Ctrl-C to stop)")
+    app = optuna_dashboard.wsgi(make_storage(url), artifact_store=artifact_store(artifact_dir or default_artifact_dir(url)))
     try:
-        optuna_dashboard.run_server(opened, host=host, port=port, artifact_store=store)
+        server = make_server(host, port, app, handler_class=_QuietHandler)
     except OSError as error:
         if error.errno != errno.EADDRINUSE:
             raise
         raise BadInputError(f"Port {port} on {host} is in use; choose another with --port.") from None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    # Set for SIGINT too: a process started in the background inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    announce(f"optuna-dashboard at http://{host}:{port}/dashboard/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
     finally:
+        server.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
