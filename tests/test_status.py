@@ -48,6 +48,7 @@ def test_status_figures(known_study: optuna.Study):
     assert status.best_value == pytest.approx(0.9)
     assert status.trials_per_hour is not None and status.eta_s is not None
     assert [(t.worker, t.epochs_completed, t.epochs) for t in status.live] == [("gpu-box:4242", 2, 3)]
+    assert status.resumable == []
 
 
 def test_status_command_prints_them(known_study: optuna.Study, sqlite_url: str):
@@ -65,3 +66,22 @@ def test_status_command_prints_them(known_study: optuna.Study, sqlite_url: str):
     assert rows["epochs trained"] == "5 of 10 without pruning"
     assert rows["saved by pruning"] == "50%"
     assert "gpu-box:4242: epoch 2/3" in rows["live workers"]
+
+
+def test_status_shows_heartbeats_and_trials_waiting_to_resume(sqlite_url: str):
+    spec = parse_spec(small_spec("resume", budget={"n_trials": 2}))
+    study = create_study(spec, sqlite_url)
+    lost = study.ask()
+    study.tell(lost, state=TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[lost.number])
+    running = study.ask()
+    running.set_user_attr("device", "cuda:0")
+    study._storage.record_heartbeat(running._trial_id)
+    status = study_status(study, spec)
+    assert status.resumable == [(2, lost.number)]
+    (live,) = status.live
+    assert live.number == running.number and live.device == "cuda:0"
+    assert live.heartbeat_age_s is not None and 0 <= live.heartbeat_age_s < 60
+    result = tuner("status", "--study", "resume", "--storage", sqlite_url, env={"COLUMNS": "160"})
+    assert "trial 2 (retry of 0)" in result.stdout
+    assert re.search(r"\(cuda:0\): epoch 0/\?, heartbeat \d+ s ago", result.stdout)

@@ -25,8 +25,10 @@ class LiveTrial:
 
     number: int
     worker: str | None
+    device: str | None
     epochs_completed: int
     epochs: int | None
+    heartbeat_age_s: float | None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class StudyStatus:
     trials_per_hour: float | None
     eta_s: float | None
     live: list[LiveTrial]
+    resumable: list[tuple[int, int]]
 
     @property
     def pruning_savings_pct(self) -> float | None:
@@ -48,6 +51,30 @@ class StudyStatus:
         if not self.epochs_unpruned:
             return None
         return 100.0 * (1.0 - self.epochs_trained / self.epochs_unpruned)
+
+
+def _heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+    """Seconds since each running trial's last heartbeat, by trial id, as the database's clock
+    sees it; empty for storages without heartbeats."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, optuna.storages.RDBStorage) or backend.engine.name not in ("sqlite", "postgresql"):
+        return {}
+    from optuna.storages._rdb import models
+    from sqlalchemy import func, select
+
+    query = (
+        select(models.TrialHeartbeatModel.trial_id, func.now() - models.TrialHeartbeatModel.heartbeat)
+        .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
+        .where(models.TrialModel.study_id == study._study_id)
+    )
+    if backend.engine.name == "sqlite":  # SQLite's now() is text: subtract Julian days instead
+        query = query.with_only_columns(
+            models.TrialHeartbeatModel.trial_id,
+            (func.julianday(func.current_timestamp()) - func.julianday(models.TrialHeartbeatModel.heartbeat)) * 86400.0,
+        )
+    with backend.engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return {trial_id: age if isinstance(age, float) else age.total_seconds() for trial_id, age in rows}
 
 
 def _epochs_completed(trial: FrozenTrial) -> int:
@@ -83,6 +110,7 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
     budget = budget_state(study, spec)
     per_hour = _trials_per_hour([t for t in trials if t.state in FINISHED and t.datetime_complete], last)
     single = len(study.directions) == 1
+    heartbeats = _heartbeat_ages(study) if states["RUNNING"] else {}
     has_complete = states["COMPLETE"] > 0
     return StudyStatus(
         study=study.study_name,
@@ -95,9 +123,17 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
         trials_per_hour=per_hour,
         eta_s=_eta_s(budget, per_hour),
         live=[
-            LiveTrial(t.number, t.user_attrs.get("worker"), _epochs_completed(t), t.params.get("epochs"))
+            LiveTrial(
+                t.number, t.user_attrs.get("worker"), t.user_attrs.get("device"), _epochs_completed(t),
+                t.params.get("epochs"), heartbeats.get(t._trial_id),
+            )
             for t in trials
             if t.state == TrialState.RUNNING
+        ],
+        resumable=[
+            (t.number, t.system_attrs["retry_history"][-1])
+            for t in trials
+            if t.state == TrialState.WAITING and "retry_history" in t.system_attrs
         ],
     )
 
@@ -122,8 +158,12 @@ def _cells(status: StudyStatus) -> dict[str, str]:
         "trials per hour": "-" if pace is None else f"{pace:.1f}",
         "ETA": _duration(status.eta_s),
         "live workers": "\n".join(
-            f"trial {t.number} on {t.worker or '?'}: epoch {t.epochs_completed}/{t.epochs or '?'}" for t in status.live
+            f"trial {t.number} on {t.worker or '?'}" + (f" ({t.device})" if t.device else "")
+            + f": epoch {t.epochs_completed}/{t.epochs or '?'}"
+            + ("" if t.heartbeat_age_s is None else f", heartbeat {t.heartbeat_age_s:.0f} s ago")
+            for t in status.live
         ) or "-",
+        "waiting to resume": "\n".join(f"trial {new} (retry of {old})" for new, old in status.resumable) or "-",
     }
 
 

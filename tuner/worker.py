@@ -209,7 +209,9 @@ def _run_trial(
         device_name=memory.device_name(device),
         worker=worker_id(),
     )
-    trial.set_user_attr("worker", worker_id())  # who runs it, for ``tuner status`` meanwhile
+    # Who runs it and where, for ``tuner status`` while it runs.
+    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr("device", str(device))
     if origin != frozen.number:
         reporter.records["retried_from"] = frozen.system_attrs["retry_history"][-1]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
