@@ -1,0 +1,75 @@
+"""Every sampler and pruner of the spec really runs; the study keeps its spec and its budget."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import tuner
+from conftest import small_spec
+from tuner.study import budget_state, load_study
+
+
+def _run(spec: dict, url: str) -> optuna.Study:
+    study = tuner.create_study(tuner.parse_spec(spec), url)
+    tuner.run_worker(study.study_name, url, tuner.WorkerOptions(threads=1, worker_index=0))
+    return study
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "gp", "cmaes", "nsga2", "qmc"])
+def test_every_sampler_runs(sampler, sqlite_url):
+    spec = small_spec(f"s-{sampler}", workload="user_workloads:own_loop", budget={"n_trials": 4})
+    spec["sampler"] = {"name": sampler, "seed": 1, "n_startup_trials": 2} if sampler in ("tpe", "gp", "cmaes") else {"name": sampler, "seed": 1}
+    study = _run(spec, sqlite_url)
+    loaded, _ = load_study(study.study_name, sqlite_url)
+    assert type(loaded.sampler).__name__.lower().startswith({"nsga2": "nsgaii", "cmaes": "cmaes"}.get(sampler, sampler))
+    assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) + [t.state for t in study.get_trials()].count(TrialState.PRUNED) == 4
+
+
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        {"name": "percentile", "percentile": 50, "n_startup_trials": 1, "n_warmup_steps": 0},
+        {"name": "sha"},
+        {"name": "hyperband"},
+        {"name": "patient", "patience": 0},
+        {"name": "threshold", "lower": 0.99},
+        {"name": "none"},
+    ],
+)
+def test_every_pruner_runs(pruner, sqlite_url):
+    spec = small_spec(f"p-{pruner['name']}", workload="user_workloads:own_loop", budget={"n_trials": 5})
+    spec["search"]["epochs"] = {"low": 3, "high": 6}
+    spec["pruner"] = pruner
+    study = _run(spec, sqlite_url)
+    states = [t.state for t in study.get_trials()]
+    assert all(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states) and len(states) == 5
+    if pruner["name"] == "threshold":
+        assert states.count(TrialState.PRUNED) == 5  # the rule's 0.99 is above every value
+    if pruner["name"] == "none":
+        assert states.count(TrialState.PRUNED) == 0
+
+
+def test_hyperband_max_resource_is_the_largest_epochs(sqlite_url):
+    spec = tuner.parse_spec(small_spec("hb", pruner={"name": "hyperband"}))
+    study = tuner.create_study(spec, sqlite_url)
+    loaded, _ = load_study("hb", sqlite_url)
+    assert loaded.pruner._max_resource == spec.search.epochs.high
+    assert study.study_name == "hb"
+
+
+def test_create_is_idempotent_and_a_larger_budget_extends(sqlite_url):
+    spec = tuner.parse_spec(small_spec("extend", budget={"n_trials": 3}))
+    tuner.create_study(spec, sqlite_url)
+    study = tuner.create_study(spec, sqlite_url)
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 3
+    bigger = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 5})})
+    study = tuner.create_study(bigger, sqlite_url)
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 5
+    _, stored = load_study("extend", sqlite_url)
+    assert stored.budget.n_trials == 5
+    with pytest.raises(tuner.BadInputError, match="cannot shrink"):
+        tuner.create_study(spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 2})}), sqlite_url)
+    assert budget_state(study, stored).waiting == 5
