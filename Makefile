@@ -3,13 +3,15 @@
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# A local folder of wheels, where the machine keeps one, is searched for that build first.
+WHEELS ?= $(wildcard /opt/wheels)
 BIN = $(VENV)/bin
 
 .PHONY: demo test install
 
 $(BIN)/tuner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(if $(WHEELS),--find-links $(WHEELS)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
