@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -12,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+    SQLAlchemyError,
+)
 
 from tuner.errors import StorageError
 
@@ -75,10 +84,22 @@ _retrying = threading.local()
 
 
 def _is_connection_error(error: BaseException) -> bool:
-    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
-    return isinstance(cause, (OperationalError, InterfaceError)) or (
-        isinstance(cause, DBAPIError) and cause.connection_invalidated
-    )
+    """Whether the error, or one it came from, is a lost connection.
+
+    Optuna wraps a failed commit in ``StorageInternalError``, and where it falls back to a
+    second query after a first one failed, the lost connection shows only as the second
+    query's ``PendingRollbackError``; the whole chain is looked at.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (OperationalError, InterfaceError, PendingRollbackError)) or (
+            isinstance(current, DBAPIError) and current.connection_invalidated
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,15 +117,19 @@ def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
                 except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
                     if not _is_connection_error(error):
                         raise
+                    reason = str(error.__cause__ or error).splitlines()[0]
                     if time.monotonic() + delay > deadline:
                         raise StorageError(
                             f"Lost the storage {mask_url(str(self.url))!r} and it did not come "
-                            f"back: {str(error.__cause__ or error).splitlines()[0]}"
+                            f"back: {reason}"
                         ) from None
-                    _logger.warning(
-                        "storage unreachable (%s); retrying in %.1f s",
-                        str(error.__cause__ or error).splitlines()[0], delay,
-                    )
+                    if "database is locked" in reason:
+                        # Another SQLite writer won a race (see _begin_sqlite): routine, and
+                        # over as soon as that writer commits.
+                        _logger.debug("SQLite busy (%s); retrying", reason)
+                        time.sleep(random.uniform(0.02, 0.2))
+                        continue
+                    _logger.warning("storage unreachable (%s); retrying in %.1f s", reason, delay)
                     time.sleep(delay)
                     delay = min(2 * delay, 10.0)
         finally:
@@ -123,6 +148,17 @@ def _heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
+def _begin_sqlite(connection: sqlalchemy.engine.Connection) -> None:
+    """Begin every SQLite transaction before its first read.
+
+    Python's sqlite3 begins a transaction only at the first write, so Optuna's read-then-write
+    steps (a WAITING trial read, then set RUNNING) would run as two transactions and two
+    workers could both win one trial. Begun at the read, the slower writer's snapshot is stale
+    and SQLite refuses its write; the call is retried and then sees the trial taken.
+    """
+    connection.exec_driver_sql("BEGIN")
+
+
 def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
     full_url = sqlalchemy_url(url)
     try:
@@ -131,8 +167,10 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         raise StorageError(f"Storage URL {mask_url(url)!r} is not a valid database URL.") from None
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
-        # Several worker processes write one file: wait for the lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": 60}
+        # Several worker processes write one file: wait for the lock instead of failing. The
+        # driver's own transaction handling is switched off so that _begin_sqlite can begin
+        # transactions itself (see there).
+        engine_kwargs["connect_args"] = {"timeout": 60, "isolation_level": None}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     else:
@@ -163,6 +201,7 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         with storage.engine.connect() as connection:
             # WAL lets readers (dashboard, status) work while a worker writes.
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        sqlalchemy.event.listen(storage.engine, "begin", _begin_sqlite)
     return storage
 
 
