@@ -76,12 +76,17 @@ def postgres_url() -> str:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def _python_path() -> str:
+    """The test workloads' folder, ahead of whatever path the tests themselves were given."""
+    return os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+
+
 def tuner(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run the real ``tuner`` command and capture what it prints."""
     return subprocess.run(
         [sys.executable, "-m", "tuner", *args],
         capture_output=True, text=True, timeout=timeout, cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+        env={**os.environ, "PYTHONPATH": _python_path(), **(env or {})},
     )
 
 
@@ -89,7 +94,7 @@ def start_tuner(*args: str, env: dict | None = None, cwd: Path | None = None) ->
     return subprocess.Popen(
         [sys.executable, "-m", "tuner", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+        env={**os.environ, "PYTHONPATH": _python_path(), **(env or {})},
     )
 
 
