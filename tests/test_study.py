@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 import tuner
 from conftest import small_spec
+from tuner.storage import make_storage
 from tuner.study import budget_state, load_study
 
 
@@ -73,3 +76,15 @@ def test_create_is_idempotent_and_a_larger_budget_extends(sqlite_url):
     with pytest.raises(tuner.BadInputError, match="cannot shrink"):
         tuner.create_study(spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 2})}), sqlite_url)
     assert budget_state(study, stored).waiting == 5
+
+
+def test_sqlite_transactions_hold_the_write_lock_from_their_start(tmp_path):
+    """The read of a WAITING trial and its claim cannot interleave with another worker's."""
+    path = tmp_path / "claim.db"
+    storage = make_storage(f"sqlite:///{path}")
+    with storage.engine.begin() as connection:
+        connection.exec_driver_sql("SELECT 1")
+        other = sqlite3.connect(path, timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()

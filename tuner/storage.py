@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from tuner.errors import StorageError
@@ -131,8 +132,9 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         raise StorageError(f"Storage URL {mask_url(url)!r} is not a valid database URL.") from None
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
-        # Several worker processes write one file: wait for the lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": 60}
+        # Several worker processes write one file: wait for the lock instead of failing. The
+        # driver's own transactions are off: ``_begin_immediate`` starts them.
+        engine_kwargs["connect_args"] = {"timeout": 60, "isolation_level": None}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     else:
@@ -163,7 +165,18 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         with storage.engine.connect() as connection:
             # WAL lets readers (dashboard, status) work while a worker writes.
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        event.listen(storage.engine, "begin", _begin_immediate)
     return storage
+
+
+def _begin_immediate(connection: Connection) -> None:
+    """Take SQLite's write lock when a transaction begins.
+
+    Python's sqlite3 begins a transaction at the first write, so the read of a read-then-write,
+    such as the WAITING -> RUNNING claim of a trial, sees no lock: two workers could both read
+    WAITING and both claim the trial.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.storages.BaseStorage:
