@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 import tuner
 from conftest import small_spec
-from tuner.storage import make_storage
+from tuner.storage import make_storage, set_user_attrs
 from tuner.study import budget_state, load_study
 
 
@@ -88,3 +88,12 @@ def test_sqlite_transactions_hold_the_write_lock_from_their_start(tmp_path):
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             other.execute("BEGIN IMMEDIATE")
         other.close()
+
+
+def test_user_attrs_written_in_one_go_read_back(tmp_path):
+    study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path}/attrs.db"))
+    trial = study.ask()
+    set_user_attrs(trial, {"history": [{"epoch": 1, "val_accuracy": 0.5}], "epochs_completed": 1})
+    expected = {"history": [{"epoch": 1, "val_accuracy": 0.5}], "epochs_completed": 1}
+    assert trial.user_attrs == expected
+    assert study.trials[0].user_attrs == expected
