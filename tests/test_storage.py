@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from tuner.storage import make_storage, sqlalchemy_url
+from tuner.storage import make_storage, set_user_attrs, sqlalchemy_url
 
 
 @pytest.mark.postgres
@@ -62,3 +62,12 @@ def test_two_workers_cannot_both_claim_one_sqlite_trial(sqlite_url, monkeypatch)
     outcomes["first"] = first.set_trial_state_values(trial_id, TrialState.RUNNING)
     thread.join(30)
     assert outcomes == {"first": False, "second": True}
+
+
+def test_user_attrs_written_in_one_go_read_back(sqlite_url):
+    study = optuna.create_study(storage=make_storage(sqlite_url))
+    trial = study.ask()
+    expected = {"history": [{"epoch": 1, "val_accuracy": 0.5}], "epochs_completed": 1}
+    set_user_attrs(trial, expected)
+    assert trial.user_attrs == expected
+    assert study.trials[0].user_attrs == expected

@@ -8,12 +8,14 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -74,11 +76,31 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     failed call's transaction was rolled back, so retrying it cannot count anything twice.
     """
 
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Several user attributes in one transaction: one commit (a disk flush on SQLite, a
+        round trip on a server) instead of one per attribute."""
+        with _create_scoped_session(self.scoped_session, True) as session:
+            for key, value in attrs.items():
+                self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """``trial.set_user_attr`` for each item, in one transaction where the storage is a database."""
+    storage = trial.storage
+    backend = getattr(storage, "_backend", storage)  # behind Optuna's cache of finished trials
+    if not isinstance(backend, ReconnectingRDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    backend.set_trial_user_attrs(trial._trial_id, attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
 
 _RETRIED_METHODS = (
     {name for name in vars(optuna.storages.BaseStorage) if not name.startswith("_")}
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
     | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
+    | {"set_trial_user_attrs"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()
 
@@ -139,7 +161,7 @@ def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _name in _RETRIED_METHODS:
-    setattr(ReconnectingRDBStorage, _name, _with_reconnect(getattr(optuna.storages.RDBStorage, _name)))
+    setattr(ReconnectingRDBStorage, _name, _with_reconnect(getattr(ReconnectingRDBStorage, _name)))
 
 
 def _heartbeat_settings() -> tuple[int, int]:

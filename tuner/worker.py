@@ -31,7 +31,7 @@ from tuner.errors import TunerError
 from tuner.notes import refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import beside_storage, make_storage, storage_url
+from tuner.storage import beside_storage, make_storage, set_user_attrs, storage_url
 from tuner.study import budget_state, load_study
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
@@ -210,8 +210,7 @@ def _run_trial(
         worker=worker_id(),
     )
     # Who runs it and where, for ``tuner status`` while it runs.
-    trial.set_user_attr("worker", worker_id())
-    trial.set_user_attr("device", str(device))
+    set_user_attrs(trial, {"worker": worker_id(), "device": str(device)})
     if origin != frozen.number:
         reporter.records["retried_from"] = frozen.system_attrs["retry_history"][-1]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
@@ -220,8 +219,7 @@ def _run_trial(
     with get_heartbeat_thread(trial._trial_id, study._storage):
         state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
         reporter.records["duration_s"] = time.perf_counter() - started
-        for key, value in reporter.records.items():
-            trial.set_user_attr(key, value)
+        set_user_attrs(trial, reporter.records)
         if outcome == "worker_stopped":
             _hand_back(study, trial)
         else:

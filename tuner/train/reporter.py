@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 
 from tuner.spec import Objective
+from tuner.storage import set_user_attrs
 
 logger = logging.getLogger("tuner.progress")
 
@@ -90,8 +91,7 @@ class Reporter:
                 raise Diverged(f"{name} is {value} at epoch {epoch}")
         self.history.append({"epoch": epoch, **metrics})
         self._log(epoch, metrics)
-        self.trial.set_user_attr("history", self.history)
-        self.trial.set_user_attr("epochs_completed", epoch)
+        set_user_attrs(self.trial, {"history": self.history, "epochs_completed": epoch})
         self.records["epochs_completed"] = epoch
 
     def decide(self, epoch: int) -> None:

@@ -1,0 +1,254 @@
+"""Coordination overhead per trial: ``tuner worker`` against a plain Optuna loop.
+
+The objective trains nothing: it sleeps ``--sleep-ms`` per epoch and reports 10 epochs, so what
+is left of a trial's wall time is coordination (claiming the trial, suggesting, reporting,
+pruning checks, records, artifacts, telling). Both sides run as separate processes on the same
+storage, with the same random sampler and no pruner, so that the sampler's own cost (which grows
+with the study for TPE, in tuner and in Optuna alike) is not counted as coordination.
+
+Overhead per trial = (workers x wall - objective time of all trials) / trials, where wall runs
+from the first trial's start to the last one's end, as the storage recorded them (process
+start-up is not counted). Its growth with the study is the same figure over each tenth of the
+trials in the order they finished.
+
+    python benchmarks/overhead.py [--full] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import TrialState
+
+from tuner.launch import worker_command
+from tuner.space import Hyperparameters
+from tuner.spec import parse_spec
+from tuner.storage import make_storage, sqlalchemy_url
+from tuner.study import create_study
+
+if TYPE_CHECKING:
+    from tuner.workloads import Report
+
+EPOCHS = 10
+ROOT = Path(__file__).resolve().parents[1]
+SLEEP_ENV = "TUNER_BENCH_SLEEP_MS"
+
+
+def sleeping_training(hp: Hyperparameters, report: Report) -> dict[str, float]:
+    """tuner's side: a training function that sleeps instead of training."""
+    sleep_s = float(os.environ.get(SLEEP_ENV, "2")) / 1000
+    metrics: dict[str, float] = {}
+    for epoch in range(1, EPOCHS + 1):
+        time.sleep(sleep_s)
+        metrics = {"val_accuracy": 1.0 - hp.lr / epoch}
+        report(epoch, metrics)
+    return metrics
+
+
+def plain_optuna_worker(study_name: str, url: str, n_trials: int, seed: int) -> None:
+    """Optuna's side: ``study.optimize`` with the same sleeping objective and search space."""
+    sleep_s = float(os.environ.get(SLEEP_ENV, "2")) / 1000
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("batch_size", [16, 32, 64, 128, 256, 512, 1024])
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_int("epochs", EPOCHS, EPOCHS)
+        value = 0.0
+        for epoch in range(1, EPOCHS + 1):
+            time.sleep(sleep_s)
+            value = 1.0 - lr / epoch
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(
+        study_name=study_name, storage=_plain_storage(url), sampler=optuna.samplers.RandomSampler(seed=seed),
+        pruner=optuna.pruners.NopPruner(),
+    )
+    study.optimize(objective, n_trials=n_trials)
+
+
+def _plain_storage(url: str) -> str | optuna.storages.BaseStorage:
+    if url.endswith(".log"):
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    if url.startswith("grpc://"):
+        host, port = url.removeprefix("grpc://").split(":")
+        return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
+    return sqlalchemy_url(url)
+
+
+def _spec(name: str, n_trials: int) -> dict:
+    return {
+        "name": name,
+        "workload": "benchmarks.overhead:sleeping_training",
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "budget": {"n_trials": n_trials},
+        "search": {
+            "batch_size": {"low": 16, "high": 1024, "scale": "pow2"},
+            "lr": {"low": 1e-4, "high": 1e-1, "log": True},
+            "epochs": {"low": EPOCHS, "high": EPOCHS},
+        },
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+    }
+
+
+def _environment(url: str, sleep_ms: float) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "TUNER_STORAGE": url, "PYTHONPATH": path, SLEEP_ENV: str(sleep_ms)}
+
+
+def _run_side(side: str, url: str, name: str, workers: int, n_trials: int, sleep_ms: float, folder: Path) -> None:
+    env = _environment(url, sleep_ms)
+    if side == "tuner":
+        create_study(parse_spec(_spec(name, n_trials)), url)
+        commands = [
+            worker_command(name, device="cpu", threads=1, worker_index=index, checkpoint_dir=folder / "ckpt")
+            for index in range(workers)
+        ]
+    else:
+        optuna.create_study(study_name=name, storage=_plain_storage(url), direction="maximize")
+        shares = [n_trials // workers + (index < n_trials % workers) for index in range(workers)]
+        commands = [
+            [sys.executable, __file__, "--plain-worker", name, url, str(share), str(index)]
+            for index, share in enumerate(shares)
+        ]
+    processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    for process in processes:
+        _, errors = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{side} worker failed:\n{errors[-6000:]}")
+
+
+def overhead(url: str, name: str, workers: int, sleep_ms: float) -> dict:
+    """Per-trial overhead in ms over the whole run and over each tenth of it."""
+    storage = _plain_storage(url)
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    objective_s = EPOCHS * sleep_ms / 1000
+
+    def per_trial(first_start: float, last_end: float, count: int) -> float:
+        return round(1000 * (workers * (last_end - first_start) / count - objective_s), 1)
+
+    ends = [t.datetime_complete.timestamp() for t in done]
+    start = min(t.datetime_start.timestamp() for t in done)
+    tenth = max(1, len(done) // 10)
+    growth = [
+        per_trial(ends[k - 1] if k else start, ends[min(k + tenth, len(ends)) - 1], min(tenth, len(ends) - k))
+        for k in range(0, len(ends) - tenth + 1, tenth)
+    ]
+    return {"trials": len(done), "ms_per_trial": per_trial(start, ends[-1], len(done)), "by_tenth": growth}
+
+
+@contextmanager
+def _storages(kinds: list[str], postgres: str | None, folder: Path) -> Iterator[dict[str, str]]:
+    """Storage URLs by kind; a fresh PostgreSQL database and a gRPC proxy in front of SQLite."""
+    urls = {"sqlite": f"sqlite:///{folder}/bench.db", "journal": f"{folder}/bench.log"}
+    database = f"tuner_overhead_{os.getpid()}"
+    proxy = None
+    if "postgres" in kinds and postgres:
+        with _admin(postgres) as connection:
+            connection.execute(f'CREATE DATABASE "{database}"')
+        urls["postgres"] = postgres.rsplit("/", 1)[0] + f"/{database}"
+    if "grpc" in kinds:
+        port = 13000 + os.getpid() % 1000
+        backing = f"sqlite:///{folder}/proxied.db"
+        make_storage(backing)  # the schema, made before the proxy and the workers race for it
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "tuner", "proxy", "--storage", backing, "--port", str(port)],
+            env=_environment(backing, 0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        urls["grpc"] = f"grpc://127.0.0.1:{port}"
+        time.sleep(3)
+    try:
+        yield {kind: urls[kind] for kind in kinds if kind in urls}
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait()
+        if "postgres" in urls:
+            with _admin(postgres) as connection:  # type: ignore[arg-type]
+                connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@contextmanager
+def _admin(url: str) -> Iterator:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as connection:
+        yield connection
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    kinds = sorted({row["storage"] for row in rows})
+    figure = Figure(figsize=(4 * len(kinds), 3.5), layout="constrained")
+    for axes, kind in zip(figure.subplots(1, len(kinds), squeeze=False)[0], kinds):
+        for row in (r for r in rows if r["storage"] == kind):
+            tenths = [(k + 1) * row["trials"] // len(row["by_tenth"]) for k in range(len(row["by_tenth"]))]
+            style = "-" if row["side"] == "tuner" else "--"
+            axes.plot(tenths, row["by_tenth"], style, marker="o", label=f"{row['side']}, {row['workers']} workers")
+        axes.set(title=kind, xlabel="trials in the study", ylabel="overhead ms / trial", yscale="symlog")
+        axes.legend(fontsize=7)
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--plain-worker":
+        name, url, n_trials, seed = sys.argv[2:6]
+        plain_optuna_worker(name, url, int(n_trials), int(seed))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="1, 2, 8 and 32 workers; 1,000 trials, 10,000 on PostgreSQL with 8")
+    parser.add_argument("--postgres", default=os.environ.get("TUNER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+                        help="a server URL whose user may create databases; one is made and dropped")
+    parser.add_argument("--storages", default="sqlite,postgres,journal,grpc")
+    parser.add_argument("--sleep-ms", type=float, default=2.0, help="objective sleep per epoch")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead")
+    args = parser.parse_args()
+    kinds = args.storages.split(",")
+    if args.full:
+        runs = [(kind, w, 1000) for kind in kinds for w in (1, 2, 8, 32)] + [("postgres", 8, 10_000)]
+    else:
+        runs = [(kind, w, 100) for kind in kinds for w in (1, 8)]
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch, _storages(kinds, args.postgres, Path(scratch)) as urls:
+        for kind, workers, n_trials in runs:
+            if kind not in urls:
+                continue
+            for side in ("plain", "tuner"):
+                name = f"{side}-{kind}-{workers}-{n_trials}-{time.time_ns()}"
+                _run_side(side, urls[kind], name, workers, n_trials, args.sleep_ms, Path(scratch))
+                row = {"storage": kind, "workers": workers, "side": side, **overhead(urls[kind], name, workers, args.sleep_ms)}
+                rows.append(row)
+                print(f"{kind:<9}{workers:>3} workers {side:<6}{row['trials']:>6} trials {row['ms_per_trial']:>9} ms/trial", flush=True)
+    print()
+    print(f"{'storage':<10}{'workers':>8}{'trials':>8}{'optuna ms':>11}{'tuner ms':>10}{'ratio':>7}{'tuner first/last tenth':>24}")
+    summary = []
+    for plain, mine in zip(rows[::2], rows[1::2]):
+        ratio = round(mine["ms_per_trial"] / max(plain["ms_per_trial"], 0.1), 2)
+        summary.append({**{k: mine[k] for k in ("storage", "workers", "trials")}, "optuna_ms": plain["ms_per_trial"], "tuner_ms": mine["ms_per_trial"], "ratio": ratio})
+        growth = f"{mine['by_tenth'][0]} -> {mine['by_tenth'][-1]}"
+        print(f"{mine['storage']:<10}{mine['workers']:>8}{mine['trials']:>8}{plain['ms_per_trial']:>11}{mine['ms_per_trial']:>10}{ratio:>7}{growth:>24}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"sleep_ms": args.sleep_ms, "epochs": EPOCHS, "full": args.full, "cpus": os.cpu_count()}
+    args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2))
+    plot(rows, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
