@@ -84,9 +84,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
 
 
-def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping[str, Any]) -> None:
     """``trial.set_user_attr`` for each item, in one transaction where the storage is a database."""
-    storage = trial.storage
+    storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
     backend = getattr(storage, "_backend", storage)  # behind Optuna's cache of finished trials
     if not isinstance(backend, ReconnectingRDBStorage):
         for key, value in attrs.items():
