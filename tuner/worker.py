@@ -288,7 +288,7 @@ def _train_workload(
     try:
         return train(
             workload, hp, reporter, device=device, checkpoint=checkpoint, precision=precision,
-            micro_batch_size=limits.start(hp.batch_size), limits=limits,
+            limits=limits, measure_noise=spec.measure_noise_scale,
         )
     finally:
         memory.save_limits(study, key, limits)
