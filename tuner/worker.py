@@ -256,7 +256,9 @@ def _train(
             started = time.perf_counter()
             metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
             reporter.records["train_time_s"] = time.perf_counter() - started
-        values = [float(metrics[o.metric]) for o in spec.all_objectives]
+        # A training function's own metrics lack what the reporter adds, such as train_time_s.
+        final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
+        values = [float(final[o.metric]) for o in spec.all_objectives]
         return TrialState.COMPLETE, values, "complete"
     except (Diverged, OutOfMemory, optuna.TrialPruned) as stopped:
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
