@@ -399,16 +399,55 @@ def probe(
     storage: StorageOption = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
     device: DeviceOption = "auto",
+    suggest: Annotated[
+        bool, typer.Option("--suggest", help="Recommend effective batch and learning-rate ranges from the noise scale.")
+    ] = False,
+    write: Annotated[
+        Optional[Path], typer.Option("--write", help="Write the spec with the recommended ranges here (implies --suggest).")
+    ] = None,
 ) -> None:
-    """The largest micro-batch that fits on the device and samples/s at each size tried; stored
-    in the study (when it exists) so that its workers start trials there."""
+    """The largest micro-batch that fits on the device and samples/s at each size tried, stored
+    in the study (when it exists) so that its workers start trials there; then the gradient noise
+    scale over a short training run."""
     from tuner.spec import load_spec
+    from tuner.train.memory import resolve_device
 
     spec = load_spec(spec_path)
-    _probe_and_share(spec, study or spec.name, storage, device)
+    result = _probe_and_share(spec, study or spec.name, storage, device)
+    _noise_and_ranges(spec, resolve_device(device), result.limits(), suggest or write is not None, write)
 
 
-def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, device: str) -> None:
+def _noise_and_ranges(
+    spec: StudySpec, device: torch.device, limits: MicroBatchLimits, suggest: bool, write: Path | None
+) -> None:
+    """The noise scale table of a short run; with ``suggest``, the ranges it recommends."""
+    from tuner.report import format_value
+    from tuner.suggest import NOISE_EPOCHS, probe_noise, suggest_ranges, write_suggested_spec
+
+    noise = probe_noise(spec, device, limits)
+    metric = spec.all_objectives[0].metric
+    table = Table(title=f"gradient noise scale over {NOISE_EPOCHS} epochs (McCandlish et al. 2018)")
+    for column in ("epoch", "samples", metric, "noise scale"):
+        table.add_column(column, justify="right")
+    for point in noise.points:
+        table.add_row(str(point.epoch), str(point.samples), format_value(point.metric), format_value(point.noise_scale))
+    console.print(table)
+    if not suggest:
+        return
+    ranges = suggest_ranges(spec, noise.latest, noise.train_size)
+    console.print(
+        f"suggested effective batch: {ranges.batch_low} to {ranges.batch_high} (pow2, around the noise "
+        f"scale {ranges.noise_scale:.0f}, at most the {noise.train_size} training samples)\n"
+        f"suggested learning rate: {ranges.lr_low:.3g} to {ranges.lr_high:.3g} at batch "
+        f"{ranges.reference_batch_size}, scaled by {ranges.scale_with_batch}",
+        highlight=False,
+    )
+    if write is not None:
+        written = write_suggested_spec(spec, ranges, write)
+        console.print(f"wrote {write} (study {written.name!r}); run it with: tuner run {write}", highlight=False)
+
+
+def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, device: str) -> ProbeResult:
     import optuna
 
     from tuner.report import format_value
@@ -439,9 +478,10 @@ def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, devi
     opened = make_storage(storage)
     if study_name not in optuna.get_all_study_names(opened):
         console.print(f"not stored: no study {study_name!r} yet (tuner create SPEC --probe stores it)")
-        return
+        return result
     share(result, optuna.load_study(study_name=study_name, storage=opened), spec.workload)
     console.print(f"stored in study {study_name!r} for {result.device_name} at {result.precision}")
+    return result
 
 
 def _gpu_environments(gpus: str, workers_per_gpu: int, device: str) -> list[dict[str, str]]:

@@ -6,7 +6,7 @@ import importlib
 import inspect
 from typing import Any
 
-from tuner.errors import SpecError, WorkloadError
+from tuner.errors import BadInputError, SpecError, WorkloadError
 from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, train_size
 
 # Imported when named, so a worker of another workload does not pay for scikit-learn.
@@ -20,7 +20,7 @@ BUNDLED: dict[str, str] = {
 
 __all__ = [
     "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_workload",
-    "load_workload",
+    "load_torch_workload", "load_workload",
 ]
 
 
@@ -70,6 +70,16 @@ def load_workload(reference: str) -> Workload | TrainingFunction:
         f"Workload {reference!r} is neither a Workload, a function returning one, "
         "nor a training function train(hp, report)."
     )
+
+
+def load_torch_workload(reference: str, purpose: str) -> Workload:
+    """A torch ``Workload``; a training function is bad input for ``purpose``, which needs the loop."""
+    workload = load_workload(reference)
+    if not isinstance(workload, Workload):
+        raise BadInputError(
+            f"Workload {reference!r} is a training function with its own loop; {purpose} needs a torch Workload."
+        )
+    return workload
 
 
 def check_workload(spec: Any) -> None:
