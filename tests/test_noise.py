@@ -8,8 +8,11 @@ import optuna
 import pytest
 import torch
 
+from conftest import small_spec
+from tuner.errors import SpecError
 from tuner.space import Hyperparameters
-from tuner.spec import Objective
+from tuner.spec import Objective, parse_spec
+from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.noise import MicroBatchGradients, NoiseScale
 from tuner.train.reporter import Reporter
@@ -90,3 +93,9 @@ def test_measuring_splits_a_whole_batch_in_two_and_keeps_the_training() -> None:
     assert len(scales) == 3 and all(value is not None and value > 0 for value in scales)
     for a, b in zip(plain.history, measured.history):
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4)
+
+
+def test_a_training_function_cannot_measure_the_noise_scale(sqlite_url: str) -> None:
+    spec = parse_spec(small_spec("own", workload="user_workloads:own_loop", measure_noise_scale=True))
+    with pytest.raises(SpecError, match="spec field 'measure_noise_scale': measuring the noise scale needs"):
+        create_study(spec, sqlite_url)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import small_spec
 from tuner.cli import app
-from tuner.errors import BadInputError
+from tuner.errors import BadInputError, SpecError
 from tuner.report import fastest_within
 from tuner.spec import parse_spec
 from tuner.study import create_study
@@ -53,6 +53,11 @@ def test_a_pruner_with_two_objectives_is_named_as_unused(sqlite_url: str, caplog
     with caplog.at_level(logging.WARNING, logger="tuner.study"):
         create_study(parse_spec(_spec("pruned", objectives=TRADEOFF, pruner={"name": "median"})), sqlite_url)
     assert "Optuna prunes single-objective studies only" in caplog.text and "'median'" in caplog.text
+
+
+def test_cmaes_with_two_objectives_is_refused() -> None:
+    with pytest.raises(SpecError, match="sampler 'cmaes' takes one objective; with several use tpe"):
+        parse_spec(_spec("cma", objectives=TRADEOFF, sampler={"name": "cmaes"}))
 
 
 def _timed_study(directions: list[str], trials: list[tuple[list[float], float]]) -> optuna.Study:

@@ -10,10 +10,12 @@ from conftest import small_spec
 from tuner.errors import SpecError
 from tuner.space import BatchSchedule, Hyperparameters, suggest
 from tuner.spec import Objective, parse_spec
+from tuner.study import create_study
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
 from tuner.train.schedule import epoch_batch_size, epoch_lr
+from tuner.worker import WorkerOptions, run_worker
 from tuner.workloads import load_workload
 
 CPU = torch.device("cpu")
@@ -108,9 +110,6 @@ def test_bad_schedules_name_the_field(schedule: dict, expected: str) -> None:
 
 
 def test_a_study_records_the_batches_and_noise_scales_of_its_trials(sqlite_url: str, tmp_path) -> None:
-    from tuner.study import create_study
-    from tuner.worker import WorkerOptions, run_worker
-
     spec = small_spec("scheduled", budget={"n_trials": 3}, measure_noise_scale=True, pruner={"name": "none"})
     spec["search"]["batch_schedule"] = {"choices": ["constant", "ramp", "adaptive"]}
     create_study(parse_spec(spec), sqlite_url)

@@ -209,6 +209,10 @@ class StudySpec(_Strict):
     def _one_objective_form(self) -> "StudySpec":
         if (self.objective is None) == (self.objectives is None):
             raise ValueError("set exactly one of objective or objectives")
+        if len(self.all_objectives) > 1 and self.sampler.name == "cmaes":
+            raise ValueError(
+                "sampler 'cmaes' takes one objective; with several use tpe, gp, nsga2, qmc or random"
+            )
         return self
 
     @property

@@ -167,6 +167,11 @@ def train(
             "noise_scales": list(noise_scales),
         }
 
+    def record_schedule() -> None:
+        report.records["batch_size_per_epoch"] = list(batch_sizes)
+        if measure_noise:
+            report.records["gradient_noise_scale"] = list(noise_scales)
+
     def restore(saved: dict[str, Any]) -> int:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -185,6 +190,7 @@ def train(
         start_epoch = restore(saved)
         report.restore(saved["history"])
         report.records["resumed_from_epoch"] = start_epoch
+        record_schedule()
 
     memory.reset_peak_memory(device)
     # A trial resumed after its last epoch was saved has nothing left to train but its metrics.
@@ -233,10 +239,9 @@ def train(
         samples_seen += len(train_batches)
         epoch += 1
         batch_sizes.append(batch_size)
-        report.records["batch_size_per_epoch"] = list(batch_sizes)
         if measure_noise:
             noise_scales.append(noise.value)
-            report.records["gradient_noise_scale"] = list(noise_scales)
+        record_schedule()
         metrics.update(train_loss=train_loss, lr=optimizer.param_groups[0]["lr"], train_time_s=train_seconds)
         report.records.update(
             train_time_s=train_seconds,

@@ -83,9 +83,17 @@ def load_torch_workload(reference: str, purpose: str) -> Workload:
 
 
 def check_workload(spec: Any) -> None:
-    """Refuse a spec whose workload does not load or whose batch range exceeds the data set."""
+    """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
+    that asks a training function for what only tuner's loop measures."""
     workload = load_workload(spec.workload)
     samples = train_size(workload)
+    schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
+    if samples is None and (spec.measure_noise_scale or "adaptive" in schedules):
+        field = "measure_noise_scale" if spec.measure_noise_scale else "search.batch_schedule.choices"
+        raise SpecError(
+            f"spec field '{field}': measuring the noise scale needs tuner's training loop, and "
+            f"workload {spec.workload!r} is a training function with its own loop."
+        )
     if samples is not None and spec.search.batch_size.high > samples:
         raise SpecError(
             f"spec field 'search.batch_size.high' ({spec.search.batch_size.high}) is larger than "
