@@ -186,7 +186,8 @@ def _trial_table(study: optuna.Study, record: dict, title: str) -> Table:
     for name, value in record["params"].items():
         table.add_row(name, format_value(value))
     for name in ("micro_batch_size", "accumulation_steps", "epochs_completed", "train_time_s", "device"):
-        table.add_row(name, format_value(record["user_attrs"].get(name)))
+        if name not in names:
+            table.add_row(name, format_value(record["user_attrs"].get(name)))
     return table
 
 
@@ -198,8 +199,9 @@ def _pareto_table(study: optuna.Study, records: list[dict]) -> Table:
 
     names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
     params = list(dict.fromkeys(name for record in records for name in record["params"]))
+    times = [] if "train_time_s" in names else ["train_time_s"]
     table = Table(title=f"Pareto front of {study.study_name!r}: {len(records)} trials")
-    for column in ("trial", *names, *params, "train_time_s"):
+    for column in ("trial", *names, *params, *times):
         table.add_column(column, justify="right")
     objective = quality_objective(study)
     maximize = study.directions[objective] == StudyDirection.MAXIMIZE
@@ -207,7 +209,7 @@ def _pareto_table(study: optuna.Study, records: list[dict]) -> Table:
         table.add_row(
             f"#{record['trial']}", *(format_value(v) for v in record["values"]),
             *(format_value(record["params"].get(name)) for name in params),
-            format_value(record["user_attrs"].get("train_time_s")),
+            *(format_value(record["user_attrs"].get(name)) for name in times),
         )
     return table
 
