@@ -195,7 +195,7 @@ def train(
     memory.reset_peak_memory(device)
     # A trial resumed after its last epoch was saved has nothing left to train but its metrics.
     metrics = {k: v for k, v in report.history[-1].items() if k != "epoch"} if report.history else {}
-    train_seconds, samples_seen, oom_retries = metrics.get("train_time_s", 0.0), 0, 0
+    train_seconds, oom_retries = metrics.get("train_time_s", 0.0), 0
     epoch = start_epoch
     while epoch < hp.epochs:
         batch_size = epoch_batch_size(hp, epoch, batch_sizes, noise.value, len(train_batches))
@@ -236,7 +236,6 @@ def train(
             continue
         limits.record_fit(micro)
         train_seconds += time.perf_counter() - started
-        samples_seen += len(train_batches)
         epoch += 1
         batch_sizes.append(batch_size)
         if measure_noise:
@@ -245,7 +244,7 @@ def train(
         metrics.update(train_loss=train_loss, lr=optimizer.param_groups[0]["lr"], train_time_s=train_seconds)
         report.records.update(
             train_time_s=train_seconds,
-            samples_per_s=samples_seen / train_seconds if train_seconds else 0.0,
+            samples_per_s=epoch * len(train_batches) / train_seconds if train_seconds else 0.0,
             peak_memory_mb=memory.peak_memory_mb(device),
         )
         report.record(epoch, metrics)
