@@ -17,7 +17,12 @@ from rich.table import Table
 from tuner.errors import BadInputError, TunerError
 
 if TYPE_CHECKING:
+    import optuna
+    import torch
+
     from tuner.spec import StudySpec
+    from tuner.train.memory import MicroBatchLimits
+    from tuner.train.probe import ProbeResult
 
 app = typer.Typer(
     add_completion=False,
@@ -148,14 +153,15 @@ FormatOption = Annotated[str, typer.Option("--format", help="table, json (best) 
 
 
 def _print_best(study_name: str, storage: str | None, output: str) -> None:
-    from tuner.report import best_trials, format_value, trial_record
+    from tuner.report import best_trials, trial_record
     from tuner.study import load_study
 
     study, _ = load_study(study_name, storage)
     trials = best_trials(study)
     records = [trial_record(study, trial) for trial in trials]
+    several = len(study.directions) > 1
     if output == "json":
-        if len(study.directions) > 1:
+        if several:
             console.print_json(json.dumps({"study": study.study_name, "pareto_front": records}))
         elif records:
             print(json.dumps(records[0]))
@@ -164,17 +170,86 @@ def _print_best(study_name: str, storage: str | None, output: str) -> None:
         return
     if not records:
         console.print(f"study {study_name!r} has no completed trial yet")
-        return
-    for record in records:
-        table = Table(title=f"best trial of {study.study_name!r}: #{record['trial']}", show_header=False)
-        names = study.metric_names or ["value"]
-        for name, value in zip(names, record["values"]):
-            table.add_row(name, format_value(value))
-        for name, value in record["params"].items():
-            table.add_row(name, format_value(value))
-        for name in ("micro_batch_size", "accumulation_steps", "epochs_completed", "train_time_s", "device"):
+    elif several:
+        console.print(_pareto_table(study, records))
+    else:
+        console.print(_trial_table(study, records[0], f"best trial of {study.study_name!r}: #{records[0]['trial']}"))
+
+
+def _trial_table(study: optuna.Study, record: dict, title: str) -> Table:
+    from tuner.report import format_value
+
+    table = Table(title=title, show_header=False)
+    names = study.metric_names or ["value"]
+    for name, value in zip(names, record["values"]):
+        table.add_row(name, format_value(value))
+    for name, value in record["params"].items():
+        table.add_row(name, format_value(value))
+    for name in ("micro_batch_size", "accumulation_steps", "epochs_completed", "train_time_s", "device"):
+        if name not in names:
             table.add_row(name, format_value(record["user_attrs"].get(name)))
-        console.print(table)
+    return table
+
+
+def _pareto_table(study: optuna.Study, records: list[dict]) -> Table:
+    """One row per trial of the Pareto front, best first by the quality objective."""
+    from optuna.study import StudyDirection
+
+    from tuner.report import format_value, quality_objective
+
+    names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+    params = list(dict.fromkeys(name for record in records for name in record["params"]))
+    times = [] if "train_time_s" in names else ["train_time_s"]
+    table = Table(title=f"Pareto front of {study.study_name!r}: {len(records)} trials")
+    for column in ("trial", *names, *params, *times):
+        table.add_column(column, justify="right")
+    objective = quality_objective(study)
+    maximize = study.directions[objective] == StudyDirection.MAXIMIZE
+    for record in sorted(records, key=lambda r: r["values"][objective], reverse=maximize):
+        table.add_row(
+            f"#{record['trial']}", *(format_value(v) for v in record["values"]),
+            *(format_value(record["params"].get(name)) for name in params),
+            *(format_value(record["user_attrs"].get(name)) for name in times),
+        )
+    return table
+
+
+def _parse_percent(text: str) -> float:
+    try:
+        percent = float(text.strip().removesuffix("%"))
+    except ValueError:
+        percent = -1.0
+    if not 0 <= percent <= 100:
+        raise BadInputError(f"--within takes a percentage from 0 to 100, such as 1%, not {text!r}.")
+    return percent / 100
+
+
+def _print_fastest_within(study_name: str, storage: str | None, text: str, output: str) -> None:
+    from tuner.report import fastest_within, format_value, quality_objective, trial_record
+    from tuner.study import load_study
+
+    tolerance = _parse_percent(text)
+    study, _ = load_study(study_name, storage)
+    found = fastest_within(study, tolerance)
+    if found is None:
+        raise TunerError(f"Study {study_name!r} has no completed trial with a recorded train_time_s yet.")
+    best, fastest = found
+    objective = quality_objective(study)
+    metric = (study.metric_names or ["value"] * len(study.directions))[objective]
+    if output == "json":
+        record = trial_record(study, fastest)
+        record.update(within=tolerance, metric=metric, best_trial=best.number, best_value=best.values[objective])
+        print(json.dumps(record))
+        return
+    best_time, fast_time = best.user_attrs["train_time_s"], fastest.user_attrs["train_time_s"]
+    console.print(
+        f"fastest trial within {text.strip().removesuffix('%')}% of the best {metric}: #{fastest.number} "
+        f"({metric} {format_value(fastest.values[objective])} in {fast_time:.3g} s); the best, #{best.number}, "
+        f"has {format_value(best.values[objective])} in {best_time:.3g} s "
+        f"({best_time / fast_time if fast_time else float('inf'):.2g}x the time)",
+        highlight=False,
+    )
+    console.print(_trial_table(study, trial_record(study, fastest), f"fastest within {text}: #{fastest.number}"))
 
 
 @app.command()
@@ -185,11 +260,19 @@ def best(
     export: Annotated[
         Optional[Path], typer.Option("--export", help="Also write the best trial as a spec fragment for 'tuner train'.")
     ] = None,
+    within: Annotated[
+        Optional[str],
+        typer.Option("--within", help="The fastest trial (by train_time_s) whose metric is within this percentage of the best, e.g. 1%."),
+    ] = None,
 ) -> None:
-    """The best trial (for several objectives: the Pareto front)."""
+    """The best trial (for several objectives: the Pareto front); with --within, the fastest
+    trial that is nearly as good."""
     if output not in ("table", "json"):
         raise BadInputError(f"--format must be table or json, not {output!r}.")
-    _print_best(study, storage, output)
+    if within is not None:
+        _print_fastest_within(study, storage, within, output)
+    else:
+        _print_best(study, storage, output)
     if export is not None:
         from tuner.retrain import export_best
         from tuner.study import load_study
@@ -318,16 +401,55 @@ def probe(
     storage: StorageOption = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
     device: DeviceOption = "auto",
+    suggest: Annotated[
+        bool, typer.Option("--suggest", help="Recommend effective batch and learning-rate ranges from the noise scale.")
+    ] = False,
+    write: Annotated[
+        Optional[Path], typer.Option("--write", help="Write the spec with the recommended ranges here (implies --suggest).")
+    ] = None,
 ) -> None:
-    """The largest micro-batch that fits on the device and samples/s at each size tried; stored
-    in the study (when it exists) so that its workers start trials there."""
+    """The largest micro-batch that fits on the device and samples/s at each size tried, stored
+    in the study (when it exists) so that its workers start trials there; then the gradient noise
+    scale over a short training run."""
     from tuner.spec import load_spec
+    from tuner.train.memory import resolve_device
 
     spec = load_spec(spec_path)
-    _probe_and_share(spec, study or spec.name, storage, device)
+    result = _probe_and_share(spec, study or spec.name, storage, device)
+    _noise_and_ranges(spec, resolve_device(device), result.limits(), suggest or write is not None, write)
 
 
-def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, device: str) -> None:
+def _noise_and_ranges(
+    spec: StudySpec, device: torch.device, limits: MicroBatchLimits, suggest: bool, write: Path | None
+) -> None:
+    """The noise scale table of a short run; with ``suggest``, the ranges it recommends."""
+    from tuner.report import format_value
+    from tuner.suggest import NOISE_EPOCHS, probe_noise, suggest_ranges, write_suggested_spec
+
+    noise = probe_noise(spec, device, limits)
+    metric = spec.all_objectives[0].metric
+    table = Table(title=f"gradient noise scale over {NOISE_EPOCHS} epochs (McCandlish et al. 2018)")
+    for column in ("epoch", "samples", metric, "noise scale"):
+        table.add_column(column, justify="right")
+    for point in noise.points:
+        table.add_row(str(point.epoch), str(point.samples), format_value(point.metric), format_value(point.noise_scale))
+    console.print(table)
+    if not suggest:
+        return
+    ranges = suggest_ranges(spec, noise.latest, noise.train_size)
+    console.print(
+        f"suggested effective batch: {ranges.batch_low} to {ranges.batch_high} (pow2, around the noise "
+        f"scale {ranges.noise_scale:.0f}, at most the {noise.train_size} training samples)\n"
+        f"suggested learning rate: {ranges.lr_low:.3g} to {ranges.lr_high:.3g} at batch "
+        f"{ranges.reference_batch_size}, scaled by {ranges.scale_with_batch}",
+        highlight=False,
+    )
+    if write is not None:
+        written = write_suggested_spec(spec, ranges, write)
+        console.print(f"wrote {write} (study {written.name!r}); run it with: tuner run {write}", highlight=False)
+
+
+def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, device: str) -> ProbeResult:
     import optuna
 
     from tuner.report import format_value
@@ -358,9 +480,10 @@ def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, devi
     opened = make_storage(storage)
     if study_name not in optuna.get_all_study_names(opened):
         console.print(f"not stored: no study {study_name!r} yet (tuner create SPEC --probe stores it)")
-        return
+        return result
     share(result, optuna.load_study(study_name=study_name, storage=opened), spec.workload)
     console.print(f"stored in study {study_name!r} for {result.device_name} at {result.precision}")
+    return result
 
 
 def _gpu_environments(gpus: str, workers_per_gpu: int, device: str) -> list[dict[str, str]]:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.study import load_study
@@ -29,6 +30,30 @@ def best_trial(study_name: str, storage: str | None = None) -> FrozenTrial | lis
     if len(study.directions) > 1:
         return trials
     return trials[0] if trials else None
+
+
+def quality_objective(study: optuna.Study) -> int:
+    """The index of the objective that measures quality: the first that is not the time."""
+    names = study.metric_names or []
+    return next((i for i, name in enumerate(names) if name != "train_time_s"), 0)
+
+
+def fastest_within(study: optuna.Study, tolerance: float) -> tuple[FrozenTrial, FrozenTrial] | None:
+    """The best complete trial by the quality objective, and the fastest (least recorded
+    ``train_time_s``) whose value is within ``tolerance`` (a fraction of the best's magnitude)
+    of it; None before any complete trial with a recorded time."""
+    objective = quality_objective(study)
+    timed = [
+        trial for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "train_time_s" in trial.user_attrs
+    ]
+    if not timed:
+        return None
+    pick = max if study.directions[objective] == StudyDirection.MAXIMIZE else min
+    best = pick(timed, key=lambda trial: trial.values[objective])
+    margin = tolerance * abs(best.values[objective])
+    close = [trial for trial in timed if abs(trial.values[objective] - best.values[objective]) <= margin]
+    return best, min(close, key=lambda trial: trial.user_attrs["train_time_s"])
 
 
 def used_params(trial: FrozenTrial) -> dict[str, Any]:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import optuna
 
 from tuner.spec import LearningRateSpace, SearchSpace
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """How the effective batch changes from epoch to epoch (``tuner.train.schedule`` applies it).
+
+    ``ramp`` multiplies it by ``ramp_factor`` at each fraction ``ramp_at`` of the epochs and keeps
+    the rate; ``adaptive`` takes the measured noise scale, clipped to ``[low, high]``, and moves
+    the rate by ``(batch / starting batch) ** lr_exponent``, the spec's scaling rule.
+    """
+
+    name: str = "constant"
+    ramp_factor: int = 2
+    ramp_at: tuple[float, ...] = (0.5, 0.75)
+    low: int = 1
+    high: int | None = None
+    lr_exponent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -25,15 +42,18 @@ class Hyperparameters:
     weight_decay: float = 0.0
     momentum: float = 0.9
     seed: int = 0
+    schedule: BatchSchedule = field(default_factory=BatchSchedule)
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
 
+LR_EXPONENTS = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}
+
+
 def scaled_learning_rate(base_lr: float, batch_size: int, space: LearningRateSpace) -> float:
     """The rate used at ``batch_size``: ``base * (batch / reference) ** k``, k = 1 or 1/2."""
-    exponent = {"linear": 1.0, "sqrt": 0.5, "none": 0.0}[space.scale_with_batch]
-    return base_lr * (batch_size / space.reference_batch_size) ** exponent
+    return base_lr * (batch_size / space.reference_batch_size) ** LR_EXPONENTS[space.scale_with_batch]
 
 
 def lr_param_name(space: LearningRateSpace) -> str:
@@ -67,5 +87,20 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparam
         epochs=epochs,
         base_lr=base_lr,
         seed=seed,
+        schedule=_schedule(trial, space),
         **extras,  # type: ignore[arg-type]
+    )
+
+
+def _schedule(trial: optuna.Trial, space: SearchSpace) -> BatchSchedule:
+    if space.batch_schedule is None:
+        return BatchSchedule()
+    options = space.batch_schedule
+    return BatchSchedule(
+        name=trial.suggest_categorical("batch_schedule", options.choices),
+        ramp_factor=options.ramp_factor,
+        ramp_at=tuple(options.ramp_at),
+        low=space.batch_size.low,
+        high=space.batch_size.high,
+        lr_exponent=LR_EXPONENTS[space.lr.scale_with_batch],
     )

@@ -78,6 +78,16 @@ class ChoiceSpace(_Strict):
     choices: list[str] = Field(min_length=1)
 
 
+class BatchScheduleSpace(_Strict):
+    """How the effective batch changes over a trial's epochs; with several choices the sampler
+    searches them. ``ramp`` multiplies the batch by ``ramp_factor`` at each fraction of the epochs
+    in ``ramp_at``; ``adaptive`` follows the measured gradient noise scale."""
+
+    choices: list[Literal["constant", "ramp", "adaptive"]] = Field(default=["constant"], min_length=1)
+    ramp_factor: int = Field(default=2, ge=2)
+    ramp_at: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default=[0.5, 0.75], min_length=1)
+
+
 class SearchSpace(_Strict):
     batch_size: BatchSizeSpace
     lr: LearningRateSpace
@@ -85,6 +95,7 @@ class SearchSpace(_Strict):
     optimizer: ChoiceSpace | None = None
     weight_decay: FloatSpace | None = None
     momentum: FloatSpace | None = None
+    batch_schedule: BatchScheduleSpace | None = None
 
     @model_validator(mode="after")
     def _known_optimizers(self) -> "SearchSpace":
@@ -192,11 +203,16 @@ class StudySpec(_Strict):
     pruner: PrunerSpec = HyperbandPrunerSpec(name="hyperband")
     max_retries: int = Field(default=2, ge=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    measure_noise_scale: bool = False
 
     @model_validator(mode="after")
     def _one_objective_form(self) -> "StudySpec":
         if (self.objective is None) == (self.objectives is None):
             raise ValueError("set exactly one of objective or objectives")
+        if len(self.all_objectives) > 1 and self.sampler.name == "cmaes":
+            raise ValueError(
+                "sampler 'cmaes' takes one objective; with several use tpe, gp, nsga2, qmc or random"
+            )
         return self
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +20,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.spec import StudySpec, parse_spec
 from tuner.storage import make_storage
+
+logger = logging.getLogger("tuner.study")
 
 SPEC_ATTR = "tuner:spec"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -127,6 +130,12 @@ def create_study(
     from tuner.workloads import check_workload
 
     check_workload(spec)
+    if len(spec.directions) > 1 and "pruner" in spec.model_fields_set and spec.pruner.name != "none":
+        logger.warning(
+            "Study %r has %d objectives: Optuna prunes single-objective studies only, so its "
+            "trials train to the end and pruner %r is not used.",
+            spec.name, len(spec.directions), spec.pruner.name,
+        )
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,

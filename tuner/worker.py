@@ -254,7 +254,9 @@ def _train(
             started = time.perf_counter()
             metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
             reporter.records["train_time_s"] = time.perf_counter() - started
-        values = [float(metrics[o.metric]) for o in spec.all_objectives]
+        # A training function's own metrics lack what the reporter adds, such as train_time_s.
+        final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
+        values = [float(final[o.metric]) for o in spec.all_objectives]
         return TrialState.COMPLETE, values, "complete"
     except (Diverged, OutOfMemory, optuna.TrialPruned) as stopped:
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
@@ -286,7 +288,7 @@ def _train_workload(
     try:
         return train(
             workload, hp, reporter, device=device, checkpoint=checkpoint, precision=precision,
-            micro_batch_size=limits.start(hp.batch_size), limits=limits,
+            limits=limits, measure_noise=spec.measure_noise_scale,
         )
     finally:
         memory.save_limits(study, key, limits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tuner.space import Hyperparameters
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
+from tuner.train.noise import MicroBatchGradients, NoiseScale
 from tuner.train.reporter import OutOfMemory, Reporter
+from tuner.train.schedule import epoch_batch_size, epoch_lr, lr_factor
 from tuner.workloads.base import Workload
 
 # A data set whose tensors take less than this stays on the device and is sliced by index.
@@ -35,19 +37,6 @@ def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.O
     if hp.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-
-
-def warmup_cosine(total_steps: int) -> Any:
-    """Linear warm-up over the first 5% of steps, then cosine decay to zero at the last step."""
-    warmup_steps = max(1, total_steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 class Batches:
@@ -137,44 +126,60 @@ def train(
     checkpoint: Checkpoint | None = None,
     precision: str = "fp32",
     limits: memory.MicroBatchLimits | None = None,
+    measure_noise: bool = False,
 ) -> dict[str, float]:
     """Train ``hp.epochs`` epochs, reporting after each; resume from ``checkpoint`` if it holds
     a state. Returns the last epoch's metrics.
 
-    Out of memory makes the micro-batch smaller (halved, or the largest known to fit) and
-    restarts the epoch from its checkpoint; the effective batch never changes. A micro-batch of
-    one that does not fit raises ``OutOfMemory``. What fits and what failed goes into ``limits``.
+    Each epoch's effective batch and rate come from ``hp.schedule``; the batches used are
+    recorded as ``batch_size_per_epoch``. ``micro_batch_size`` caps the micro-batch; otherwise
+    ``limits`` say what fits. Out of memory makes the micro-batch smaller (halved, or the largest
+    known to fit) and restarts the epoch from its checkpoint; the effective batch never changes.
+    A micro-batch of one that does not fit raises ``OutOfMemory``. What fits and what failed goes
+    into ``limits``. With ``measure_noise`` (always for the adaptive schedule) the gradient noise
+    scale at the end of each epoch is recorded as ``gradient_noise_scale``.
     """
     checkpoint = checkpoint or Checkpoint()
     limits = limits if limits is not None else memory.MicroBatchLimits()
-    micro_batch_size = min(micro_batch_size or limits.start(hp.batch_size), hp.batch_size)
     precision = memory.effective_precision(device, precision)
+    measure_noise = measure_noise or hp.schedule.name == "adaptive"
     torch.manual_seed(hp.seed)
     model = workload.model(hp).to(device)
     optimizer = make_optimizer(model, hp)
     train_batches = Batches(workload.train_data, device, getattr(workload, "collate", None))
     val_batches = Batches(workload.val_data, device, getattr(workload, "collate", None))
-    steps_per_epoch = math.ceil(len(train_batches) / hp.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps_per_epoch * hp.epochs))
     shuffle = torch.Generator().manual_seed(hp.seed)
+    noise = NoiseScale()
+    gradients = MicroBatchGradients(model.parameters()) if measure_noise else None
+    batch_sizes: list[int] = []
+    noise_scales: list[float | None] = []
 
     def state(epoch: int) -> dict[str, Any]:
         return {
             "epoch": epoch,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "shuffle": shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": report.history,
+            "noise": noise.state_dict(),
+            "batch_sizes": list(batch_sizes),
+            "noise_scales": list(noise_scales),
         }
+
+    def record_schedule() -> None:
+        report.records["batch_size_per_epoch"] = list(batch_sizes)
+        if measure_noise:
+            report.records["gradient_noise_scale"] = list(noise_scales)
 
     def restore(saved: dict[str, Any]) -> int:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         shuffle.set_state(saved["shuffle"])
         torch.set_rng_state(saved["torch_rng"])
+        noise.load_state_dict(saved["noise"])
+        batch_sizes[:] = saved["batch_sizes"]
+        noise_scales[:] = saved["noise_scales"]
         return int(saved["epoch"])
 
     saved = checkpoint.load()
@@ -185,16 +190,22 @@ def train(
         start_epoch = restore(saved)
         report.restore(saved["history"])
         report.records["resumed_from_epoch"] = start_epoch
+        record_schedule()
 
     memory.reset_peak_memory(device)
-    train_seconds, samples_seen, oom_retries = 0.0, 0, 0
     # A trial resumed after its last epoch was saved has nothing left to train but its metrics.
     metrics = {k: v for k, v in report.history[-1].items() if k != "epoch"} if report.history else {}
+    train_seconds, oom_retries = metrics.get("train_time_s", 0.0), 0
     epoch = start_epoch
     while epoch < hp.epochs:
+        batch_size = epoch_batch_size(hp, epoch, batch_sizes, noise.value, len(train_batches))
+        micro = min(micro_batch_size or limits.start(batch_size), batch_size)
+        if measure_noise and micro == batch_size > 1:
+            # Two micro-batches give the two batch sizes the estimate needs; the gradient is exact.
+            micro = math.ceil(batch_size / 2)
         report.records.update(
-            micro_batch_size=micro_batch_size,
-            accumulation_steps=math.ceil(hp.batch_size / micro_batch_size),
+            micro_batch_size=micro,
+            accumulation_steps=math.ceil(batch_size / micro),
             precision=precision,
             oom_retries=oom_retries,
         )
@@ -202,10 +213,10 @@ def train(
         out_of_memory = False
         try:
             train_loss = _train_epoch(
-                model, workload, optimizer, scheduler, train_batches, shuffle, hp.batch_size,
-                micro_batch_size, precision,
+                model, workload, optimizer, train_batches, shuffle, batch_size, micro, precision,
+                _rates(hp, epoch, batch_size, len(train_batches)), gradients, noise,
             )
-            metrics = evaluate(model, workload, val_batches, micro_batch_size, precision)
+            metrics = evaluate(model, workload, val_batches, micro, precision)
         except RuntimeError as error:
             if not memory.is_out_of_memory(error):
                 raise
@@ -216,21 +227,24 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             memory.free_memory(device)
             oom_retries += 1
-            limits.record_failure(micro_batch_size)
-            if micro_batch_size == 1:
+            limits.record_failure(micro)
+            if micro == 1:
                 report.records.update(oom_retries=oom_retries, peak_memory_mb=memory.peak_memory_mb(device))
                 raise OutOfMemory(f"a micro-batch of 1 does not fit on {device}")
-            micro_batch_size = limits.start(hp.batch_size)
+            micro_batch_size = None
             restore(checkpoint.load())  # type: ignore[arg-type]
             continue
-        limits.record_fit(micro_batch_size)
+        limits.record_fit(micro)
         train_seconds += time.perf_counter() - started
-        samples_seen += len(train_batches)
         epoch += 1
-        metrics.update(train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
+        batch_sizes.append(batch_size)
+        if measure_noise:
+            noise_scales.append(noise.value)
+        record_schedule()
+        metrics.update(train_loss=train_loss, lr=optimizer.param_groups[0]["lr"], train_time_s=train_seconds)
         report.records.update(
             train_time_s=train_seconds,
-            samples_per_s=samples_seen / train_seconds if train_seconds else 0.0,
+            samples_per_s=epoch * len(train_batches) / train_seconds if train_seconds else 0.0,
             peak_memory_mb=memory.peak_memory_mb(device),
         )
         report.record(epoch, metrics)
@@ -239,33 +253,52 @@ def train(
     return metrics
 
 
+def _rates(hp: Hyperparameters, epoch: int, batch_size: int, train_size: int) -> Callable[[int, int], float]:
+    """The rate of a step of ``epoch`` that covers its samples ``start`` to ``end``."""
+    peak = epoch_lr(hp, batch_size)
+    total = train_size * hp.epochs
+    offset = epoch * train_size
+
+    def rate(start: int, end: int) -> float:
+        factor = lr_factor((offset + start) / total, (offset + end) / total, decay=hp.schedule.name != "ramp")
+        return peak * factor
+
+    return rate
+
+
 def _train_epoch(
     model: torch.nn.Module,
     workload: Workload,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Batches,
     shuffle: torch.Generator,
     batch_size: int,
     micro_batch_size: int,
     precision: str,
+    rate: Callable[[int, int], float],
+    gradients: MicroBatchGradients | None,
+    noise: NoiseScale,
 ) -> float:
+    """One pass over the data; ``gradients``, when given, feed ``noise`` after every step."""
     model.train()
     order = torch.randperm(len(batches), generator=shuffle)
-    chunks: list[torch.Tensor] = []
-    plan: list[tuple[float, bool]] = []
-    for step in order.split(batch_size):
-        parts = split_step(step, micro_batch_size)
-        chunks.extend(part for part, _ in parts)
-        plan.extend((weight, k == len(parts) - 1) for k, (_, weight) in enumerate(parts))
+    steps = [split_step(step, micro_batch_size) for step in order.split(batch_size)]
+    micro_batches = batches([part for parts in steps for part, _ in parts])
     total_loss = torch.zeros((), device=batches.device)
     optimizer.zero_grad(set_to_none=True)
-    for position, (inputs, targets) in enumerate(batches(chunks)):
-        weight, ends_step = plan[position]
-        loss = forward_backward(model, workload, inputs, targets, weight, precision)
-        total_loss += loss.float() * len(inputs)
-        if ends_step:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    seen = 0
+    for parts in steps:
+        for (_, weight), (inputs, targets) in zip(parts, micro_batches):
+            loss = forward_backward(model, workload, inputs, targets, weight, precision)
+            total_loss += loss.float() * len(inputs)
+            if gradients is not None:
+                gradients.add(len(inputs), weight)
+        if gradients is not None:
+            gradients.end_step(noise)
+        step_size = sum(len(part) for part, _ in parts)
+        for group in optimizer.param_groups:
+            group["lr"] = rate(seen, seen + step_size)
+        seen += step_size
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return float(total_loss) / len(batches)

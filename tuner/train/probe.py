@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from tuner.errors import BadInputError
 from tuner.space import Hyperparameters
 from tuner.spec import StudySpec
 from tuner.train import memory
 from tuner.train.loop import Batches, forward_backward, make_optimizer
-from tuner.workloads import Workload, load_workload
+from tuner.workloads import Workload, load_torch_workload
 from tuner.workloads.base import train_size
 
 MARGIN = 0.05
@@ -159,12 +158,7 @@ def probe(
 def probe_spec(spec: StudySpec, device: torch.device) -> ProbeResult:
     """Probe a spec's workload up to its largest effective batch (at most the training set),
     with the optimizer of the search space that keeps the most state."""
-    workload = load_workload(spec.workload)
-    if not isinstance(workload, Workload):
-        raise BadInputError(
-            f"Workload {spec.workload!r} is a training function with its own loop; "
-            "the probe needs a torch Workload."
-        )
+    workload = load_torch_workload(spec.workload, "the probe")
     max_size = min(spec.search.batch_size.high, train_size(workload) or spec.search.batch_size.high)
     choices = spec.search.optimizer.choices if spec.search.optimizer else ["adamw"]
     lr = spec.search.lr.low

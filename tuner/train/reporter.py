@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ class Reporter:
         self.objectives = objectives
         self.history: list[dict[str, float]] = list(trial.user_attrs.get("history", []))
         self.records: dict[str, Any] = {}
+        self.started = time.perf_counter()
 
     @property
     def epochs_done(self) -> int:
@@ -78,7 +80,12 @@ class Reporter:
         self.decide(epoch)
 
     def record(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Keep the epoch's metrics; NaN or infinity anywhere is divergence."""
+        """Keep the epoch's metrics; NaN or infinity anywhere is divergence.
+
+        ``train_time_s``, the seconds trained so far, is added when the metrics lack it (a
+        training function's), so that it can be an objective whatever the workload's form.
+        """
+        metrics = {"train_time_s": time.perf_counter() - self.started, **metrics}
         missing = [o.metric for o in self.objectives if o.metric not in metrics]
         if missing:
             raise KeyError(

@@ -6,7 +6,7 @@ import importlib
 import inspect
 from typing import Any
 
-from tuner.errors import SpecError, WorkloadError
+from tuner.errors import BadInputError, SpecError, WorkloadError
 from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, train_size
 
 # Imported when named, so a worker of another workload does not pay for scikit-learn.
@@ -20,7 +20,7 @@ BUNDLED: dict[str, str] = {
 
 __all__ = [
     "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_workload",
-    "load_workload",
+    "load_torch_workload", "load_workload",
 ]
 
 
@@ -72,10 +72,28 @@ def load_workload(reference: str) -> Workload | TrainingFunction:
     )
 
 
+def load_torch_workload(reference: str, purpose: str) -> Workload:
+    """A torch ``Workload``; a training function is bad input for ``purpose``, which needs the loop."""
+    workload = load_workload(reference)
+    if not isinstance(workload, Workload):
+        raise BadInputError(
+            f"Workload {reference!r} is a training function with its own loop; {purpose} needs a torch Workload."
+        )
+    return workload
+
+
 def check_workload(spec: Any) -> None:
-    """Refuse a spec whose workload does not load or whose batch range exceeds the data set."""
+    """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
+    that asks a training function for what only tuner's loop measures."""
     workload = load_workload(spec.workload)
     samples = train_size(workload)
+    schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
+    if samples is None and (spec.measure_noise_scale or "adaptive" in schedules):
+        field = "measure_noise_scale" if spec.measure_noise_scale else "search.batch_schedule.choices"
+        raise SpecError(
+            f"spec field '{field}': measuring the noise scale needs tuner's training loop, and "
+            f"workload {spec.workload!r} is a training function with its own loop."
+        )
     if samples is not None and spec.search.batch_size.high > samples:
         raise SpecError(
             f"spec field 'search.batch_size.high' ({spec.search.batch_size.high}) is larger than "

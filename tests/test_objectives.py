@@ -1,0 +1,97 @@
+"""Accuracy against training time: two objectives, the Pareto front, and the fastest trial
+within a tolerance of the best."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from typer.testing import CliRunner
+
+from conftest import small_spec
+from tuner.cli import app
+from tuner.errors import BadInputError, SpecError
+from tuner.report import fastest_within
+from tuner.spec import parse_spec
+from tuner.study import create_study
+from tuner.worker import WorkerOptions, run_worker
+
+TRADEOFF = [
+    {"metric": "val_accuracy", "direction": "maximize"},
+    {"metric": "train_time_s", "direction": "minimize"},
+]
+
+
+def _spec(name: str, **overrides: object) -> dict:
+    spec = small_spec(name, budget={"n_trials": 3}, **overrides)
+    del spec["objective"], spec["pruner"]
+    return {**spec, **overrides}
+
+
+def test_two_objectives_train_to_the_end_and_tell_the_time(sqlite_url: str, tmp_path) -> None:
+    create_study(parse_spec(_spec("tradeoff", objectives=TRADEOFF)), sqlite_url)
+    run_worker("tradeoff", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path))
+    study = optuna.load_study(study_name="tradeoff", storage=sqlite_url)
+    assert study.metric_names == ["val_accuracy", "train_time_s"]
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.user_attrs["epochs_completed"] == trial.params["epochs"]
+        assert trial.values[1] == trial.user_attrs["train_time_s"] > 0
+        assert not trial.intermediate_values  # Optuna cannot prune several objectives
+
+    result = CliRunner().invoke(app, ["best", "--study", "tradeoff", "--storage", sqlite_url])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front of 'tradeoff'" in result.stdout and "train_time_s" in result.stdout
+    front = {trial.number for trial in study.best_trials}
+    assert all(f"#{number}" in result.stdout for number in front)
+
+
+def test_a_pruner_with_two_objectives_is_named_as_unused(sqlite_url: str, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tuner.study"):
+        create_study(parse_spec(_spec("pruned", objectives=TRADEOFF, pruner={"name": "median"})), sqlite_url)
+    assert "Optuna prunes single-objective studies only" in caplog.text and "'median'" in caplog.text
+
+
+def test_cmaes_with_two_objectives_is_refused() -> None:
+    with pytest.raises(SpecError, match="sampler 'cmaes' takes one objective; with several use tpe"):
+        parse_spec(_spec("cma", objectives=TRADEOFF, sampler={"name": "cmaes"}))
+
+
+def _timed_study(directions: list[str], trials: list[tuple[list[float], float]]) -> optuna.Study:
+    study = optuna.create_study(directions=directions)
+    study.set_metric_names(["val_accuracy", "train_time_s"][: len(directions)])
+    for number, (values, seconds) in enumerate(trials):
+        study.add_trial(optuna.trial.create_trial(
+            values=values, params={"batch_size": 2**number},
+            distributions={"batch_size": CategoricalDistribution([1, 2, 4, 8])},
+            user_attrs={"train_time_s": seconds},
+        ))
+    return study
+
+
+def test_fastest_within_a_tolerance_of_the_best() -> None:
+    study = _timed_study(["maximize"], [([0.970], 10.0), ([0.962], 3.0), ([0.950], 1.0), ([0.968], 5.0)])
+    best, fastest = fastest_within(study, 0.01)
+    assert (best.number, fastest.number) == (0, 1)  # 0.962 >= 0.970 * 0.99; 0.950 is not
+    assert fastest_within(study, 0.0)[1].number == 0
+    two = _timed_study(["maximize", "minimize"], [([0.970, 10.0], 10.0), ([0.962, 3.0], 3.0)])
+    assert fastest_within(two, 0.01)[1].number == 1
+
+
+def test_best_within_on_the_command_line(sqlite_url: str, tmp_path) -> None:
+    create_study(parse_spec(small_spec("within", budget={"n_trials": 3}, pruner={"name": "none"})), sqlite_url)
+    run_worker("within", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path))
+    result = CliRunner().invoke(app, ["best", "--study", "within", "--storage", sqlite_url, "--within", "a bit"])
+    assert isinstance(result.exception, BadInputError) and "--within takes a percentage" in str(result.exception)
+    result = CliRunner().invoke(app, ["best", "--study", "within", "--storage", sqlite_url, "--within", "50%", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    study = optuna.load_study(study_name="within", storage=sqlite_url)
+    assert answer["best_trial"] == study.best_trial.number and answer["within"] == pytest.approx(0.5)
+    expected = fastest_within(study, 0.5)[1]
+    assert answer["trial"] == expected.number
+    table = CliRunner().invoke(app, ["best", "--study", "within", "--storage", sqlite_url, "--within", "50%"])
+    assert f"fastest trial within 50% of the best val_accuracy: #{expected.number}" in table.stdout

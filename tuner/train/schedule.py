@@ -1,0 +1,61 @@
+"""What each epoch trains with: its effective batch and its rate, and the rate within the epoch.
+
+Every value here is a function of the epoch, the position in it and state that the checkpoint
+keeps (the batches used so far, the noise scale), so a resumed trial repeats the schedule.
+
+- ``constant``: the searched batch every epoch; the rate warms up, then decays by a cosine.
+- ``ramp`` (Smith et al. 2017, "Don't Decay the Learning Rate, Increase the Batch Size"): the
+  batch grows by ``ramp_factor`` at set fractions of the epochs *instead of* decaying the rate,
+  which only warms up.
+- ``adaptive``: from the second epoch on, the batch is the gradient noise scale measured so far
+  (McCandlish et al. 2018), clipped to the search range, and the rate follows the batch by the
+  spec's scaling rule; warm-up and cosine as for ``constant``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tuner.space import Hyperparameters
+
+WARMUP_FRACTION = 0.05
+
+
+def epoch_batch_size(hp: Hyperparameters, epoch: int, used: list[int], noise_scale: float | None, train_size: int) -> int:
+    """The effective batch of ``epoch`` (counted from 0), at most the training set."""
+    schedule = hp.schedule
+    batch_size = hp.batch_size
+    if schedule.name == "ramp":
+        # ceil: a ramp point never falls on the first epoch, and 0.5 of 3 epochs is epoch 2.
+        ramps = sum(epoch >= max(1, math.ceil(at * hp.epochs)) for at in schedule.ramp_at)
+        batch_size = hp.batch_size * schedule.ramp_factor**ramps
+    elif schedule.name == "adaptive" and epoch > 0:
+        if noise_scale is None:
+            batch_size = used[-1]
+        else:
+            batch_size = max(schedule.low, min(round(noise_scale), schedule.high or train_size))
+    return max(1, min(batch_size, train_size))
+
+
+def epoch_lr(hp: Hyperparameters, batch_size: int) -> float:
+    """The peak rate at ``batch_size``: the searched rate, moved by the scaling rule when the
+    adaptive schedule changed the batch (a ramp keeps it: the growing batch is its decay)."""
+    if hp.schedule.name != "adaptive":
+        return hp.lr
+    return hp.lr * (batch_size / hp.batch_size) ** hp.schedule.lr_exponent
+
+
+def lr_factor(start: float, end: float, *, decay: bool) -> float:
+    """The rate's factor for a step covering the fractions ``start`` to ``end`` of all the
+    samples the trial trains on: a linear warm-up over the first 5%, then a cosine to zero at
+    the end (or no decay).
+
+    Counted in samples rather than steps because the steps of a ramp or adaptive schedule change
+    size, which PyTorch's step-counting schedulers cannot follow.
+    """
+    if end <= WARMUP_FRACTION:
+        return end / WARMUP_FRACTION
+    if not decay:
+        return 1.0
+    progress = max(0.0, (start - WARMUP_FRACTION) / (1 - WARMUP_FRACTION))
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
