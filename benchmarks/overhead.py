@@ -82,6 +82,7 @@ def plain_optuna_worker(study_name: str, url: str, n_trials: int, seed: int) -> 
 
 
 def _plain_storage(url: str) -> str | optuna.storages.BaseStorage:
+    """Optuna's own storage for the URL, without tuner's reconnecting layer: the baseline is plain Optuna."""
     if url.endswith(".log"):
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     if url.startswith("grpc://"):
