@@ -96,7 +96,9 @@ def run_optuna(workload: str, budget: int, seed: int, folder: Path) -> list[Even
 
     def account(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         epochs = (events[-1][0] if events else 0) + len(trial.intermediate_values)
-        events.append((epochs, time.perf_counter() - started, trial.value))
+        # Optuna gives a pruned trial its last reported value; like every method's, it does not count.
+        value = trial.value if trial.state == TrialState.COMPLETE else None
+        events.append((epochs, time.perf_counter() - started, value))
         if epochs >= budget:
             study.stop()
 

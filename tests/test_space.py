@@ -3,7 +3,7 @@ import math
 import optuna
 import pytest
 
-from tuner.space import scaled_learning_rate, suggest
+from tuner.space import centre, scaled_learning_rate, suggest
 from tuner.spec import LearningRateSpace, SearchSpace
 
 
@@ -50,3 +50,27 @@ def test_sampled_values_lie_in_the_space():
         assert 2 <= hp.epochs <= 20
         assert 1e-4 <= hp.base_lr <= 1.0
         assert math.isclose(hp.lr, hp.base_lr * hp.batch_size / 128)
+
+
+def test_centre_is_the_middle_of_every_range_on_its_scale():
+    params = centre(space(scale_with_batch="sqrt"))
+    assert params["batch_size"] == 128  # the middle of 16, 32, ..., 1024
+    assert math.isclose(params["base_lr"], 1e-2)  # geometric: the lr is searched on a log scale
+    assert params["epochs"] == 6  # geometric middle of 2 and 20, epochs being log by default
+    assert params["optimizer"] == "sgd"
+    assert math.isclose(params["weight_decay"], 1e-4)
+
+
+def test_the_first_trial_of_a_study_is_the_centre(tmp_path):
+    from conftest import small_spec
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+
+    spec = parse_spec(small_spec("centred", budget={"n_trials": 3}))
+    study = create_study(spec, f"sqlite:///{tmp_path}/centred.db")
+    first = study.trials[0]
+    assert first.system_attrs["fixed_params"] == centre(spec.search)
+    trial = study.ask()
+    hp = suggest(trial, spec.search, seed=0)
+    assert (hp.batch_size, hp.epochs) == (centre(spec.search)["batch_size"], centre(spec.search)["epochs"])
+    assert len(study.trials) == 3  # the centre holds one of the budget's slots

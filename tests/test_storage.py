@@ -7,6 +7,7 @@ import threading
 import optuna
 import pytest
 import sqlalchemy
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from tuner.storage import make_storage, set_user_attrs, sqlalchemy_url
@@ -71,3 +72,64 @@ def test_user_attrs_written_in_one_go_read_back(sqlite_url):
     set_user_attrs(trial, expected)
     assert trial.user_attrs == expected
     assert study.trials[0].user_attrs == expected
+
+
+def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+    try:
+        return storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+    except UpdateFinishedTrialError:  # another worker took it and finished it meanwhile
+        return False
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_slots_added_ahead_by_racing_workers_never_pass_the_budget(backend, request, monkeypatch):
+    """Eight workers, each with its own connections, take WAITING trials and top them up three
+    at a time as they run out; the study ends with exactly the budget, every trial run once."""
+    monkeypatch.setenv("TUNER_DB_RETRY_S", "60")
+    url = request.getfixturevalue(f"{backend}_url")
+    name = f"ahead-{backend}-{request.node.name[-8:]}"
+    n_trials = 40
+    optuna.create_study(study_name=name, storage=make_storage(url))
+    ran: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            storage = make_storage(url)
+            study_id = storage.get_study_id_from_name(name)
+            while True:
+                waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+                won = next((t for t in waiting if _claimed(storage, t._trial_id)), None)
+                if won is not None:
+                    ran.append(won.number)
+                    storage.set_trial_state_values(won._trial_id, TrialState.COMPLETE, [0.0])
+                elif not storage.add_waiting_trials(study_id, n_trials, ahead=3):
+                    return
+        except BaseException as error:  # noqa: BLE001 - reported by the test below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    trials = optuna.load_study(study_name=name, storage=make_storage(url)).get_trials()
+    assert len(trials) == n_trials
+    assert sorted(ran) == list(range(n_trials))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_slot_counts_leave_out_retried_trials(sqlite_url):
+    storage = make_storage(sqlite_url)
+    study = optuna.create_study(study_name="counted", storage=storage)
+    study.add_trials([optuna.trial.create_trial(state=TrialState.WAITING)] * 3)
+    first, second, _ = study.get_trials()
+    storage.set_trial_state_values(first._trial_id, TrialState.RUNNING)
+    storage.set_trial_state_values(first._trial_id, TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(first._trial_id))
+    storage.set_trial_state_values(second._trial_id, TrialState.RUNNING)
+    counts, first_start = storage.slot_counts(study._study_id)
+    assert counts[TrialState.FAIL] == 0  # the failed trial's retry holds its slot
+    assert counts[TrialState.WAITING] == 2 and counts[TrialState.RUNNING] == 1
+    assert first_start is not None

@@ -48,6 +48,15 @@ def test_finished_trials_carry_their_learning_curve(finished_study: dict, tmp_pa
         assert {"epoch", "train_loss", "val_accuracy", "lr"} <= set(history[0])
 
 
+def test_learning_curve_png_can_be_left_out(tmp_path: Path, write_spec, sqlite_url):
+    spec = small_spec("json-only", budget={"n_trials": 1}, workload="user_workloads:own_loop")
+    spec["learning_curve_png"] = False
+    assert tuner("run", str(write_spec(spec)), "--storage", sqlite_url, cwd=tmp_path).returncode == 0
+    study = optuna.load_study(study_name="json-only", storage=sqlite_url)
+    metas = get_all_artifact_meta(study.trials[0], storage=study._storage)
+    assert [meta.filename for meta in metas] == ["trial-0-curve.json"]
+
+
 def test_run_logs_every_epoch_as_a_line(finished_study: dict):
     assert "trial 0 epoch 1/" in finished_study["output"]
 

@@ -56,9 +56,13 @@ def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) ->
 
 
 def upload_learning_curve(
-    trial: optuna.Trial, history: Sequence[dict[str, Any]], metrics: Sequence[str], directory: Path
+    trial: optuna.Trial,
+    history: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    directory: Path,
+    png: bool = True,
 ) -> None:
-    """Attach the trial's per-epoch history as JSON and as a PNG plot.
+    """Attach the trial's per-epoch history as JSON and, with ``png``, as a PNG plot.
 
     Must run before the trial is told: Optuna refuses attributes on finished trials.
     """
@@ -68,7 +72,9 @@ def upload_learning_curve(
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / f"trial-{trial.number}-curve.json"
         data.write_text(json.dumps(list(history), indent=1))
-        plot = Path(scratch) / f"trial-{trial.number}-curve.png"
-        curve_figure(history, metrics).savefig(plot, dpi=80)
-        for path in (data, plot):
+        paths = [data]
+        if png:
+            paths.append(Path(scratch) / f"trial-{trial.number}-curve.png")
+            curve_figure(history, metrics).savefig(paths[-1], dpi=80)
+        for path in paths:
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import optuna
@@ -73,7 +74,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparam
     base_lr = trial.suggest_float(
         lr_param_name(space.lr), space.lr.low, space.lr.high, log=space.lr.log
     )
-    epochs = trial.suggest_int("epochs", space.epochs.low, space.epochs.high)
+    epochs = trial.suggest_int("epochs", space.epochs.low, space.epochs.high, log=space.epochs.log)
     extras: dict[str, float | str] = {}
     if space.optimizer is not None:
         extras["optimizer"] = trial.suggest_categorical("optimizer", space.optimizer.choices)
@@ -90,6 +91,35 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparam
         schedule=_schedule(trial, space),
         **extras,  # type: ignore[arg-type]
     )
+
+
+def centre(space: SearchSpace) -> dict[str, float | int | str]:
+    """The middle of every searched range, geometric where it is searched on a log scale: the
+    study's first trial, a sound guess in any space before the sampler knows anything."""
+    def middle(low: float, high: float, log: bool) -> float:
+        return math.sqrt(low * high) if log else (low + high) / 2
+
+    batch = space.batch_size
+    if batch.scale == "pow2":
+        choices = batch.choices()
+        batch_size = choices[(len(choices) - 1) // 2]
+    else:
+        batch_size = round(middle(batch.low, batch.high, batch.scale == "log"))
+    params: dict[str, float | int | str] = {
+        "batch_size": batch_size,
+        lr_param_name(space.lr): middle(space.lr.low, space.lr.high, space.lr.log),
+        "epochs": round(middle(space.epochs.low, space.epochs.high, space.epochs.log)),
+    }
+    if space.optimizer is not None:
+        params["optimizer"] = space.optimizer.choices[0]
+    for name in ("weight_decay", "momentum"):
+        bounds = getattr(space, name)
+        if bounds is not None:
+            params[name] = middle(bounds.low, bounds.high, bounds.log)
+    if space.batch_schedule is not None:
+        choices = space.batch_schedule.choices
+        params["batch_schedule"] = "constant" if "constant" in choices else choices[0]
+    return params
 
 
 def _schedule(trial: optuna.Trial, space: SearchSpace) -> BatchSchedule:

@@ -58,8 +58,13 @@ class LearningRateSpace(_Range):
 
 
 class EpochsSpace(_Range):
+    """Epochs per trial, searched on a log scale unless told otherwise: a trial's cost grows
+    with its epochs, what it learns much more slowly, so short trials deserve as much of the
+    search as long ones."""
+
     low: int = Field(ge=1)
     high: int = Field(ge=1)
+    log: bool = True
 
 
 class FloatSpace(_Range):
@@ -134,6 +139,8 @@ class SamplerSpec(_Strict):
     seed: int | None = None
     multivariate: bool = True
     n_startup_trials: int | None = Field(default=None, ge=0)
+    # "centre": the first trial takes the middle of every range (see tuner.space.centre).
+    first_trial: Literal["centre", "sampler"] = "centre"
 
 
 class MedianPrunerSpec(_Strict):
@@ -204,6 +211,9 @@ class StudySpec(_Strict):
     max_retries: int = Field(default=2, ge=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     measure_noise_scale: bool = False
+    # The PNG costs about 0.1 s of CPU per trial: nothing next to minutes of training, most of
+    # a trial's coordination cost when trials last a few seconds. The JSON curve is always kept.
+    learning_curve_png: bool = True
 
     @model_validator(mode="after")
     def _one_objective_form(self) -> "StudySpec":

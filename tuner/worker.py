@@ -8,6 +8,7 @@ budget and no trial count gets fresh trials.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,11 +29,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.artifacts import default_artifact_dir, upload_learning_curve
 from tuner.errors import TunerError
-from tuner.notes import refresh_study_note
+from tuner.notes import REFRESH_INTERVAL_S, refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import beside_storage, make_storage, set_user_attrs, storage_url
-from tuner.study import budget_state, load_study
+from tuner.storage import RETRY_HISTORY, beside_storage, make_storage, set_user_attrs, storage_url
+from tuner.study import add_waiting_trials, budget_state, load_study
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
@@ -82,15 +83,18 @@ def seed_offset(worker_index: int | None) -> int:
 
 def _claim(study: optuna.Study, budgeted: bool) -> tuple[optuna.Trial, FrozenTrial] | None:
     """Win a WAITING trial (retries first), or make one when the budget counts no trials."""
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    waiting.sort(key=lambda t: ("retry_history" not in t.system_attrs, t.number))
     storage = study._storage
-    for frozen in waiting:
-        try:
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, frozen._trial_id), frozen
-        except UpdateFinishedTrialError:
-            continue
+    while True:
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        waiting.sort(key=lambda t: (RETRY_HISTORY not in t.system_attrs, t.number))
+        for frozen in waiting:
+            try:
+                if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                    return optuna.Trial(study, frozen._trial_id), frozen
+            except UpdateFinishedTrialError:
+                continue
+        if not (budgeted and add_waiting_trials(study)):
+            break
     if budgeted:
         return None
     trial_id = storage.create_new_trial(study._study_id)
@@ -151,24 +155,32 @@ def run_worker(
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     summary = WorkerSummary()
     consecutive_failures = 0
+    heartbeat = is_heartbeat_enabled(study._storage)
+    # A trial turns stale one heartbeat interval at a time: looking more often finds nothing new.
+    stale_check_s = study._storage.get_heartbeat_interval() if heartbeat else 0.0
+    stale_checked_at = note_checked_at = -math.inf
     try:
         while not stop:
-            state = budget_state(study, spec)
-            if state.exhausted:
+            if spec.budget.timeout_s is not None and budget_state(study, spec).exhausted:
                 break
-            if is_heartbeat_enabled(study._storage):
+            if heartbeat and time.monotonic() - stale_checked_at >= stale_check_s:
                 _fail_stale_trials(study)
+                stale_checked_at = time.monotonic()
             claimed = _claim(study, budgeted=spec.budget.n_trials is not None)
             if claimed is None:
                 # Only a trial whose worker dies can add work now, and only heartbeats tell.
-                if state.running and is_heartbeat_enabled(study._storage):
+                state = budget_state(study, spec)
+                if not state.exhausted and state.running and heartbeat:
                     time.sleep(options.poll_s)
                     continue
                 break
             trial, frozen = claimed
             outcome = _run_trial(study, spec, workload, trial, frozen, device, checkpoint_dir, options, stop)
             summary.count(outcome)
-            fresh = "retry_history" not in frozen.system_attrs
+            if outcome != "worker_stopped" and time.monotonic() - note_checked_at >= REFRESH_INTERVAL_S:
+                refresh_study_note(study, spec)
+                note_checked_at = time.monotonic()
+            fresh = RETRY_HISTORY not in frozen.system_attrs
             consecutive_failures = consecutive_failures + 1 if outcome == "failed" and fresh else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise TunerError(
@@ -176,6 +188,8 @@ def run_worker(
                     f"the workload {spec.workload!r} looks broken (see the 'error' of the trials "
                     f"with: tuner trials --study {study_name})."
                 )
+        if not stop:
+            refresh_study_note(study, spec)  # the last word: written when the budget is met
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -195,7 +209,7 @@ def _run_trial(
     stop: _StopRequest,
 ) -> str:
     """Train one trial and tell its end; return the outcome as a word."""
-    origin = frozen.system_attrs.get("retry_history", [frozen.number])[0]
+    origin = frozen.system_attrs.get(RETRY_HISTORY, [frozen.number])[0]
     if origin != frozen.number:
         # A retry inherits its original's records; how the original ended is not its own.
         trial.set_user_attr("error", None)
@@ -212,7 +226,7 @@ def _run_trial(
     # Who runs it and where, for ``tuner status`` while it runs.
     set_user_attrs(trial, {"worker": worker_id(), "device": str(device)})
     if origin != frozen.number:
-        reporter.records["retried_from"] = frozen.system_attrs["retry_history"][-1]
+        reporter.records["retried_from"] = frozen.system_attrs[RETRY_HISTORY][-1]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
     started = time.perf_counter()
     # The heartbeat runs until the trial is told: a slow final write must not look like death.
@@ -227,12 +241,13 @@ def _run_trial(
                 # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
                 trial.set_constraint("out_of_memory", 1.0)
             # Artifacts write an attribute on the trial, which a finished trial refuses.
-            upload_learning_curve(trial, reporter.history, [o.metric for o in spec.all_objectives], options.artifact_dir)
+            upload_learning_curve(
+                trial, reporter.history, [o.metric for o in spec.all_objectives], options.artifact_dir,
+                png=spec.learning_curve_png,
+            )
             study.tell(trial, values, state=state)
-    if outcome != "worker_stopped":
-        refresh_study_note(study, spec)
-        if not options.keep_checkpoints:
-            checkpoint.remove()
+    if outcome != "worker_stopped" and not options.keep_checkpoints:
+        checkpoint.remove()
     _log_trial(trial, spec, hp, outcome, values, reporter)
     return outcome
 

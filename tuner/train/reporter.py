@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 
 from tuner.spec import Objective
-from tuner.storage import set_user_attrs
+from tuner.storage import record_epoch
 
 logger = logging.getLogger("tuner.progress")
 
@@ -98,7 +98,9 @@ class Reporter:
                 raise Diverged(f"{name} is {value} at epoch {epoch}")
         self.history.append({"epoch": epoch, **metrics})
         self._log(epoch, metrics)
-        set_user_attrs(self.trial, {"history": self.history, "epochs_completed": epoch})
+        # Optuna prunes single-objective studies only: several objectives have no curve to report.
+        value = metrics[self.objectives[0].metric] if len(self.objectives) == 1 else None
+        record_epoch(self.trial, epoch, value, {"history": self.history, "epochs_completed": epoch})
         self.records["epochs_completed"] = epoch
 
     def decide(self, epoch: int) -> None:
@@ -106,10 +108,8 @@ class Reporter:
         if self.stop_requested():
             raise WorkerStopped(f"stopped after epoch {epoch}")
         if len(self.objectives) > 1:
-            # Optuna prunes single-objective studies only; several objectives train to the end.
             return
         metric = self.objectives[0].metric
         value = self.history[-1][metric]
-        self.trial.report(value, epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch} with {metric}={value:.4g}")
