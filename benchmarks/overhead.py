@@ -226,6 +226,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))  # the spec's workload, benchmarks.overhead:sleeping_training
     if len(sys.argv) > 1 and sys.argv[1] == "--plain-worker":
         name, url, n_trials, seed = sys.argv[2:6]
         plain_optuna_worker(name, url, int(n_trials), int(seed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ import sqlalchemy
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -83,16 +85,35 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """Several user attributes in one transaction: one commit (a disk flush on SQLite, a
         round trip on a server) instead of one per attribute."""
         with _create_scoped_session(self.scoped_session, True) as session:
+            self._upsert_user_attrs(session, trial_id, attrs)
+
+    def _upsert_user_attrs(self, session: sqlalchemy.orm.Session, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Optuna's upsert of one attribute, made one statement for them all where the
+        database has a multi-row upsert: a trial's 15 records are 2 statements, not 30."""
+        inserts = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
+        if self.engine.name not in inserts:
             for key, value in attrs.items():
                 self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
-
+            return
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        self.check_trial_is_updatable(trial_id, trial.state)
+        table = models.TrialUserAttributeModel
+        insert = inserts[self.engine.name](table).values(
+            [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+        )
+        if self.engine.name == "mysql":
+            upsert = insert.on_duplicate_key_update(value_json=insert.inserted.value_json)
+        else:
+            upsert = insert.on_conflict_do_update(
+                index_elements=[table.trial_id, table.key], set_={"value_json": insert.excluded.value_json}
+            )
+        session.execute(upsert)
 
     def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
         """An epoch's user attributes and intermediate value in one transaction: a trial's
         most frequent write, made once per epoch instead of twice."""
         with _create_scoped_session(self.scoped_session, True) as session:
-            for key, attr in attrs.items():
-                self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, attr)
+            self._upsert_user_attrs(session, trial_id, attrs)
             if value is not None:
                 self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
 

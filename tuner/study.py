@@ -170,7 +170,7 @@ def create_study(
     return study
 
 
-WAITING_AHEAD = 64
+WAITING_AHEAD = 16
 
 
 def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:

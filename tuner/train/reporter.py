@@ -15,6 +15,11 @@ from tuner.storage import record_epoch
 
 logger = logging.getLogger("tuner.progress")
 
+# The objective goes to the storage every epoch, as the pruner needs; the whole history at most
+# this often while the trial runs, and with the records at its end. Epochs of a few milliseconds
+# would otherwise spend most of their time rewriting it; a checkpoint keeps it for a resume.
+HISTORY_WRITE_INTERVAL_S = 5.0
+
 
 class Diverged(optuna.TrialPruned):
     """A metric became NaN or infinite: the trial is pruned with ``stop_reason: diverged``."""
@@ -48,6 +53,7 @@ class Reporter:
         self.history: list[dict[str, float]] = list(trial.user_attrs.get("history", []))
         self.records: dict[str, Any] = {}
         self.started = time.perf_counter()
+        self._next_history_write = 0.0
 
     @property
     def epochs_done(self) -> int:
@@ -98,10 +104,14 @@ class Reporter:
                 raise Diverged(f"{name} is {value} at epoch {epoch}")
         self.history.append({"epoch": epoch, **metrics})
         self._log(epoch, metrics)
+        self.records.update(history=self.history, epochs_completed=epoch)
         # Optuna prunes single-objective studies only: several objectives have no curve to report.
         value = metrics[self.objectives[0].metric] if len(self.objectives) == 1 else None
-        record_epoch(self.trial, epoch, value, {"history": self.history, "epochs_completed": epoch})
-        self.records["epochs_completed"] = epoch
+        if time.monotonic() >= self._next_history_write:
+            record_epoch(self.trial, epoch, value, {"history": self.history, "epochs_completed": epoch})
+            self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
+        elif value is not None:
+            self.trial.report(value, epoch)
 
     def decide(self, epoch: int) -> None:
         """Stop here if the worker is stopping or the pruner says so."""
