@@ -36,7 +36,14 @@ def test_a_connection_killed_mid_query_is_reconnected(postgres_url):
     assert [trial.state for trial in trials] == [optuna.trial.TrialState.WAITING]
 
 
-def test_two_workers_cannot_both_claim_one_sqlite_trial(sqlite_url, monkeypatch):
+CLAIMS = {
+    "optuna": lambda storage, trial_id: storage.set_trial_state_values(trial_id, TrialState.RUNNING),
+    "tuner": lambda storage, trial_id: storage.claim_waiting_trial(trial_id, {"worker": "w"}),
+}
+
+
+@pytest.mark.parametrize("claim", CLAIMS)
+def test_two_workers_cannot_both_claim_one_sqlite_trial(sqlite_url, monkeypatch, claim):
     monkeypatch.setenv("TUNER_DB_RETRY_S", "30")
     first, second = make_storage(sqlite_url), make_storage(sqlite_url)
     study = optuna.create_study(study_name="claim", storage=first)
@@ -48,19 +55,19 @@ def test_two_workers_cannot_both_claim_one_sqlite_trial(sqlite_url, monkeypatch)
     # second claim runs from start to end: the interleaving that makes a double claim.
     @sqlalchemy.event.listens_for(first.engine, "before_cursor_execute")
     def pause_before_write(connection, cursor, statement, parameters, context, executemany):
-        if statement.startswith("UPDATE trials") and not first_has_read.is_set():
+        if statement.startswith(("UPDATE trials", "INSERT INTO trial_user")) and not first_has_read.is_set():
             first_has_read.set()
             assert second_has_claimed.wait(30)
 
     def claim_second() -> None:
         assert first_has_read.wait(30)
-        outcomes["second"] = second.set_trial_state_values(trial_id, TrialState.RUNNING)
+        outcomes["second"] = CLAIMS[claim](second, trial_id)
         second_has_claimed.set()
 
     outcomes: dict[str, bool] = {}
     thread = threading.Thread(target=claim_second)
     thread.start()
-    outcomes["first"] = first.set_trial_state_values(trial_id, TrialState.RUNNING)
+    outcomes["first"] = CLAIMS[claim](first, trial_id)
     thread.join(30)
     assert outcomes == {"first": False, "second": True}
 

@@ -84,38 +84,63 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Several user attributes in one transaction: one commit (a disk flush on SQLite, a
         round trip on a server) instead of one per attribute."""
-        with _create_scoped_session(self.scoped_session, True) as session:
-            self._upsert_user_attrs(session, trial_id, attrs)
+        self.record_epoch(trial_id, 0, None, attrs)
 
-    def _upsert_user_attrs(self, session: sqlalchemy.orm.Session, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        """Optuna's upsert of one attribute, made one statement for them all where the
-        database has a multi-row upsert: a trial's 15 records are 2 statements, not 30."""
-        inserts = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
-        if self.engine.name not in inserts:
-            for key, value in attrs.items():
-                self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, value)
+    def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
+        """User attributes and, unless ``value`` is None, the intermediate value of ``step``, in
+        one transaction: a trial's most frequent write.
+
+        Optuna reads the trial again for each attribute and reads a value before writing it;
+        where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial once
+        and writes everything in one statement per table.
+        """
+        with _create_scoped_session(self.scoped_session, True) as session:
+            self._record_without_commit(session, trial_id, step, value, attrs)
+
+    def _record_without_commit(
+        self, session: sqlalchemy.orm.Session, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]
+    ) -> None:
+        if self.engine.name not in _INSERTS:
+            for key, attr in attrs.items():
+                self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, attr)
+            if value is not None:
+                self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
             return
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
         self.check_trial_is_updatable(trial_id, trial.state)
-        table = models.TrialUserAttributeModel
-        insert = inserts[self.engine.name](table).values(
-            [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
-        )
-        if self.engine.name == "mysql":
-            upsert = insert.on_duplicate_key_update(value_json=insert.inserted.value_json)
-        else:
-            upsert = insert.on_conflict_do_update(
-                index_elements=[table.trial_id, table.key], set_={"value_json": insert.excluded.value_json}
-            )
-        session.execute(upsert)
+        if attrs:
+            rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(attr)} for key, attr in attrs.items()]
+            self._upsert(session, models.TrialUserAttributeModel, rows, ("trial_id", "key"), ("value_json",))
+        if value is not None:
+            stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+            row = {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
+            columns = ("intermediate_value", "intermediate_value_type")
+            self._upsert(session, models.TrialIntermediateValueModel, [row], ("trial_id", "step"), columns)
 
-    def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
-        """An epoch's user attributes and intermediate value in one transaction: a trial's
-        most frequent write, made once per epoch instead of twice."""
-        with _create_scoped_session(self.scoped_session, True) as session:
-            self._upsert_user_attrs(session, trial_id, attrs)
-            if value is not None:
-                self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+    def claim_waiting_trial(self, trial_id: int, attrs: Mapping[str, Any]) -> bool:
+        """``set_trial_state_values(trial_id, RUNNING)`` and user attributes in one transaction;
+        False when the trial is no longer WAITING (another worker took it)."""
+        with _create_scoped_session(self.scoped_session) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            if trial.state != TrialState.WAITING:
+                return False
+            trial.state = TrialState.RUNNING
+            trial.datetime_start = datetime.now()
+            self._record_without_commit(session, trial_id, 0, None, attrs)
+        return True
+
+    def _upsert(
+        self, session: sqlalchemy.orm.Session, table: type, rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...]
+    ) -> None:
+        insert = _INSERTS[self.engine.name](table).values(rows)
+        if self.engine.name == "mysql":
+            statement = insert.on_duplicate_key_update({column: insert.inserted[column] for column in columns})
+        else:
+            statement = insert.on_conflict_do_update(
+                index_elements=[getattr(table, key) for key in keys],
+                set_={column: insert.excluded[column] for column in columns},
+            )
+        session.execute(statement)
 
     def slot_counts(self, study_id: int) -> tuple[dict[TrialState, int], datetime | None]:
         """Trials by state, less the failed trials a retry replaced, and the first start.
@@ -190,7 +215,8 @@ def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value
     transaction where the storage is a database."""
     backend = rdb_backend(getattr(trial, "storage", None))  # a FixedTrial (``tuner train``) has none
     if backend is None or step in trial._cached_frozen_trial.intermediate_values:
-        set_user_attrs(trial, attrs)
+        if attrs:
+            set_user_attrs(trial, attrs)
         if value is not None:
             trial.report(value, step)
         return
@@ -211,11 +237,12 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
+_INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
 _RETRIED_METHODS = (
     {name for name in vars(optuna.storages.BaseStorage) if not name.startswith("_")}
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
     | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
-    | {"set_trial_user_attrs", "record_epoch", "slot_counts", "add_waiting_trials"}
+    | {"set_trial_user_attrs", "record_epoch", "slot_counts", "add_waiting_trials", "claim_waiting_trial"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()
 

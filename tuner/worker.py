@@ -32,7 +32,7 @@ from tuner.errors import TunerError
 from tuner.notes import REFRESH_INTERVAL_S, refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import RETRY_HISTORY, beside_storage, make_storage, set_user_attrs, storage_url
+from tuner.storage import RETRY_HISTORY, beside_storage, make_storage, rdb_backend, set_user_attrs, storage_url
 from tuner.study import add_waiting_trials, budget_state, load_study
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
@@ -81,24 +81,34 @@ def seed_offset(worker_index: int | None) -> int:
     return zlib.crc32(worker_id().encode()) % 1_000_000
 
 
-def _claim(study: optuna.Study, budgeted: bool) -> tuple[optuna.Trial, FrozenTrial] | None:
-    """Win a WAITING trial (retries first), or make one when the budget counts no trials."""
+def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[optuna.Trial, FrozenTrial] | None:
+    """Win a WAITING trial (retries first), or make one when the budget counts no trials; the
+    winner carries ``attrs`` (who runs it and where, for ``tuner status``)."""
     storage = study._storage
+    backend = rdb_backend(storage)
     while True:
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         waiting.sort(key=lambda t: (RETRY_HISTORY not in t.system_attrs, t.number))
         for frozen in waiting:
             try:
-                if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                    return optuna.Trial(study, frozen._trial_id), frozen
+                if backend is not None:
+                    won = backend.claim_waiting_trial(frozen._trial_id, attrs)
+                else:
+                    won = storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
             except UpdateFinishedTrialError:
                 continue
+            if won:
+                trial = optuna.Trial(study, frozen._trial_id)
+                if backend is None:
+                    set_user_attrs(trial, attrs)
+                return trial, frozen
         if not (budgeted and add_waiting_trials(study)):
             break
     if budgeted:
         return None
-    trial_id = storage.create_new_trial(study._study_id)
-    return optuna.Trial(study, trial_id), storage.get_trial(trial_id)
+    trial = optuna.Trial(study, storage.create_new_trial(study._study_id))
+    set_user_attrs(trial, attrs)
+    return trial, storage.get_trial(trial._trial_id)
 
 
 def _fail_stale_trials(study: optuna.Study) -> None:
@@ -166,7 +176,7 @@ def run_worker(
             if heartbeat and time.monotonic() - stale_checked_at >= stale_check_s:
                 _fail_stale_trials(study)
                 stale_checked_at = time.monotonic()
-            claimed = _claim(study, budgeted=spec.budget.n_trials is not None)
+            claimed = _claim(study, spec.budget.n_trials is not None, {"worker": worker_id(), "device": str(device)})
             if claimed is None:
                 # Only a trial whose worker dies can add work now, and only heartbeats tell.
                 state = budget_state(study, spec)
@@ -223,8 +233,6 @@ def _run_trial(
         device_name=memory.device_name(device),
         worker=worker_id(),
     )
-    # Who runs it and where, for ``tuner status`` while it runs.
-    set_user_attrs(trial, {"worker": worker_id(), "device": str(device)})
     if origin != frozen.number:
         reporter.records["retried_from"] = frozen.system_attrs[RETRY_HISTORY][-1]
     checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")

@@ -107,11 +107,11 @@ class Reporter:
         self.records.update(history=self.history, epochs_completed=epoch)
         # Optuna prunes single-objective studies only: several objectives have no curve to report.
         value = metrics[self.objectives[0].metric] if len(self.objectives) == 1 else None
+        attrs: dict[str, Any] = {}
         if time.monotonic() >= self._next_history_write:
-            record_epoch(self.trial, epoch, value, {"history": self.history, "epochs_completed": epoch})
+            attrs = {"history": self.history, "epochs_completed": epoch}
             self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
-        elif value is not None:
-            self.trial.report(value, epoch)
+        record_epoch(self.trial, epoch, value, attrs)
 
     def decide(self, epoch: int) -> None:
         """Stop here if the worker is stopping or the pruner says so."""
