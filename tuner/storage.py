@@ -266,6 +266,12 @@ def _is_connection_error(error: BaseException) -> bool:
     return False
 
 
+def _first_line(message: str) -> str:
+    """What went wrong, past SQLAlchemy's note that the error came out of an autoflush."""
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith("(raised as a result")]
+    return lines[0] if lines else message
+
+
 def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: optuna.storages.RDBStorage, *args: Any, **kwargs: Any) -> Any:
@@ -281,17 +287,19 @@ def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
                 except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
                     if not _is_connection_error(error):
                         raise
-                    reason = str(error.__cause__ or error).splitlines()[0]
+                    reason = _first_line(str(error.__cause__ or error))
                     if time.monotonic() + delay > deadline:
                         raise StorageError(
                             f"Lost the storage {mask_url(str(self.url))!r} and it did not come "
                             f"back: {reason}"
                         ) from None
                     if "database is locked" in reason:
-                        # Another SQLite writer won a race (see _begin_sqlite): routine, and
-                        # over as soon as that writer commits.
+                        # Another SQLite writer committed after this transaction's first read
+                        # (see _begin_sqlite): routine, and already over, so retried at once
+                        # (a few milliseconds of jitter keep two losers apart). A writer still
+                        # holding the lock is waited for by SQLite itself (the 60 s timeout).
                         _logger.debug("SQLite busy (%s); retrying", reason)
-                        time.sleep(random.uniform(0.02, 0.2))
+                        time.sleep(random.uniform(0, 0.005))
                         continue
                     _logger.warning("storage unreachable (%s); retrying in %.1f s", reason, delay)
                     time.sleep(delay)
