@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -9,7 +10,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             columns = ("intermediate_value", "intermediate_value_type")
             self._upsert(session, models.TrialIntermediateValueModel, [row], ("trial_id", "step"), columns)
 
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        with _reads_kept_until_written():
+            return super().set_trial_state_values(trial_id, state, values)
+
     def claim_waiting_trial(self, trial_id: int, attrs: Mapping[str, Any]) -> bool:
         """``set_trial_state_values(trial_id, RUNNING)`` and user attributes in one transaction;
         False when the trial is no longer WAITING (another worker took it)."""
-        with _create_scoped_session(self.scoped_session) as session:
+        with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
             trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
             if trial.state != TrialState.WAITING:
                 return False
@@ -171,12 +176,12 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return how many were added.
 
         The study row is locked as Optuna locks it to number a new trial, so workers topping
-        up at once add no more than the budget (on SQLite, the transaction begun at its first
-        read is refused and retried when another writer came first).
+        up at once add no more than the budget (on SQLite, the transaction begins with the
+        write lock: see ``_begin_sqlite``).
         """
         trial = models.TrialModel
         blank = optuna.trial.create_trial(state=TrialState.WAITING)
-        with _create_scoped_session(self.scoped_session) as session:
+        with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
             models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
             counts = dict(
                 session.query(trial.state, sqlalchemy.func.count())
@@ -294,10 +299,9 @@ def _with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
                             f"back: {reason}"
                         ) from None
                     if "database is locked" in reason:
-                        # Another SQLite writer committed after this transaction's first read
-                        # (see _begin_sqlite): routine, and already over, so retried at once
-                        # (a few milliseconds of jitter keep two losers apart). A writer still
-                        # holding the lock is waited for by SQLite itself (the 60 s timeout).
+                        # Another SQLite writer held the lock past the 60 s timeout, or
+                        # committed after this transaction's first read where it began at one:
+                        # retried at once, with a few milliseconds of jitter between losers.
                         _logger.debug("SQLite busy (%s); retrying", reason)
                         time.sleep(random.uniform(0, 0.005))
                         continue
@@ -320,15 +324,42 @@ def _heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def _begin_sqlite(connection: sqlalchemy.engine.Connection) -> None:
-    """Begin every SQLite transaction before its first read.
+_read_then_write = threading.local()
 
-    Python's sqlite3 begins a transaction only at the first write, so Optuna's read-then-write
-    steps (a WAITING trial read, then set RUNNING) would run as two transactions and two
-    workers could both win one trial. Begun at the read, the slower writer's snapshot is stale
-    and SQLite refuses its write; the call is retried and then sees the trial taken.
+
+@contextlib.contextmanager
+def _reads_kept_until_written() -> Iterator[None]:
+    """Within: SQLite transactions take the write lock when they begin, so that nothing they
+    read can change before they write (see ``_begin_sqlite``)."""
+    _read_then_write.active = True
+    try:
+        yield
+    finally:
+        _read_then_write.active = False
+
+
+def _begin_sqlite(connection: sqlalchemy.engine.Connection) -> None:
+    """Begin the SQLite transactions whose reads decide their writes with the write lock.
+
+    Python's sqlite3 would begin a transaction at its first write, so a claim (a WAITING trial
+    read, then set RUNNING) would read and write in two transactions and two workers could both
+    win one trial. Claims and slot top-ups begin ``IMMEDIATE``: a second claimer waits for the
+    first to commit, then reads the trial taken. Every other transaction begins at its first
+    write (``_begin_at_first_write``): begun at its first read instead, it would be refused
+    whenever another worker wrote in between, which with several workers is most of the time.
     """
-    connection.exec_driver_sql("BEGIN")
+    if getattr(_read_then_write, "active", False):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
+
+
+def _begin_at_first_write(
+    connection: sqlalchemy.engine.Connection, cursor: Any, statement: str, *args: Any
+) -> None:
+    if not connection.connection.dbapi_connection.in_transaction and statement.lstrip()[:6].upper() in _WRITES:
+        cursor.execute("BEGIN")
 
 
 def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
@@ -340,8 +371,8 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
     engine_kwargs: dict = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         # Several worker processes write one file: wait for the lock instead of failing. The
-        # driver's own transaction handling is switched off so that _begin_sqlite can begin
-        # transactions itself (see there).
+        # driver's own transaction handling is switched off so that _begin_sqlite and
+        # _begin_at_first_write can begin transactions themselves (see there).
         engine_kwargs["connect_args"] = {"timeout": 60, "isolation_level": None}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +405,7 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
             # WAL lets readers (dashboard, status) work while a worker writes.
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
         sqlalchemy.event.listen(storage.engine, "begin", _begin_sqlite)
+        sqlalchemy.event.listen(storage.engine, "before_cursor_execute", _begin_at_first_write)
     return storage
 
 
