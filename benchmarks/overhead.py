@@ -13,7 +13,8 @@ from the first trial's start to the last one's end, as the storage recorded them
 start-up is not counted). Its growth with the study is the same figure over each tenth of the
 trials in the order they finished.
 
-    python benchmarks/overhead.py [--full] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
+    python benchmarks/overhead.py [--full] [--storages sqlite,postgres,journal,grpc] [--workers 1,8]
+        [--trials 100] [--large 10000] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 """
 
 from __future__ import annotations
@@ -236,14 +237,17 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("TUNER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
                         help="a server URL whose user may create databases; one is made and dropped")
     parser.add_argument("--storages", default="sqlite,postgres,journal,grpc")
+    parser.add_argument("--workers", help="comma-separated worker counts (default 1,8; 1,2,8,32 with --full)")
+    parser.add_argument("--trials", type=int, help="trials per run (default 100; 1,000 with --full)")
+    parser.add_argument("--large", type=int, help="trials of the PostgreSQL run with 8 workers (default none; 10,000 with --full)")
     parser.add_argument("--sleep-ms", type=float, default=2.0, help="objective sleep per epoch")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead")
     args = parser.parse_args()
     kinds = args.storages.split(",")
-    if args.full:
-        runs = [(kind, w, 1000) for kind in kinds for w in (1, 2, 8, 32)] + [("postgres", 8, 10_000)]
-    else:
-        runs = [(kind, w, 100) for kind in kinds for w in (1, 8)]
+    workers = [int(w) for w in (args.workers or ("1,2,8,32" if args.full else "1,8")).split(",")]
+    trials = args.trials or (1000 if args.full else 100)
+    large = args.large or (10_000 if args.full else None)
+    runs = [(kind, w, trials) for kind in kinds for w in workers] + ([("postgres", 8, large)] if large else [])
     rows = []
     with tempfile.TemporaryDirectory() as scratch, _storages(kinds, args.postgres, Path(scratch)) as urls:
         for kind, workers, n_trials in runs:
