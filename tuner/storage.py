@@ -135,17 +135,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return True
 
     def _upsert(
-        self, session: sqlalchemy.orm.Session, table: type, rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...]
+        self, session: sqlalchemy.orm.Session, model: type, rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...]
     ) -> None:
-        insert = _INSERTS[self.engine.name](table).values(rows)
-        if self.engine.name == "mysql":
-            statement = insert.on_duplicate_key_update({column: insert.inserted[column] for column in columns})
-        else:
-            statement = insert.on_conflict_do_update(
-                index_elements=[getattr(table, key) for key in keys],
-                set_={column: insert.excluded[column] for column in columns},
-            )
-        session.execute(statement)
+        session.execute(_upsert_statement(self.engine.name, model.__table__, keys, columns), rows)
 
     def slot_counts(self, study_id: int) -> tuple[dict[TrialState, int], datetime | None]:
         """Trials by state, less the failed trials a retry replaced, and the first start.
@@ -243,6 +235,20 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
 
 
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
+
+
+@functools.cache
+def _upsert_statement(
+    dialect: str, table: sqlalchemy.Table, keys: tuple[str, ...], columns: tuple[str, ...]
+) -> sqlalchemy.Executable:
+    """Insert, or on a duplicate key update ``columns``: built once, its rows given at each call,
+    so that SQLAlchemy compiles it once instead of at every write."""
+    insert = _INSERTS[dialect](table)
+    if dialect == "mysql":
+        return insert.on_duplicate_key_update({column: insert.inserted[column] for column in columns})
+    return insert.on_conflict_do_update(
+        index_elements=[table.c[key] for key in keys], set_={column: insert.excluded[column] for column in columns}
+    )
 _RETRIED_METHODS = (
     {name for name in vars(optuna.storages.BaseStorage) if not name.startswith("_")}
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
