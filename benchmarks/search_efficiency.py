@@ -184,7 +184,7 @@ def summarize(runs: dict[str, list[list[Event]]], budget: int) -> list[dict]:
         epochs = [e if e is not None else float("inf") for e, _ in reached]
         walls = [w if w is not None else float("inf") for _, w in reached]
         row["epochs_to_target"] = statistics.median(epochs)
-        row["wall_s_to_target"] = statistics.median(walls)
+        row["wall_s_to_target"] = round(statistics.median(walls), 1)
         row["seeds_reaching_target"] = sum(e is not None for e, _ in reached)
         rows.append(row)
     return rows
