@@ -102,7 +102,8 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
                 if backend is None:
                     set_user_attrs(trial, attrs)
                 return trial, frozen
-        if not (budgeted and add_waiting_trials(study)):
+        # Other workers won every trial seen: look again, since they may have made more.
+        if not waiting and not (budgeted and add_waiting_trials(study)):
             break
     if budgeted:
         return None
