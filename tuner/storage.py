@@ -165,7 +165,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
     def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
         """Add blank WAITING trials until ``ahead`` wait or ``n_trials`` hold a budget slot;
-        return how many were added.
+        return how many wait then (0: the budget has no slot left to wait).
 
         The study row is locked as Optuna locks it to number a new trial, so workers topping
         up at once add no more than the budget (on SQLite, the transaction begins with the
@@ -182,10 +182,11 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 .all()
             )
             holders = sum(counts.values()) - self._count_retries(session, study_id)
-            added = max(0, min(ahead - counts.get(TrialState.WAITING, 0), n_trials - holders))
+            waiting = counts.get(TrialState.WAITING, 0)
+            added = max(0, min(ahead - waiting, n_trials - holders))
             for _ in range(added):
                 self._get_prepared_new_trial(study_id, blank, session)
-        return added
+        return waiting + added
 
     @staticmethod
     def _count_retries(session: sqlalchemy.orm.Session, study_id: int) -> int:

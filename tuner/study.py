@@ -199,7 +199,7 @@ def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
 
 
 def add_waiting_trials(study: optuna.Study) -> int:
-    """Make up to ``WAITING_AHEAD`` more budget slots on a database; return how many.
+    """Make up to ``WAITING_AHEAD`` budget slots wait on a database; return how many wait.
 
     A database holds only a few slots ahead, made as workers need them: every read of a study's
     trials reads its unfinished ones again, and a budget of 10,000 made at once would be 10,000

@@ -102,7 +102,7 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
                 if backend is None:
                     set_user_attrs(trial, attrs)
                 return trial, frozen
-        # Other workers won every trial seen: look again, since they may have made more.
+        # Other workers won every trial seen, or none waited: look again while any wait.
         if not waiting and not (budgeted and add_waiting_trials(study)):
             break
     if budgeted:
