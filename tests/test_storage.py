@@ -142,3 +142,30 @@ def test_slot_counts_leave_out_retried_trials(sqlite_url):
     assert counts[TrialState.FAIL] == 0  # the failed trial's retry holds its slot
     assert counts[TrialState.WAITING] == 2 and counts[TrialState.RUNNING] == 1
     assert first_start is not None
+
+
+@pytest.mark.postgres
+def test_a_worker_finding_no_slot_waits_for_the_slots_another_worker_just_made(postgres_url):
+    """Worker A finds no WAITING trial and goes to make some; worker B makes them first. A must
+    claim one of B's, not stop as if the budget were spent."""
+    from conftest import small_spec
+    from tuner.spec import parse_spec
+    from tuner.study import create_study, load_study
+    from tuner.worker import _claim
+
+    create_study(parse_spec(small_spec("late-slots", budget={"n_trials": 40})), postgres_url)
+    study_a, _ = load_study("late-slots", make_storage(postgres_url))
+    study_b, _ = load_study("late-slots", make_storage(postgres_url))
+    while _claim(study_b, True, {"worker": "b"}) is not None and study_b.get_trials(states=(TrialState.WAITING,)):
+        pass  # B holds every slot made so far; none waits
+    assert not study_a.get_trials(states=(TrialState.WAITING,))
+    made = []
+
+    @sqlalchemy.event.listens_for(study_a._storage._backend.engine, "before_cursor_execute")
+    def b_tops_up_first(connection, cursor, statement, parameters, context, executemany):
+        if not made and "FROM studies" in statement and "FOR UPDATE" in statement:
+            made.append(study_b._storage._backend.add_waiting_trials(study_b._study_id, 40, 16))
+
+    claimed = _claim(study_a, True, {"worker": "a"})
+    assert made == [16]
+    assert claimed is not None and claimed[0].user_attrs["worker"] == "a"
