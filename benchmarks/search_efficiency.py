@@ -144,7 +144,7 @@ METHODS: dict[str, Callable[..., list[Event]]] = {
     "tuner": run_tuner,
     "optuna": run_optuna,
     "random": lambda workload, budget, seed, folder: run_tuner(
-        workload, budget, seed, folder, sampler={"name": "random"}, pruner={"name": "none"}
+        workload, budget, seed, folder, sampler={"name": "random", "first_trial": "sampler"}, pruner={"name": "none"}
     ),
     "halving": run_halving,
 }
