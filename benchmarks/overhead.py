@@ -145,9 +145,15 @@ def _run_side(side: str, url: str, name: str, workers: int, n_trials: int, sleep
             [sys.executable, __file__, "--plain-worker", name, url, str(share), str(index)]
             for index, share in enumerate(shares)
         ]
-    processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
-    for process in processes:
-        _, errors = process.communicate()
+    # Each worker's log goes to a file: a pipe read only after the first worker exits fills up
+    # in a long run and blocks the others mid-trial.
+    logs = [open(folder / f"{name}-{index}.log", "w+") for index in range(len(commands))]
+    processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True) for c, log in zip(commands, logs)]
+    for process, log in zip(processes, logs):
+        process.wait()
+        log.seek(0)
+        errors = log.read()
+        log.close()
         if process.returncode != 0:
             raise RuntimeError(f"{side} worker failed:\n{errors[-6000:]}")
 
