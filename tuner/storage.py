@@ -145,19 +145,21 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         What a budget check needs, counted by the database: reading every trial instead costs
         a second per call in a study of 10,000. The replaced trials all failed.
         """
-        trial = models.TrialModel
         with _create_scoped_session(self.scoped_session) as session:
-            rows = (
-                session.query(trial.state, sqlalchemy.func.count(), sqlalchemy.func.min(trial._datetime_start_utc))
-                .filter(trial.study_id == study_id)
-                .group_by(trial.state)
-                .all()
-            )
-            retries = self._count_retries(session, study_id)
+            return self._slot_counts(session, study_id)
+
+    def _slot_counts(self, session: sqlalchemy.orm.Session, study_id: int) -> tuple[dict[TrialState, int], datetime | None]:
+        trial = models.TrialModel
+        rows = (
+            session.query(trial.state, sqlalchemy.func.count(), sqlalchemy.func.min(trial._datetime_start_utc))
+            .filter(trial.study_id == study_id)
+            .group_by(trial.state)
+            .all()
+        )
         counts = {state: 0 for state in TrialState}
         for state, count, _ in rows:
             counts[state] = count
-        counts[TrialState.FAIL] -= retries
+        counts[TrialState.FAIL] -= self._count_retries(session, study_id)
         first = min((start for _, _, start in rows if start is not None), default=None)
         if first is not None:  # stored as naive UTC; trials show naive local times
             first = first.replace(tzinfo=timezone.utc).astimezone().replace(tzinfo=None)
@@ -171,18 +173,12 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         up at once add no more than the budget (on SQLite, the transaction begins with the
         write lock: see ``_begin_sqlite``).
         """
-        trial = models.TrialModel
         blank = optuna.trial.create_trial(state=TrialState.WAITING)
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
             models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-            counts = dict(
-                session.query(trial.state, sqlalchemy.func.count())
-                .filter(trial.study_id == study_id)
-                .group_by(trial.state)
-                .all()
-            )
-            holders = sum(counts.values()) - self._count_retries(session, study_id)
-            waiting = counts.get(TrialState.WAITING, 0)
+            counts, _ = self._slot_counts(session, study_id)
+            holders = sum(counts.values())
+            waiting = counts[TrialState.WAITING]
             added = max(0, min(ahead - waiting, n_trials - holders))
             for _ in range(added):
                 self._get_prepared_new_trial(study_id, blank, session)
