@@ -46,7 +46,7 @@ def _wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None
 
 def _epochs_done(url: str, name: str) -> int:
     trials = optuna.load_study(study_name=name, storage=sqlalchemy_url(url)).get_trials(states=(TrialState.RUNNING,))
-    return max((t.user_attrs.get("epochs_completed", 0) for t in trials), default=0)
+    return max((max(t.intermediate_values, default=0) for t in trials), default=0)
 
 
 def _uninterrupted_history(monkeypatch) -> list[dict]:

@@ -21,8 +21,8 @@ def test_a_connection_killed_mid_query_is_reconnected(postgres_url):
     admin = sqlalchemy.create_engine(sqlalchemy_url(postgres_url), isolation_level="AUTOCOMMIT")
     killed = []
 
-    # The server ends this connection between the pool's ping and Optuna's first query on the
-    # trials table, as a restart does; Optuna's fallback query then fails in the same session.
+    # The server ends this connection just before Optuna's first query on the trials table, as a
+    # restart does; Optuna's fallback query then fails in the same session.
     @sqlalchemy.event.listens_for(storage.engine, "before_cursor_execute")
     def kill_once(connection, cursor, statement, parameters, context, executemany):
         if not killed and "FROM trials" in statement:
@@ -38,7 +38,9 @@ def test_a_connection_killed_mid_query_is_reconnected(postgres_url):
 
 CLAIMS = {
     "optuna": lambda storage, trial_id: storage.set_trial_state_values(trial_id, TrialState.RUNNING),
-    "tuner": lambda storage, trial_id: storage.claim_waiting_trial(trial_id, {"worker": "w"}),
+    "tuner": lambda storage, trial_id: storage.claim_next_waiting_trial(
+        storage.get_study_id_from_name("claim"), {"worker": "w"}
+    ) == trial_id,
 }
 
 

@@ -78,7 +78,9 @@ def _heartbeat_ages(study: optuna.Study) -> dict[int, float]:
 
 
 def _epochs_completed(trial: FrozenTrial) -> int:
-    return int(trial.user_attrs.get("epochs_completed", len(trial.intermediate_values)))
+    # A running trial's count is written with its history, every few seconds; the objective's
+    # step, every epoch.
+    return max(int(trial.user_attrs.get("epochs_completed", 0)), max(trial.intermediate_values, default=0))
 
 
 def _trials_per_hour(finished: list[FrozenTrial], last: int) -> float | None:

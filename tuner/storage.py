@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
@@ -91,15 +93,22 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """User attributes and, unless ``value`` is None, the intermediate value of ``step``, in
         one transaction: a trial's most frequent write.
 
-        Optuna reads the trial again for each attribute and reads a value before writing it;
-        where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial once
-        and writes everything in one statement per table.
+        Optuna reads the whole trial again for each attribute and reads a value before writing
+        it; where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial's
+        state once and writes everything in one statement per table.
         """
         with _create_scoped_session(self.scoped_session, True) as session:
             self._record_without_commit(session, trial_id, step, value, attrs)
 
     def _record_without_commit(
-        self, session: sqlalchemy.orm.Session, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]
+        self,
+        session: sqlalchemy.orm.Session,
+        trial_id: int,
+        step: int,
+        value: float | None,
+        attrs: Mapping[str, Any],
+        *,
+        check_state: bool = True,
     ) -> None:
         if self.engine.name not in _INSERTS:
             for key, attr in attrs.items():
@@ -107,8 +116,11 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             if value is not None:
                 self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
             return
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        self.check_trial_is_updatable(trial_id, trial.state)
+        if check_state:
+            state = session.execute(_TRIAL_STATE, {"trial_id": trial_id}).scalar_one_or_none()
+            if state is None:
+                raise KeyError(f"No trial with trial_id {trial_id} exists.")
+            self.check_trial_is_updatable(trial_id, state)
         if attrs:
             rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(attr)} for key, attr in attrs.items()]
             self._upsert(session, models.TrialUserAttributeModel, rows, ("trial_id", "key"), ("value_json",))
@@ -122,17 +134,36 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         with _reads_kept_until_written():
             return super().set_trial_state_values(trial_id, state, values)
 
-    def claim_waiting_trial(self, trial_id: int, attrs: Mapping[str, Any]) -> bool:
-        """``set_trial_state_values(trial_id, RUNNING)`` and user attributes in one transaction;
-        False when the trial is no longer WAITING (another worker took it)."""
+    def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+        """Set the next WAITING trial (retries first, then by number) RUNNING with user
+        attributes, in one transaction; return its id, or None when none waits.
+
+        One query finds and locks it: on PostgreSQL and MySQL ``SKIP LOCKED`` passes over the
+        trials other workers are claiming instead of queueing behind them, and SQLite's
+        transaction begins with the write lock (``_begin_sqlite``).
+        """
+        trial = models.TrialModel
+        system_attrs = models.TrialSystemAttributeModel
+        is_retry = (
+            sqlalchemy.select(system_attrs.trial_system_attribute_id)
+            .where(system_attrs.trial_id == trial.trial_id, system_attrs.key == RETRY_HISTORY)
+            .exists()
+        )
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-            if trial.state != TrialState.WAITING:
-                return False
-            trial.state = TrialState.RUNNING
-            trial.datetime_start = datetime.now()
-            self._record_without_commit(session, trial_id, 0, None, attrs)
-        return True
+            found = (
+                session.query(trial)
+                .filter(trial.study_id == study_id, trial.state == TrialState.WAITING)
+                .order_by(sqlalchemy.case((is_retry, 0), else_=1), trial.number)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+                .one_or_none()
+            )
+            if found is None:
+                return None
+            found.state = TrialState.RUNNING
+            found.datetime_start = datetime.now()
+            self._record_without_commit(session, found.trial_id, 0, None, attrs, check_state=False)
+            return found.trial_id
 
     def _upsert(
         self, session: sqlalchemy.orm.Session, model: type, rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...]
@@ -220,6 +251,19 @@ def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value
         trial._cached_frozen_trial.intermediate_values[step] = value
 
 
+def cache_claimed_trial(storage: optuna.storages.BaseStorage, study_id: int, trial: optuna.trial.FrozenTrial) -> None:
+    """Make Optuna's cache of a study's trials know a trial claimed past it, as it knows the
+    trials it creates itself: it takes parameters only for trials it knows."""
+    if not isinstance(storage, _CachedStorage):
+        return
+    with storage._lock:
+        if study_id not in storage._studies:
+            storage._studies[study_id] = _StudyInfo()
+        storage._add_trials_to_cache(study_id, [copy.deepcopy(trial)])
+        # Read again with the study's other unfinished trials until it finishes.
+        storage._studies[study_id].unfinished_trial_ids.add(trial._trial_id)
+
+
 def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping[str, Any]) -> None:
     """``trial.set_user_attr`` for each item, in one transaction where the storage is a database."""
     backend = rdb_backend(getattr(trial, "storage", None))  # a FixedTrial (``tuner train``) has none
@@ -231,6 +275,9 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
+_TRIAL_STATE = sqlalchemy.select(models.TrialModel.state).where(
+    models.TrialModel.trial_id == sqlalchemy.bindparam("trial_id")
+)
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
 
 
@@ -250,7 +297,7 @@ _RETRIED_METHODS = (
     {name for name in vars(optuna.storages.BaseStorage) if not name.startswith("_")}
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
     | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
-    | {"set_trial_user_attrs", "record_epoch", "slot_counts", "add_waiting_trials", "claim_waiting_trial"}
+    | {"set_trial_user_attrs", "record_epoch", "slot_counts", "add_waiting_trials", "claim_next_waiting_trial"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()
 
@@ -371,7 +418,9 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         parsed = make_url(full_url)
     except ArgumentError:
         raise StorageError(f"Storage URL {mask_url(url)!r} is not a valid database URL.") from None
-    engine_kwargs: dict = {"pool_pre_ping": True}
+    # No ping before each transaction (Optuna pings on MySQL only): a connection lost since its
+    # last use fails its first query, which _with_reconnect retries on a fresh one.
+    engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
         # Several worker processes write one file: wait for the lock instead of failing. The
         # driver's own transaction handling is switched off so that _begin_sqlite and

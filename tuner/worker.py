@@ -32,7 +32,7 @@ from tuner.errors import TunerError
 from tuner.notes import REFRESH_INTERVAL_S, refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import RETRY_HISTORY, beside_storage, make_storage, rdb_backend, set_user_attrs, storage_url
+from tuner.storage import RETRY_HISTORY, beside_storage, cache_claimed_trial, make_storage, rdb_backend, set_user_attrs, storage_url
 from tuner.study import add_waiting_trials, budget_state, load_study
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
@@ -85,31 +85,44 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
     """Win a WAITING trial (retries first), or make one when the budget counts no trials; the
     winner carries ``attrs`` (who runs it and where, for ``tuner status``)."""
     storage = study._storage
-    backend = rdb_backend(storage)
     while True:
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        waiting.sort(key=lambda t: (RETRY_HISTORY not in t.system_attrs, t.number))
-        for frozen in waiting:
-            try:
-                if backend is not None:
-                    won = backend.claim_waiting_trial(frozen._trial_id, attrs)
-                else:
-                    won = storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
-            except UpdateFinishedTrialError:
-                continue
-            if won:
-                trial = optuna.Trial(study, frozen._trial_id)
-                if backend is None:
-                    set_user_attrs(trial, attrs)
-                return trial, frozen
+        claimed, any_waited = _claim_waiting(study, attrs)
+        if claimed is not None:
+            return claimed
         # Other workers won every trial seen, or none waited: look again while any wait.
-        if not waiting and not (budgeted and add_waiting_trials(study)):
+        if not any_waited and not (budgeted and add_waiting_trials(study)):
             break
     if budgeted:
         return None
     trial = optuna.Trial(study, storage.create_new_trial(study._study_id))
     set_user_attrs(trial, attrs)
     return trial, storage.get_trial(trial._trial_id)
+
+
+def _claim_waiting(study: optuna.Study, attrs: dict[str, Any]) -> tuple[tuple[optuna.Trial, FrozenTrial] | None, bool]:
+    """The trial won, if any, and whether any trial was seen waiting."""
+    backend = rdb_backend(study._storage)
+    if backend is not None:
+        # One query on a database, rather than reading every waiting trial and racing the
+        # other workers for each of them.
+        trial_id = backend.claim_next_waiting_trial(study._study_id, attrs)
+        if trial_id is None:
+            return None, False
+        trial = optuna.Trial(study, trial_id)
+        cache_claimed_trial(study._storage, study._study_id, trial._cached_frozen_trial)
+        return (trial, trial._cached_frozen_trial), True
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    waiting.sort(key=lambda t: (RETRY_HISTORY not in t.system_attrs, t.number))
+    for frozen in waiting:
+        try:
+            won = study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
+        except UpdateFinishedTrialError:
+            continue
+        if won:
+            trial = optuna.Trial(study, frozen._trial_id)
+            set_user_attrs(trial, attrs)
+            return (trial, frozen), True
+    return None, bool(waiting)
 
 
 def _fail_stale_trials(study: optuna.Study) -> None:

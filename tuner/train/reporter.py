@@ -15,8 +15,8 @@ from tuner.storage import record_epoch
 
 logger = logging.getLogger("tuner.progress")
 
-# The objective and the epoch count go to the storage every epoch, as the pruner and
-# ``tuner status`` need; the whole history at most this often while the trial runs, and with
+# The objective (its step is the epoch count) goes to the storage every epoch, as the pruner
+# and ``tuner status`` need; the whole history at most this often while the trial runs, and with
 # the records at its end. Epochs of a few milliseconds would otherwise spend most of their
 # time rewriting it; a checkpoint keeps it for a resume.
 HISTORY_WRITE_INTERVAL_S = 5.0
@@ -108,9 +108,10 @@ class Reporter:
         self.records.update(history=self.history, epochs_completed=epoch)
         # Optuna prunes single-objective studies only: several objectives have no curve to report.
         value = metrics[self.objectives[0].metric] if len(self.objectives) == 1 else None
-        attrs: dict[str, Any] = {"epochs_completed": epoch}
+        # The intermediate value's step is the epoch count; only without one is the count written.
+        attrs: dict[str, Any] = {} if value is not None else {"epochs_completed": epoch}
         if time.monotonic() >= self._next_history_write:
-            attrs["history"] = self.history
+            attrs.update(history=self.history, epochs_completed=epoch)
             self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
         record_epoch(self.trial, epoch, value, attrs)
 
