@@ -9,8 +9,9 @@ tuner runs with ``learning_curve_png: false``: drawing the PNG is plotting, not 
 its cost per trial is measured on its own and printed below the table.
 
 Overhead per trial = (workers x wall - objective time of all trials) / trials, where wall runs
-from the first trial's start to the last one's end, as the storage recorded them (process
-start-up is not counted). Its growth with the study is the same figure over each tenth of the
+from the moment every worker is at work (the last one's first trial) to the last trial's end,
+as the storage recorded them, and trials are those that started in it: process start-up, and
+the trials that overlap other workers' start-up, are not counted. Its growth with the study is the same figure over each tenth of the
 trials in the order they finished.
 
     python benchmarks/overhead.py [--full] [--storages sqlite,postgres,journal,grpc] [--workers 1,8]
@@ -59,8 +60,9 @@ def sleeping_training(hp: Hyperparameters, report: Report) -> dict[str, float]:
     return metrics
 
 
-def plain_optuna_worker(study_name: str, url: str, n_trials: int, seed: int) -> None:
-    """Optuna's side: ``study.optimize`` with the same sleeping objective and search space."""
+def plain_optuna_worker(study_name: str, url: str, n_trials: int, seed: int, ready: Path) -> None:
+    """Optuna's side: ``study.optimize`` with the same sleeping objective and search space;
+    the time it begins is written to ``ready``, outside the storage."""
     sleep_s = float(os.environ.get(SLEEP_ENV, "2")) / 1000
 
     def objective(trial: optuna.Trial) -> float:
@@ -81,6 +83,7 @@ def plain_optuna_worker(study_name: str, url: str, n_trials: int, seed: int) -> 
         study_name=study_name, storage=_plain_storage(url), sampler=optuna.samplers.RandomSampler(seed=seed),
         pruner=optuna.pruners.NopPruner(),
     )
+    ready.write_text(str(time.time()))
     study.optimize(objective, n_trials=n_trials)
 
 
@@ -142,7 +145,7 @@ def _run_side(side: str, url: str, name: str, workers: int, n_trials: int, sleep
         optuna.create_study(study_name=name, storage=_plain_storage(url), direction="maximize")
         shares = [n_trials // workers + (index < n_trials % workers) for index in range(workers)]
         commands = [
-            [sys.executable, __file__, "--plain-worker", name, url, str(share), str(index)]
+            [sys.executable, __file__, "--plain-worker", name, url, str(share), str(index), str(folder / f"{name}-{index}.ready")]
             for index, share in enumerate(shares)
         ]
     # Each worker's log goes to a file: a pipe read only after the first worker exits fills up
@@ -158,11 +161,34 @@ def _run_side(side: str, url: str, name: str, workers: int, n_trials: int, sleep
             raise RuntimeError(f"{side} worker failed:\n{errors[-6000:]}")
 
 
-def overhead(url: str, name: str, workers: int, sleep_ms: float) -> dict:
-    """Per-trial overhead in ms over the whole run and over each tenth of it."""
+def _all_working(trials: list, folder: Path, name: str) -> float:
+    """When the last worker began: its first trial's start for tuner (trials name their
+    worker), the time a plain worker wrote before ``study.optimize`` for Optuna."""
+    ready = list(folder.glob(f"{name}-*.ready"))
+    if ready:
+        return max(float(path.read_text()) for path in ready)
+    first: dict[str, float] = {}
+    for trial in trials:
+        worker, start = trial.user_attrs["worker"], trial.datetime_start.timestamp()
+        first[worker] = min(first.get(worker, start), start)
+    return max(first.values())
+
+
+def overhead(url: str, name: str, workers: int, sleep_ms: float, folder: Path) -> dict:
+    """Per-trial overhead in ms over the whole run and over each tenth of it.
+
+    The run counts from the moment every worker works: trials started before that overlap the
+    other workers' start-up (tuner's imports torch: about 4 s of CPU each), which is not
+    coordination.
+    """
     storage = _plain_storage(url)
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    started = [t for t in trials if t.datetime_start is not None]
+    begun = _all_working(started, folder, name)
+    done = sorted(
+        (t for t in started if t.state == TrialState.COMPLETE and t.datetime_start.timestamp() >= begun),
+        key=lambda t: t.datetime_complete,
+    )
     objective_s = EPOCHS * sleep_ms / 1000
 
     def per_trial(first_start: float, last_end: float, count: int) -> float:
@@ -235,8 +261,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     sys.path.insert(0, str(ROOT))  # the spec's workload, benchmarks.overhead:sleeping_training
     if len(sys.argv) > 1 and sys.argv[1] == "--plain-worker":
-        name, url, n_trials, seed = sys.argv[2:6]
-        plain_optuna_worker(name, url, int(n_trials), int(seed))
+        name, url, n_trials, seed, ready = sys.argv[2:7]
+        plain_optuna_worker(name, url, int(n_trials), int(seed), Path(ready))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="1, 2, 8 and 32 workers; 1,000 trials, 10,000 on PostgreSQL with 8")
@@ -262,7 +288,7 @@ def main() -> None:
             for side in ("plain", "tuner"):
                 name = f"{side}-{kind}-{workers}-{n_trials}-{time.time_ns()}"
                 _run_side(side, urls[kind], name, workers, n_trials, args.sleep_ms, Path(scratch))
-                row = {"storage": kind, "workers": workers, "side": side, **overhead(urls[kind], name, workers, args.sleep_ms)}
+                row = {"storage": kind, "workers": workers, "side": side, **overhead(urls[kind], name, workers, args.sleep_ms, Path(scratch))}
                 rows.append(row)
                 print(f"{kind:<9}{workers:>3} workers {side:<6}{row['trials']:>6} trials {row['ms_per_trial']:>9} ms/trial", flush=True)
     print()
