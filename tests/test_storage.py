@@ -76,13 +76,15 @@ def test_two_workers_cannot_both_claim_one_sqlite_trial(sqlite_url, monkeypatch,
     assert "unreachable" not in caplog.text
 
 
-def test_user_attrs_written_in_one_go_read_back(sqlite_url):
-    study = optuna.create_study(storage=make_storage(sqlite_url))
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_user_attrs_written_in_one_go_read_back(kind, sqlite_url, tmp_path):
+    url = sqlite_url if kind == "sqlite" else str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="attrs", storage=make_storage(url))
     trial = study.ask()
     expected = {"history": [{"epoch": 1, "val_accuracy": 0.5}], "epochs_completed": 1}
     set_user_attrs(trial, expected)
     assert trial.user_attrs == expected
-    assert study.trials[0].user_attrs == expected
+    assert optuna.load_study(study_name="attrs", storage=make_storage(url)).trials[0].user_attrs == expected
 
 
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:

@@ -20,6 +20,7 @@ import optuna
 import sqlalchemy
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
+from optuna.storages.journal._storage import JournalOperation
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -265,14 +266,32 @@ def cache_claimed_trial(storage: optuna.storages.BaseStorage, study_id: int, tri
 
 
 def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping[str, Any]) -> None:
-    """``trial.set_user_attr`` for each item, in one transaction where the storage is a database."""
-    backend = rdb_backend(getattr(trial, "storage", None))  # a FixedTrial (``tuner train``) has none
-    if backend is None:
+    """``trial.set_user_attr`` for each item, in one transaction where the storage is a database
+    and in one append where it is a journal."""
+    storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
+    backend = rdb_backend(storage)
+    if backend is not None:
+        backend.set_trial_user_attrs(trial._trial_id, attrs)
+    elif isinstance(storage, optuna.storages.JournalStorage) and attrs:
+        _append_user_attrs(storage, trial._trial_id, attrs)
+    else:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    backend.set_trial_user_attrs(trial._trial_id, attrs)
     trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def _append_user_attrs(storage: optuna.storages.JournalStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
+    """The lines ``set_trial_user_attr`` would append, one per attribute, in one append: Optuna
+    takes the journal's lock and reads what others appended once per line."""
+    worker_id = storage._replay_result.worker_id
+    logs = [
+        {"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker_id, "trial_id": trial_id, "user_attr": {key: value}}
+        for key, value in attrs.items()
+    ]
+    with storage._thread_lock:
+        storage._backend.append_logs(logs)
+        storage._sync_with_backend()
 
 
 _TRIAL_STATE = sqlalchemy.select(models.TrialModel.state).where(
