@@ -8,14 +8,17 @@ all (pruned trials count the epochs they trained), once per seed:
   10 epochs, batch size and learning rate suggested independently);
 - ``random``: random batch size, learning rate and epochs, no pruning;
 - ``halving`` (``sklearn_mlp`` only): scikit-learn's ``HalvingRandomSearchCV`` over the same
-  batch sizes and learning rates, with ``max_iter`` (epochs) as its resource.
+  batch sizes and learning rates, with ``max_iter`` (epochs) as its resource;
+- ``tuner-hyperband``, ``tuner-sha`` (with ``--methods`` only): tuner's default spec with the
+  Hyperband or successive-halving pruner instead of the median rule.
 
 A trial's value counts from the moment it finishes; only completed trials count, since a pruned
 trial's model is not the one its parameters would train. For each method: the best accuracy at
 25, 50 and 100% of the budget (median and range over seeds), and the epochs and wall seconds to
 reach the target: the lowest of the methods' median final accuracies, so every method reaches it.
 
-    python benchmarks/search_efficiency.py [--full] [--seeds 5]
+    python benchmarks/search_efficiency.py [--full] [--seeds 5] [--budget 60] [--workloads digits_cnn]
+        [--methods tuner,tuner-hyperband,tuner-sha,optuna]
 """
 
 from __future__ import annotations
@@ -147,6 +150,9 @@ METHODS: dict[str, Callable[..., list[Event]]] = {
         workload, budget, seed, folder, sampler={"name": "random", "first_trial": "sampler"}, pruner={"name": "none"}
     ),
     "halving": run_halving,
+    # tuner's default spec with another pruner: what the default was chosen against.
+    "tuner-hyperband": lambda workload, budget, seed, folder: run_tuner(workload, budget, seed, folder, pruner={"name": "hyperband"}),
+    "tuner-sha": lambda workload, budget, seed, folder: run_tuner(workload, budget, seed, folder, pruner={"name": "sha"}),
 }
 WORKLOAD_METHODS = {
     "digits_cnn": ("tuner", "optuna", "random"),
@@ -211,7 +217,7 @@ def plot(results: dict, budget: int, path: Path) -> None:
 
 
 def _format(row: dict) -> str:
-    cells = [f"{row['method']:<8}"]
+    cells = [f"{row['method']:<16}"]
     for fraction in FRACTIONS:
         best = row[f"best_at_{int(fraction * 100)}"]
         cells.append(f"{best['median']:.3f} [{best['min']:.3f}-{best['max']:.3f}]".rjust(22))
@@ -225,6 +231,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="epochs per run (default 60, 400 with --full)")
     parser.add_argument("--seeds", type=int, help="default 5, 10 with --full")
     parser.add_argument("--workloads", default=",".join(WORKLOAD_METHODS))
+    parser.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (default: each workload's own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_efficiency")
     args = parser.parse_args()
     budget = args.budget or (400 if args.full else 60)
@@ -240,11 +247,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as scratch:
         for workload in args.workloads.split(","):
             runs = results[workload] = {}
-            for method in WORKLOAD_METHODS[workload]:
+            methods = args.methods.split(",") if args.methods else WORKLOAD_METHODS[workload]
+            for method in methods:
                 runs[method] = [METHODS[method](workload, budget, seed, Path(scratch)) for seed in range(seeds)]
             summaries[workload] = summarize(runs, budget)
             print(f"\n{workload}: best val_accuracy, median [min-max] over {seeds} seeds, at a share of {budget} epochs")
-            print(f"{'method':<8}{'25%':>22}{'50%':>22}{'100%':>22}{'epochs':>10}{'wall s':>10}{'seeds':>8}   (to reach {summaries[workload][0]['target']})")
+            print(f"{'method':<16}{'25%':>22}{'50%':>22}{'100%':>22}{'epochs':>10}{'wall s':>10}{'seeds':>8}   (to reach {summaries[workload][0]['target']})")
             for row in summaries[workload]:
                 print(_format(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,10 @@ def test_bundled_specs_load():
         assert spec.search.batch_size.low <= spec.search.batch_size.high
 
 
-def test_defaults_are_tpe_and_hyperband():
+def test_defaults_are_tpe_and_median():
     spec = parse_spec({k: v for k, v in small_spec("d").items() if k not in ("sampler", "pruner")})
     assert spec.sampler.name == "tpe" and spec.sampler.multivariate
-    assert spec.pruner.name == "hyperband"
+    assert spec.pruner.name == "median"
     assert spec.directions == ["maximize"]
 
 
