@@ -11,8 +11,8 @@ its cost per trial is measured on its own and printed below the table.
 Overhead per trial = (workers x wall - objective time of all trials) / trials, where wall runs
 from the moment every worker is at work (the last one's first trial) to the last trial's end,
 as the storage recorded them, and trials are those that started in it: process start-up, and
-the trials that overlap other workers' start-up, are not counted. Its growth with the study is the same figure over each tenth of the
-trials in the order they finished.
+the trials that overlap other workers' start-up, are not counted. Its growth with the study is
+the same figure over each tenth of the trials in the order they finished.
 
     python benchmarks/overhead.py [--full] [--storages sqlite,postgres,journal,grpc] [--workers 1,8]
         [--trials 100] [--large 10000] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]

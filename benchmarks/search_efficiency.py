@@ -255,6 +255,7 @@ def main() -> None:
         return
     budget = args.budget or (400 if args.full else 60)
     seeds = args.seeds or (10 if args.full else 5)
+    settings = {"budget_epochs": budget, "seeds": seeds, "workers": 1, "epochs_space": EPOCHS}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("tuner").setLevel(logging.WARNING)
@@ -270,9 +271,8 @@ def main() -> None:
             for method in methods:
                 runs[method] = [METHODS[method](workload, budget, seed, Path(scratch)) for seed in range(seeds)]
             summaries[workload] = summarize(runs, budget)
-            _print_table(workload, summaries[workload], {"seeds": seeds, "budget_epochs": budget})
+            _print_table(workload, summaries[workload], settings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"budget_epochs": budget, "seeds": seeds, "workers": 1, "epochs_space": EPOCHS}
     payload = {"settings": settings, "summary": summaries, "events": results}
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     plot(results, budget, args.out.with_suffix(".png"))

@@ -20,8 +20,8 @@ import optuna
 import sqlalchemy
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
-from optuna.storages.journal._storage import JournalOperation
 from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import make_url
