@@ -10,7 +10,7 @@ import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from tuner.storage import make_storage, set_user_attrs, sqlalchemy_url
+from tuner.storage import make_storage, record_epoch, set_user_attrs, sqlalchemy_url
 
 
 @pytest.mark.postgres
@@ -85,6 +85,19 @@ def test_user_attrs_written_in_one_go_read_back(kind, sqlite_url, tmp_path):
     set_user_attrs(trial, expected)
     assert trial.user_attrs == expected
     assert optuna.load_study(study_name="attrs", storage=make_storage(url)).trials[0].user_attrs == expected
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_epoch_record_and_intermediate_value_read_back(kind, sqlite_url, tmp_path):
+    url = sqlite_url if kind == "sqlite" else str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="epochs", storage=make_storage(url))
+    trial = study.ask()
+    record_epoch(trial, 1, 0.5, {"history": [{"epoch": 1, "val_accuracy": 0.5}]})
+    record_epoch(trial, 2, 0.75, {})
+    stored = optuna.load_study(study_name="epochs", storage=make_storage(url)).trials[0]
+    assert stored.intermediate_values == {1: 0.5, 2: 0.75}
+    assert stored.user_attrs == {"history": [{"epoch": 1, "val_accuracy": 0.5}]}
+    assert trial._cached_frozen_trial.intermediate_values == {1: 0.5, 2: 0.75}
 
 
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:

@@ -238,15 +238,20 @@ def rdb_backend(storage: object) -> ReconnectingRDBStorage | None:
 
 def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
     """``set_user_attrs`` and ``trial.report(value, step)`` (unless ``value`` is None), in one
-    transaction where the storage is a database."""
-    backend = rdb_backend(getattr(trial, "storage", None))  # a FixedTrial (``tuner train``) has none
-    if backend is None or step in trial._cached_frozen_trial.intermediate_values:
+    transaction where the storage is a database and in one append where it is a journal."""
+    storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
+    backend = rdb_backend(storage)
+    journal = isinstance(storage, optuna.storages.JournalStorage)
+    if (backend is None and not journal) or step in trial._cached_frozen_trial.intermediate_values:
         if attrs:
             set_user_attrs(trial, attrs)
         if value is not None:
             trial.report(value, step)
         return
-    backend.record_epoch(trial._trial_id, step, value, attrs)
+    if backend is not None:
+        backend.record_epoch(trial._trial_id, step, value, attrs)
+    else:
+        _append_to_journal(storage, trial._trial_id, attrs, None if value is None else (step, value))
     trial._cached_frozen_trial.user_attrs.update(attrs)
     if value is not None:
         trial._cached_frozen_trial.intermediate_values[step] = value
@@ -273,7 +278,7 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     if backend is not None:
         backend.set_trial_user_attrs(trial._trial_id, attrs)
     elif isinstance(storage, optuna.storages.JournalStorage) and attrs:
-        _append_user_attrs(storage, trial._trial_id, attrs)
+        _append_to_journal(storage, trial._trial_id, attrs)
     else:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -281,14 +286,26 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
-def _append_user_attrs(storage: optuna.storages.JournalStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
-    """The lines ``set_trial_user_attr`` would append, one per attribute, in one append: Optuna
-    takes the journal's lock and reads what others appended once per line."""
+def _append_to_journal(
+    storage: optuna.storages.JournalStorage,
+    trial_id: int,
+    attrs: Mapping[str, Any],
+    step_value: tuple[int, float] | None = None,
+) -> None:
+    """The lines ``set_trial_user_attr`` (one per attribute) and ``set_trial_intermediate_value``
+    would append, in one append: Optuna takes the journal's lock, and reads what others
+    appended, once per line."""
     worker_id = storage._replay_result.worker_id
     logs = [
         {"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker_id, "trial_id": trial_id, "user_attr": {key: value}}
         for key, value in attrs.items()
     ]
+    if step_value is not None:
+        step, value = step_value
+        logs.append({
+            "op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE, "worker_id": worker_id,
+            "trial_id": trial_id, "step": step, "intermediate_value": value,
+        })
     with storage._thread_lock:
         storage._backend.append_logs(logs)
         storage._sync_with_backend()
