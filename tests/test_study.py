@@ -8,7 +8,7 @@ from optuna.trial import TrialState
 
 import tuner
 from conftest import small_spec
-from tuner.study import budget_state, load_study
+from tuner.study import budget_state, load_study, make_pruner
 
 
 def _run(spec: dict, url: str) -> optuna.Study:
@@ -73,3 +73,28 @@ def test_create_is_idempotent_and_a_larger_budget_extends(sqlite_url):
     with pytest.raises(tuner.BadInputError, match="cannot shrink"):
         tuner.create_study(spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": 2})}), sqlite_url)
     assert budget_state(study, stored).waiting == 5
+
+
+@pytest.mark.parametrize("pruner", ["median", "percentile", "threshold"])
+@pytest.mark.parametrize("never_pruned", [0, 1, 2])
+def test_warmup_counts_the_epochs_never_pruned(pruner, never_pruned):
+    """Epochs count from 1: ``n_warmup_steps: N`` keeps a trial's first N epochs from pruning."""
+    options = {
+        "median": {"n_startup_trials": 1},
+        "percentile": {"percentile": 50, "n_startup_trials": 1},
+        "threshold": {"lower": 0.5},
+    }[pruner]
+    spec = tuner.parse_spec(small_spec("warmup", pruner={"name": pruner, "n_warmup_steps": never_pruned, **options}))
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    good = study.ask()
+    for epoch in range(1, 5):
+        good.report(0.9, epoch)
+    study.tell(good, 0.9)
+    bad = study.ask()
+    first_pruned = None
+    for epoch in range(1, 5):
+        bad.report(0.1, epoch)
+        if bad.should_prune():
+            first_pruned = epoch
+            break
+    assert first_pruned == never_pruned + 1

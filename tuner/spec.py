@@ -146,14 +146,15 @@ class SamplerSpec(_Strict):
 class MedianPrunerSpec(_Strict):
     name: Literal["median"]
     n_startup_trials: int = Field(default=5, ge=0)
-    n_warmup_steps: int = Field(default=1, ge=0)
+    # The first epochs of a trial that are never pruned.
+    n_warmup_steps: int = Field(default=0, ge=0)
 
 
 class PercentilePrunerSpec(_Strict):
     name: Literal["percentile"]
     percentile: float = Field(default=25.0, ge=0, le=100)
     n_startup_trials: int = Field(default=5, ge=0)
-    n_warmup_steps: int = Field(default=1, ge=0)
+    n_warmup_steps: int = Field(default=0, ge=0)
 
 
 class HalvingPrunerSpec(_Strict):

@@ -65,19 +65,25 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
     return optuna.samplers.QMCSampler(seed=seed, warn_asynchronous_seeding=False)
 
 
+def _optuna_warmup(epochs_never_pruned: int) -> int:
+    """Optuna prunes from step ``n_warmup_steps`` on, and a trial's first step is epoch 1: N
+    epochs kept from pruning are N + 1 in Optuna's count."""
+    return epochs_never_pruned + 1
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """The spec's pruner; its step is the epoch, so every trial is judged after equal data."""
     options = spec.pruner
     max_epochs = spec.search.epochs.high
     if options.name == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=options.n_startup_trials, n_warmup_steps=options.n_warmup_steps
+            n_startup_trials=options.n_startup_trials, n_warmup_steps=_optuna_warmup(options.n_warmup_steps)
         )
     if options.name == "percentile":
         return optuna.pruners.PercentilePruner(
             options.percentile,
             n_startup_trials=options.n_startup_trials,
-            n_warmup_steps=options.n_warmup_steps,
+            n_warmup_steps=_optuna_warmup(options.n_warmup_steps),
         )
     if options.name == "sha":
         return optuna.pruners.SuccessiveHalvingPruner(
@@ -91,13 +97,13 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         )
     if options.name == "patient":
         return optuna.pruners.PatientPruner(
-            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=_optuna_warmup(0)),
             patience=options.patience,
             min_delta=options.min_delta,
         )
     if options.name == "threshold":
         return optuna.pruners.ThresholdPruner(
-            lower=options.lower, upper=options.upper, n_warmup_steps=options.n_warmup_steps
+            lower=options.lower, upper=options.upper, n_warmup_steps=_optuna_warmup(options.n_warmup_steps)
         )
     return optuna.pruners.NopPruner()
 
