@@ -18,7 +18,7 @@ trial's model is not the one its parameters would train. For each method: the be
 reach the target: the lowest of the methods' median final accuracies, so every method reaches it.
 
     python benchmarks/search_efficiency.py [--full] [--seeds 5] [--budget 60] [--workloads digits_cnn]
-        [--methods tuner,tuner-hyperband,tuner-sha,optuna]
+        [--methods tuner,tuner-hyperband,tuner-sha,optuna] [--epochs 2,10]
 """
 
 from __future__ import annotations
@@ -250,6 +250,9 @@ def main() -> None:
     parser.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (default: each workload's own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_efficiency")
     parser.add_argument("--summarize", type=Path, help="print the tables of a JSON this script wrote, running nothing")
+    parser.add_argument(
+        "--epochs", help=f"LOW,HIGH: the epochs searched by tuner and random search (default {EPOCHS['low']},{EPOCHS['high']})"
+    )
     args = parser.parse_args()
     if args.summarize:
         stored = json.loads(args.summarize.read_text())
@@ -258,6 +261,9 @@ def main() -> None:
         return
     budget = args.budget or (400 if args.full else 60)
     seeds = args.seeds or (10 if args.full else 5)
+    if args.epochs:
+        low, high = (int(value) for value in args.epochs.split(","))
+        EPOCHS.update(low=low, high=high)
     settings = {"budget_epochs": budget, "seeds": seeds, "workers": 1, "epochs_space": EPOCHS}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
