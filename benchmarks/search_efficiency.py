@@ -7,6 +7,8 @@ all (pruned trials count the epochs they trained), once per seed:
 - ``optuna``: ``baselines/optuna_pytorch.py``, Optuna's PyTorch example (TPE, median pruner,
   10 epochs, batch size and learning rate suggested independently);
 - ``random``: random batch size, learning rate and epochs, no pruning;
+- ``ray``: Ray Tune's ASHA scheduler over random search (``baselines/ray_asha.py``), trials
+  trained by tuner's loop, when ``ray[tune]`` is installed (``pip install -e '.[benchmarks]'``);
 - ``halving`` (``sklearn_mlp`` only): scikit-learn's ``HalvingRandomSearchCV`` over the same
   batch sizes and learning rates, with ``max_iter`` (epochs) as its resource;
 - ``tuner-hyperband``, ``tuner-sha`` (with ``--methods`` only): tuner's default spec with the
@@ -146,6 +148,21 @@ def run_halving(workload: str, budget: int, seed: int, folder: Path) -> list[Eve
     return events
 
 
+def run_ray(workload: str, budget: int, seed: int, folder: Path) -> list[Event]:
+    from baselines import ray_asha
+
+    batch_sizes = [2**k for k in range(4, BATCH_HIGH[workload].bit_length())]
+    return ray_asha.run(workload, budget, seed, folder, batch_sizes, (EPOCHS["low"], EPOCHS["high"]))
+
+
+def ray_installed() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 METHODS: dict[str, Callable[..., list[Event]]] = {
     "tuner": run_tuner,
     "optuna": run_optuna,
@@ -153,13 +170,14 @@ METHODS: dict[str, Callable[..., list[Event]]] = {
         workload, budget, seed, folder, sampler={"name": "random", "first_trial": "sampler"}, pruner={"name": "none"}
     ),
     "halving": run_halving,
+    "ray": run_ray,
     # tuner's default spec with another pruner: what the default was chosen against.
     "tuner-hyperband": lambda workload, budget, seed, folder: run_tuner(workload, budget, seed, folder, pruner={"name": "hyperband"}),
     "tuner-sha": lambda workload, budget, seed, folder: run_tuner(workload, budget, seed, folder, pruner={"name": "sha"}),
 }
 WORKLOAD_METHODS = {
-    "digits_cnn": ("tuner", "optuna", "random"),
-    "breast_cancer_mlp": ("tuner", "optuna", "random"),
+    "digits_cnn": ("tuner", "optuna", "random", "ray"),
+    "breast_cancer_mlp": ("tuner", "optuna", "random", "ray"),
     "sklearn_mlp": ("tuner", "random", "halving"),
 }
 
@@ -248,16 +266,33 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, help="default 5, 10 with --full")
     parser.add_argument("--workloads", default=",".join(WORKLOAD_METHODS))
     parser.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (default: each workload's own)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_efficiency")
-    parser.add_argument("--summarize", type=Path, help="print the tables of a JSON this script wrote, running nothing")
+    parser.add_argument(
+        "--out", type=Path,
+        help="where the JSON and PNG go (default results/search_efficiency; with --summarize, the runs together, only if given)",
+    )
+    parser.add_argument(
+        "--summarize", type=Path, nargs="+",
+        help="print the tables of JSONs this script wrote (the methods of runs of equal budget and seeds together), running nothing",
+    )
     parser.add_argument(
         "--epochs", help=f"LOW,HIGH: the epochs searched by tuner and random search (default {EPOCHS['low']},{EPOCHS['high']})"
     )
     args = parser.parse_args()
     if args.summarize:
-        stored = json.loads(args.summarize.read_text())
-        for workload, runs in stored["events"].items():
-            _print_table(workload, summarize(runs, stored["settings"]["budget_epochs"]), stored["settings"])
+        stored = [json.loads(path.read_text()) for path in args.summarize]
+        settings = stored[0]["settings"]
+        if any(other["settings"] != settings for other in stored[1:]):
+            parser.error("--summarize: the runs differ in settings: " + "; ".join(str(other["settings"]) for other in stored))
+        events: dict[str, dict[str, list[list[Event]]]] = {}
+        for run in stored:
+            for workload, runs in run["events"].items():
+                events.setdefault(workload, {}).update(runs)
+        summaries = {}
+        for workload, runs in events.items():
+            summaries[workload] = summarize(runs, settings["budget_epochs"])
+            _print_table(workload, summaries[workload], settings)
+        if args.out:
+            _write(args.out, settings, summaries, events)
         return
     budget = args.budget or (400 if args.full else 60)
     seeds = args.seeds or (10 if args.full else 5)
@@ -277,14 +312,21 @@ def main() -> None:
         for workload in args.workloads.split(","):
             runs = results[workload] = {}
             methods = args.methods.split(",") if args.methods else WORKLOAD_METHODS[workload]
+            if "ray" in methods and not ray_installed():
+                print("ray: Ray Tune is not installed (pip install -e '.[benchmarks]'); left out")
+                methods = [method for method in methods if method != "ray"]
             for method in methods:
                 runs[method] = [METHODS[method](workload, budget, seed, Path(scratch)) for seed in range(seeds)]
             summaries[workload] = summarize(runs, budget)
             _print_table(workload, summaries[workload], settings)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"settings": settings, "summary": summaries, "events": results}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    plot(results, budget, args.out.with_suffix(".png"))
+    _write(args.out or Path(__file__).parent / "results" / "search_efficiency", settings, summaries, results)
+
+
+def _write(out: Path, settings: dict, summaries: dict, events: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "summary": summaries, "events": events}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    plot(events, settings["budget_epochs"], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
