@@ -40,7 +40,7 @@ def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60) -> I
                 time.sleep(0.2)
         yield f"grpc://{host}:{port}"
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # as docker stop and Kubernetes stop it
         assert process.wait(timeout=30) == 0
 
 

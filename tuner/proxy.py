@@ -6,6 +6,7 @@ them share the proxy's one pool, and reach it with ``--storage grpc://HOST:PORT`
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -28,6 +29,10 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
         )
     # The cached wrapper keeps finished trials in memory, as Optuna advises for the proxy.
     cached = optuna.storages.get_storage(make_storage(url))
+    # SIGTERM (docker stop, Kubernetes, Slurm) ends it as Ctrl-C does; and Ctrl-C works even
+    # where the proxy was started in the background by a shell, which makes children ignore it.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     try:
         optuna.storages.run_grpc_proxy_server(
             cached, host=host, port=port, thread_pool=ThreadPoolExecutor(max_workers=THREADS)
