@@ -26,6 +26,7 @@ reach the target: the lowest of the methods' median final accuracies, so every m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import statistics
@@ -153,14 +154,6 @@ def run_ray(workload: str, budget: int, seed: int, folder: Path) -> list[Event]:
 
     batch_sizes = [2**k for k in range(4, BATCH_HIGH[workload].bit_length())]
     return ray_asha.run(workload, budget, seed, folder, batch_sizes, (EPOCHS["low"], EPOCHS["high"]))
-
-
-def ray_installed() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 METHODS: dict[str, Callable[..., list[Event]]] = {
@@ -312,7 +305,7 @@ def main() -> None:
         for workload in args.workloads.split(","):
             runs = results[workload] = {}
             methods = args.methods.split(",") if args.methods else WORKLOAD_METHODS[workload]
-            if "ray" in methods and not ray_installed():
+            if "ray" in methods and importlib.util.find_spec("ray") is None:
                 print("ray: Ray Tune is not installed (pip install -e '.[benchmarks]'); left out")
                 methods = [method for method in methods if method != "ray"]
             for method in methods:
