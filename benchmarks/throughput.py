@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tuner.space import Hyperparameters
+from tuner.train import memory
 from tuner.spec import Objective
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
@@ -86,6 +87,7 @@ def measure(workload: Workload, device: torch.device, epochs: int, repeats: int)
                 best[name] = max(best[name], _samples_per_s(loop, workload, hp, device))
         rows.append({
             "device": str(device),
+            "device_name": memory.device_name(device),
             "batch_size": batch_size,
             "naive_samples_per_s": round(best["naive"][0]),
             "tuner_samples_per_s": round(best["tuner"][0]),

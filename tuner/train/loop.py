@@ -62,8 +62,10 @@ class Batches:
 
     def __call__(self, chunks: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.tensors is not None:
-            for chunk in chunks:
-                index = chunk.to(self.device)
+            # One copy of the epoch's indices: a copy per step from pageable memory would wait
+            # for the device to finish the previous step, so the host could never run ahead.
+            indices = torch.cat(chunks).to(self.device).split([len(chunk) for chunk in chunks])
+            for index in indices:
                 yield self.tensors[0][index], self.tensors[1][index]
             return
         loader = DataLoader(
