@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import optuna
 import pytest
@@ -98,6 +99,25 @@ def test_epoch_record_and_intermediate_value_read_back(kind, sqlite_url, tmp_pat
     assert stored.intermediate_values == {1: 0.5, 2: 0.75}
     assert stored.user_attrs == {"history": [{"epoch": 1, "val_accuracy": 0.5}]}
     assert trial._cached_frozen_trial.intermediate_values == {1: 0.5, 2: 0.75}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_held_attributes_are_not_written_again_and_a_grown_history_is(kind, sqlite_url, tmp_path):
+    url = sqlite_url if kind == "sqlite" else str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="held", storage=make_storage(url))
+    trial = study.ask()
+    history = [{"epoch": 1, "val_accuracy": 0.5}]
+    record_epoch(trial, 1, 0.5, {"history": history, "worker": "w1"})
+    lines = len(Path(url).read_text().splitlines()) if kind == "journal" else None
+    set_user_attrs(trial, {"worker": "w1", "history": history})
+    if kind == "journal":
+        assert len(Path(url).read_text().splitlines()) == lines
+    history.append({"epoch": 2, "val_accuracy": 0.75})
+    set_user_attrs(trial, {"worker": "w1", "history": history})
+    if kind == "journal":
+        assert len(Path(url).read_text().splitlines()) == lines + 1
+    stored = optuna.load_study(study_name="held", storage=make_storage(url)).trials[0]
+    assert stored.user_attrs == {"history": history, "worker": "w1"}
 
 
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:

@@ -243,16 +243,16 @@ def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value
     backend = rdb_backend(storage)
     journal = isinstance(storage, optuna.storages.JournalStorage)
     if (backend is None and not journal) or step in trial._cached_frozen_trial.intermediate_values:
-        if attrs:
-            set_user_attrs(trial, attrs)
+        set_user_attrs(trial, attrs)
         if value is not None:
             trial.report(value, step)
         return
+    changed = _changed(trial, attrs)
     if backend is not None:
-        backend.record_epoch(trial._trial_id, step, value, attrs)
+        backend.record_epoch(trial._trial_id, step, value, changed)
     else:
-        _append_to_journal(storage, trial._trial_id, attrs, None if value is None else (step, value))
-    trial._cached_frozen_trial.user_attrs.update(attrs)
+        _append_to_journal(storage, trial._trial_id, changed, None if value is None else (step, value))
+    _hold(trial, changed)
     if value is not None:
         trial._cached_frozen_trial.intermediate_values[step] = value
 
@@ -271,19 +271,39 @@ def cache_claimed_trial(storage: optuna.storages.BaseStorage, study_id: int, tri
 
 
 def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping[str, Any]) -> None:
-    """``trial.set_user_attr`` for each item, in one transaction where the storage is a database
-    and in one append where it is a journal."""
+    """``trial.set_user_attr`` for each attribute whose value the trial does not hold already,
+    in one transaction where the storage is a database and in one append where it is a journal.
+    A value written again is a write for nothing: through the gRPC proxy, a round trip each."""
     storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
-    backend = rdb_backend(storage)
-    if backend is not None:
-        backend.set_trial_user_attrs(trial._trial_id, attrs)
-    elif isinstance(storage, optuna.storages.JournalStorage) and attrs:
-        _append_to_journal(storage, trial._trial_id, attrs)
-    else:
+    if storage is None:
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    trial._cached_frozen_trial.user_attrs.update(attrs)
+    changed = _changed(trial, attrs)
+    if not changed:
+        return
+    backend = rdb_backend(storage)
+    if backend is not None:
+        backend.set_trial_user_attrs(trial._trial_id, changed)
+    elif isinstance(storage, optuna.storages.JournalStorage):
+        _append_to_journal(storage, trial._trial_id, changed)
+    else:
+        for key, value in changed.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+    _hold(trial, changed)
+
+
+def _changed(trial: optuna.Trial, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes whose value differs from what the trial holds (stored, as far as this
+    process knows)."""
+    held = trial._cached_frozen_trial.user_attrs
+    return {key: value for key, value in attrs.items() if key not in held or held[key] != value}
+
+
+def _hold(trial: optuna.Trial, written: Mapping[str, Any]) -> None:
+    """Remember what was written as it was then: a list that grows after being written (the
+    history) must not look written already."""
+    trial._cached_frozen_trial.user_attrs.update(copy.deepcopy(dict(written)))
 
 
 def _append_to_journal(

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 
 from tuner.spec import Objective
-from tuner.storage import record_epoch
+from tuner.storage import record_epoch, set_user_attrs
 
 logger = logging.getLogger("tuner.progress")
 
@@ -64,7 +64,7 @@ class Reporter:
         """Take the history of a resumed trial's checkpoint as its own, so the pruner and the
         dashboard see one continuous curve."""
         self.history = list(history)
-        self.trial.set_user_attr("history", self.history)
+        set_user_attrs(self.trial, {"history": self.history})
         reported = self.trial.storage.get_trial(self.trial._trial_id).intermediate_values
         if len(self.objectives) == 1:
             for entry in self.history:
