@@ -11,7 +11,7 @@ import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from tuner.storage import make_storage, record_epoch, set_user_attrs, sqlalchemy_url
+from tuner.storage import make_storage, record_epoch, set_user_attrs, slot_maker, sqlalchemy_url
 
 
 @pytest.mark.postgres
@@ -127,12 +127,12 @@ def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_slots_added_ahead_by_racing_workers_never_pass_the_budget(backend, request, monkeypatch):
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "journal"])
+def test_slots_added_ahead_by_racing_workers_never_pass_the_budget(backend, request, monkeypatch, tmp_path):
     """Eight workers, each with its own connections, take WAITING trials and top them up three
     at a time as they run out; the study ends with exactly the budget, every trial run once."""
     monkeypatch.setenv("TUNER_DB_RETRY_S", "60")
-    url = request.getfixturevalue(f"{backend}_url")
+    url = str(tmp_path / "slots.log") if backend == "journal" else request.getfixturevalue(f"{backend}_url")
     name = f"ahead-{backend}-{request.node.name[-8:]}"
     n_trials = 40
     optuna.create_study(study_name=name, storage=make_storage(url))
@@ -149,7 +149,7 @@ def test_slots_added_ahead_by_racing_workers_never_pass_the_budget(backend, requ
                 if won is not None:
                     ran.append(won.number)
                     storage.set_trial_state_values(won._trial_id, TrialState.COMPLETE, [0.0])
-                elif not storage.add_waiting_trials(study_id, n_trials, ahead=3):
+                elif not slot_maker(storage).add_waiting_trials(study_id, n_trials, ahead=3):
                     return
         except BaseException as error:  # noqa: BLE001 - reported by the test below
             errors.append(error)

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from tuner.report import format_value
 from tuner.spec import StudySpec
-from tuner.study import FINISHED, BudgetState, budget_state, slot_holders
+from tuner.storage import slot_holders
+from tuner.study import FINISHED, BudgetState, budget_state
 
 # A finished trial trained ``epochs_completed`` of its ``epochs``; a pruned one stopped early.
 TRAINED = (TrialState.COMPLETE, TrialState.PRUNED)

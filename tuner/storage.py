@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import functools
 import json
 import logging
@@ -227,6 +228,51 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             .filter(models.TrialModel.study_id == study_id, attrs.key == RETRY_HISTORY)
             .scalar()
         )
+
+
+def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials that hold a budget slot: every trial except failed ones that were retried."""
+    retried = {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
+    return [t for t in trials if t.number not in retried]
+
+
+class JournalFileSlots:
+    """Budget slots of a journal file's studies, counted and added under one lock, as a
+    database counts and adds them under the lock of the study's row.
+
+    Optuna's journal lock is held for one append only, so the lock is a file beside the journal,
+    locked with flock(2) by every process that adds slots; the system releases it when its
+    holder dies.
+    """
+
+    def __init__(self, storage: optuna.storages.JournalStorage) -> None:
+        self.storage = storage
+        self.lock_path = f"{storage._backend._file_path}.slots.lock"
+
+    def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
+        """As ``ReconnectingRDBStorage.add_waiting_trials``."""
+        blank = optuna.trial.create_trial(state=TrialState.WAITING)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            holders = slot_holders(self.storage.get_all_trials(study_id, deepcopy=False))
+            waiting = sum(t.state == TrialState.WAITING for t in holders)
+            added = max(0, min(ahead - waiting, n_trials - len(holders)))
+            for _ in range(added):
+                self.storage.create_new_trial(study_id, template_trial=blank)
+        return waiting + added
+
+
+def slot_maker(storage: object) -> ReconnectingRDBStorage | JournalFileSlots | None:
+    """What adds a study's budget slots a few at a time, on the storages that can count and add
+    them under one lock (a database, a journal file); None where every slot is made at once."""
+    backend = rdb_backend(storage)
+    if backend is not None:
+        return backend
+    if isinstance(storage, optuna.storages.JournalStorage) and isinstance(
+        storage._backend, optuna.storages.journal.JournalFileBackend
+    ):
+        return JournalFileSlots(storage)
+    return None
 
 
 def rdb_backend(storage: object) -> ReconnectingRDBStorage | None:

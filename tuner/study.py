@@ -1,8 +1,9 @@
 """Create and load studies from specs: sampler and pruner factories, and the exact trial budget.
 
 The budget is exact under any number of workers because every trial of it exists first as a
-WAITING trial (a *slot*), made when the study is created; a worker only runs a trial it won
-through the atomic WAITING -> RUNNING transition, and a worker that finds no slot is done.
+WAITING trial (a *slot*), made a few at a time under a lock (a database, a journal file) or all
+when the study is created; a worker only runs a trial it won through the atomic WAITING ->
+RUNNING transition, and a worker that finds no slot, and cannot make one, is done.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from datetime import datetime
 
 import optuna
 import yaml
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
 from tuner.spec import StudySpec, parse_spec
-from tuner.storage import RETRY_HISTORY, make_storage, rdb_backend
+from tuner.storage import make_storage, rdb_backend, slot_holders, slot_maker
 
 logger = logging.getLogger("tuner.study")
 
@@ -179,12 +180,6 @@ def create_study(
 WAITING_AHEAD = 16
 
 
-def slot_holders(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials that hold a budget slot: every trial except failed ones that were retried."""
-    retried = {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
-    return [t for t in trials if t.number not in retried]
-
-
 def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
     if spec.budget.n_trials is None:
         return
@@ -198,25 +193,26 @@ def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
     if holders == 0 and spec.sampler.first_trial == "centre":
         study.enqueue_trial(centre(spec.search))
         holders = 1
-    if rdb_backend(study._storage) is not None:
+    if slot_maker(study._storage) is not None:
         add_waiting_trials(study)
     else:
         study.add_trials([optuna.trial.create_trial(state=TrialState.WAITING)] * (spec.budget.n_trials - holders))
 
 
 def add_waiting_trials(study: optuna.Study) -> int:
-    """Make up to ``WAITING_AHEAD`` budget slots wait on a database; return how many wait.
+    """Make up to ``WAITING_AHEAD`` budget slots wait; return how many wait.
 
-    A database holds only a few slots ahead, made as workers need them: every read of a study's
-    trials reads its unfinished ones again, and a budget of 10,000 made at once would be 10,000
-    of them. Other storages get every slot at creation, so this adds none there. The budget is
-    the stored spec's, which ``tuner create`` may have raised since the worker started.
+    A database or a journal file holds only a few slots ahead, made as workers need them: every
+    read of a study's trials reads its unfinished ones again, and a budget of 10,000 made at once
+    would be 10,000 of them. Other storages get every slot at creation, so this adds none there.
+    The budget is the stored spec's, which ``tuner create`` may have raised since the worker
+    started.
     """
-    backend = rdb_backend(study._storage)
+    maker = slot_maker(study._storage)
     spec = stored_spec(study._storage, study.study_name)
-    if backend is None or spec is None or spec.budget.n_trials is None:
+    if maker is None or spec is None or spec.budget.n_trials is None:
         return 0
-    return backend.add_waiting_trials(study._study_id, spec.budget.n_trials, WAITING_AHEAD)
+    return maker.add_waiting_trials(study._study_id, spec.budget.n_trials, WAITING_AHEAD)
 
 
 def load_study(
