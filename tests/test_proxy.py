@@ -13,20 +13,32 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
-from conftest import TESTS, small_spec, tuner
+from conftest import TESTS, small_spec, start_tuner, tuner
+from tuner.study import WAITING_AHEAD
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
 
 
+# Optuna's own proxy, as a plain Optuna user would run it.
+OPTUNA_PROXY = (
+    "import sys, optuna; optuna.storages.run_grpc_proxy_server("
+    "optuna.storages.get_storage(sys.argv[1]), host=sys.argv[2], port=int(sys.argv[3]))"
+)
+
+
 @contextmanager
-def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60) -> Iterator[str]:
-    """Run ``tuner proxy`` on a free port of ``host``; yield its ``grpc://`` URL."""
+def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60, optuna_own: bool = False) -> Iterator[str]:
+    """Run ``tuner proxy`` (or Optuna's own) on a free port of ``host``; yield its ``grpc://`` URL."""
     with socket.create_server((host, 0)) as probe:
         port = probe.getsockname()[1]
+    command = (
+        [sys.executable, "-c", OPTUNA_PROXY, storage, host, str(port)] if optuna_own
+        else [sys.executable, "-m", "tuner", "proxy", "--storage", storage, "--host", host, "--port", str(port)]
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "tuner", "proxy", "--storage", storage, "--host", host, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV},
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV},
     )
     try:
         deadline = time.monotonic() + timeout
@@ -41,7 +53,8 @@ def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60) -> I
         yield f"grpc://{host}:{port}"
     finally:
         process.send_signal(signal.SIGTERM)  # as docker stop and Kubernetes stop it
-        assert process.wait(timeout=30) == 0
+        code = process.wait(timeout=30)
+        assert optuna_own or code == 0
 
 
 def test_proxy_refuses_a_storage_it_cannot_serve(tmp_path: Path):
@@ -66,3 +79,46 @@ def test_study_is_created_and_run_through_the_proxy(sqlite_url, write_spec, tmp_
         assert best.returncode == 0, best.stderr
     study = optuna.load_study(study_name="proxied", storage=sqlite_url)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+def test_the_proxy_makes_the_budget_slots_a_few_at_a_time(sqlite_url, write_spec, tmp_path: Path):
+    """Behind the proxy a worker cannot lock the database: the proxy makes the slots, never
+    more than the budget, and never the whole budget at once."""
+    spec = small_spec("slots", workload="paced_workload:paced", budget={"n_trials": 40})
+    env = {**ENV, "TUNER_TEST_EPOCH_S": "0"}
+    with serve_proxy(sqlite_url) as url:
+        created = tuner("create", str(write_spec(spec)), "--storage", url, env=env)
+        assert created.returncode == 0, created.stderr
+        made = optuna.load_study(study_name="slots", storage=sqlite_url).trials
+        assert len(made) == WAITING_AHEAD
+        assert "fixed_params" in made[0].system_attrs  # the centre of the space comes first
+        workers = [
+            start_tuner("worker", "--study", "slots", "--storage", url, "--device", "cpu",
+                        "--checkpoint-dir", str(tmp_path / "checkpoints"), env=env)
+            for _ in range(2)
+        ]
+        for worker in workers:
+            output, _ = worker.communicate(timeout=240)
+            assert worker.returncode == 0, output
+    trials = optuna.load_study(study_name="slots", storage=sqlite_url).trials
+    assert [t.number for t in trials] == list(range(40))
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def test_optuna_own_proxy_is_named_instead_of_leaving_the_budget_unmet(sqlite_url, write_spec, tmp_path: Path):
+    spec = small_spec("plain", workload="paced_workload:paced", budget={"n_trials": 20})
+    env = {**ENV, "TUNER_TEST_EPOCH_S": "0"}
+    with serve_proxy(sqlite_url, optuna_own=True) as url:
+        created = tuner("create", str(write_spec(spec)), "--storage", url, env=env)
+        assert created.returncode != 0
+        assert "tuner proxy" in created.stderr
+        # Made on the database, which makes the first slots; the workers behind Optuna's proxy
+        # run those, then say why the rest cannot run.
+        assert tuner("create", str(write_spec(spec)), "--storage", sqlite_url, env=env).returncode == 0
+        worked = tuner("worker", "--study", "plain", "--storage", url, "--device", "cpu",
+                       "--checkpoint-dir", str(tmp_path / "checkpoints"), env=env)
+    assert worked.returncode != 0
+    assert "tuner proxy" in worked.stderr
+    states = [t.state for t in optuna.load_study(study_name="plain", storage=sqlite_url).trials]
+    assert len(states) == WAITING_AHEAD
+    assert set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}

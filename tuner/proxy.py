@@ -6,17 +6,54 @@ them share the proxy's one pool, and reach it with ``--storage grpc://HOST:PORT`
 
 from __future__ import annotations
 
+import json
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import optuna
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.trial import TrialState
 
 from tuner.errors import BadInputError
-from tuner.storage import make_storage, mask_url, storage_url
+from tuner.storage import ReconnectingRDBStorage, make_storage, mask_url, storage_url
+from tuner.study import SPEC_ATTR, WAITING_AHEAD
 
 # One thread per database connection of the storage (tuner.storage: pool_size=2, max_overflow=2),
 # so that requests queue in gRPC instead of timing out in the connection pool.
 THREADS = 4
+
+
+class SlotMakingStorage(_CachedStorage):
+    """Optuna's cache of finished trials, which also makes a study's next budget slots.
+
+    A worker behind the proxy cannot take the database's lock, so the proxy makes the slots for
+    it, as a worker on the database makes them itself: up to ``WAITING_AHEAD`` at a time, when
+    ``tuner create`` writes the spec (its budget) and after each slot a worker claims. Every
+    slot of the budget made at creation would make each claim read all of them.
+    """
+
+    def __init__(self, database: ReconnectingRDBStorage) -> None:
+        super().__init__(database)
+        self.database = database
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        won = super().set_trial_state_values(trial_id, state, values)
+        if won and state == TrialState.RUNNING:
+            self._make_slots(self.database.get_study_id_of_trial(trial_id))
+        return won
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        super().set_study_system_attr(study_id, key, value)
+        if key == SPEC_ATTR:
+            self._make_slots(study_id)
+
+    def _make_slots(self, study_id: int) -> None:
+        raw = self.get_study_system_attrs(study_id).get(SPEC_ATTR)
+        n_trials = json.loads(raw)["budget"].get("n_trials") if raw else None
+        if n_trials is not None:
+            self.database.add_waiting_trials(study_id, n_trials, WAITING_AHEAD)
 
 
 def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13000) -> None:
@@ -28,7 +65,7 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
             "use sqlite:///..., postgresql://... or mysql://..."
         )
     # The cached wrapper keeps finished trials in memory, as Optuna advises for the proxy.
-    cached = optuna.storages.get_storage(make_storage(url))
+    cached = SlotMakingStorage(make_storage(url))  # type: ignore[arg-type]
     # SIGTERM (docker stop, Kubernetes, Slurm) ends it as Ctrl-C does; and Ctrl-C works even
     # where the proxy was started in the background by a shell, which makes children ignore it.
     for stop in (signal.SIGINT, signal.SIGTERM):

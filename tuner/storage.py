@@ -86,6 +86,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     failed call's transaction was rolled back, so retrying it cannot count anything twice.
     """
 
+    def get_study_id_of_trial(self, trial_id: int) -> int:
+        with _create_scoped_session(self.scoped_session) as session:
+            return models.TrialModel.find_or_raise_by_id(trial_id, session).study_id
+
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Several user attributes in one transaction: one commit (a disk flush on SQLite, a
         round trip on a server) instead of one per attribute."""
@@ -400,6 +404,7 @@ _RETRIED_METHODS = (
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
     | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
     | {"set_trial_user_attrs", "record_epoch", "slot_counts", "add_waiting_trials", "claim_next_waiting_trial"}
+    | {"get_study_id_of_trial"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()
 

@@ -159,6 +159,9 @@ def create_study(
     stored = stored_spec(storage, spec.name)
     wanted = spec.to_dict()
     if stored is None:
+        if spec.budget.n_trials and spec.sampler.first_trial == "centre" and not study.get_trials(deepcopy=False):
+            # Before the spec: behind ``tuner proxy`` the budget's slots are made when it is written.
+            study.enqueue_trial(centre(spec.search))
         storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
         study.set_metric_names([objective.metric for objective in spec.all_objectives])
         from tuner.notes import save_study_note
@@ -172,6 +175,7 @@ def create_study(
                 f"stored spec. Difference:\n{_spec_diff(stored_dict, wanted)}"
             )
         if stored_dict["budget"] != wanted["budget"]:
+            _check_budget_holds(study, spec)
             storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
     _add_slots(study, spec)
     return study
@@ -180,7 +184,8 @@ def create_study(
 WAITING_AHEAD = 16
 
 
-def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
+def _check_budget_holds(study: optuna.Study, spec: StudySpec) -> None:
+    """A budget may grow, never shrink below the trials the study already holds."""
     if spec.budget.n_trials is None:
         return
     state = budget_state(study, spec)
@@ -190,13 +195,32 @@ def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
             f"Study {spec.name!r} already holds {holders} trials; "
             f"budget.n_trials cannot shrink to {spec.budget.n_trials}."
         )
-    if holders == 0 and spec.sampler.first_trial == "centre":
-        study.enqueue_trial(centre(spec.search))
-        holders = 1
+
+
+def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
+    if spec.budget.n_trials is None:
+        return
     if slot_maker(study._storage) is not None:
         add_waiting_trials(study)
-    else:
-        study.add_trials([optuna.trial.create_trial(state=TrialState.WAITING)] * (spec.budget.n_trials - holders))
+        return
+    state = budget_state(study, spec)
+    if not isinstance(study._storage, optuna.storages.GrpcStorageProxy):
+        study.add_trials([optuna.trial.create_trial(state=TrialState.WAITING)] * state.unheld)
+        return
+    if state.unheld and state.waiting < WAITING_AHEAD:
+        # Writing the spec again asks ``tuner proxy`` for the slots (a study made before it ran).
+        study._storage.set_study_system_attr(study._study_id, SPEC_ATTR, json.dumps(spec.to_dict()))
+        state = budget_state(study, spec)
+        if state.unheld and state.waiting < WAITING_AHEAD:
+            raise BadInputError(no_slots_message(spec.name, state.unheld))
+
+
+def no_slots_message(study_name: str, missing: int) -> str:
+    return (
+        f"No budget slot waits in study {study_name!r} though {missing} trial(s) of its budget "
+        "remain. Behind a gRPC proxy the proxy makes the slots: serve the database with "
+        "`tuner proxy` (Optuna's own proxy does not make them)."
+    )
 
 
 def add_waiting_trials(study: optuna.Study) -> int:
@@ -255,6 +279,13 @@ class BudgetState:
     n_trials: int | None
     elapsed_s: float
     timeout_s: float | None
+
+    @property
+    def unheld(self) -> int:
+        """Trials of the budget that no slot holds yet."""
+        if self.n_trials is None:
+            return 0
+        return max(0, self.n_trials - self.finished - self.running - self.waiting)
 
     @property
     def exhausted(self) -> bool:

@@ -33,7 +33,7 @@ from tuner.notes import REFRESH_INTERVAL_S, refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
 from tuner.storage import RETRY_HISTORY, beside_storage, cache_claimed_trial, make_storage, rdb_backend, set_user_attrs, storage_url
-from tuner.study import add_waiting_trials, budget_state, load_study
+from tuner.study import BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
@@ -125,6 +125,15 @@ def _claim_waiting(study: optuna.Study, attrs: dict[str, Any]) -> tuple[tuple[op
     return None, bool(waiting)
 
 
+def _unmade_slots(study: optuna.Study, state: BudgetState) -> int:
+    """Trials of the budget that no slot holds while nothing runs or waits: behind a gRPC proxy
+    that does not make slots (Optuna's own), they would never run."""
+    grpc = isinstance(study._storage, optuna.storages.GrpcStorageProxy)
+    if not grpc or state.exhausted or state.running or state.waiting:
+        return 0
+    return state.unheld
+
+
 def _fail_stale_trials(study: optuna.Study) -> None:
     """Optuna's ``fail_stale_trials``, after writing on each stale trial why it fails, so that a
     trial out of retries keeps the reason."""
@@ -197,6 +206,9 @@ def run_worker(
                 if not state.exhausted and state.running and heartbeat:
                     time.sleep(options.poll_s)
                     continue
+                missing = _unmade_slots(study, state)
+                if missing:
+                    raise TunerError(no_slots_message(study_name, missing))
                 break
             trial, frozen = claimed
             outcome = _run_trial(study, spec, workload, trial, frozen, device, checkpoint_dir, options, stop)
