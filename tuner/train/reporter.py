@@ -16,9 +16,10 @@ from tuner.storage import record_epoch, set_user_attrs
 logger = logging.getLogger("tuner.progress")
 
 # The objective (its step is the epoch count) goes to the storage every epoch, as the pruner
-# and ``tuner status`` need; the whole history at most this often while the trial runs, and with
-# the records at its end. Epochs of a few milliseconds would otherwise spend most of their
-# time rewriting it; a checkpoint keeps it for a resume.
+# and ``tuner status`` need; the whole history at most this often while the trial runs, first
+# this long after the trial starts, and with the records at its end. Epochs of a few
+# milliseconds would otherwise spend most of their time rewriting it, and a trial shorter than
+# this would write it twice; a checkpoint keeps it for a resume.
 HISTORY_WRITE_INTERVAL_S = 5.0
 
 
@@ -54,7 +55,7 @@ class Reporter:
         self.history: list[dict[str, float]] = list(trial.user_attrs.get("history", []))
         self.records: dict[str, Any] = {}
         self.started = time.perf_counter()
-        self._next_history_write = 0.0
+        self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
 
     @property
     def epochs_done(self) -> int:
