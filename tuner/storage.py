@@ -22,7 +22,6 @@ import sqlalchemy
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
-from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -240,35 +239,135 @@ def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
     return [t for t in trials if t.number not in retried]
 
 
+def claim_order(trial: optuna.trial.FrozenTrial) -> tuple[bool, int]:
+    """Which waiting trial a worker takes first: retries, then by number."""
+    return RETRY_HISTORY not in trial.system_attrs, trial.number
+
+
+class JournalStorage(optuna.storages.JournalStorage):
+    """Optuna's journal storage, whose writes within ``one_append()`` reach the journal together.
+
+    Each append takes the journal's lock and, on a file, flushes it to disk: the writes of a
+    trial that belong together (a claim and who runs it, the sampled parameters, the records of
+    its end and its state) cost one append instead of one each.
+    """
+
+    def __init__(self, backend: optuna.storages.journal.BaseJournalBackend) -> None:
+        self._held = threading.local()  # before Optuna's first read of the journal
+        super().__init__(backend)
+        self._no_trial_created_yet()
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        self._held = threading.local()
+        super().__setstate__(state)
+        self._no_trial_created_yet()
+
+    def _no_trial_created_yet(self) -> None:
+        """What Optuna's ``restore_replay_result`` sets: a trial created within ``one_append``
+        reads it before the replay of any creation of this process has set it."""
+        self._replay_result._last_created_trial_id_by_this_process = -1
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_held"]
+        return state
+
+    def _holding(self) -> list[dict[str, Any]] | None:
+        return getattr(self._held, "logs", None)
+
+    def _write_log(self, op_code: int, extra_fields: dict[str, Any]) -> None:
+        held = self._holding()
+        if held is None:
+            super()._write_log(op_code, extra_fields)
+        else:
+            held.append({"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields})
+
+    def _sync_with_backend(self) -> None:
+        # Within ``one_append`` reads see the journal as it was when the block began: the
+        # thread's own writes are not in it yet, and reading after each of them is what the
+        # block saves.
+        if self._holding() is None:
+            super()._sync_with_backend()
+
+    @contextlib.contextmanager
+    def one_append(self) -> Iterator[None]:
+        """Hold this thread's writes made within and append them as the block ends, raised or not.
+
+        A write within returns before its line is in the journal: what it returns (a claim's
+        win, a new trial's id) means nothing, and an error its line makes (a finished trial's)
+        is raised as the block ends. A block within a block appends with the outer one.
+        """
+        if self._holding() is not None:
+            yield
+            return
+        self._held.logs = []
+        try:
+            yield
+        finally:
+            logs, self._held.logs = self._held.logs, None
+            if logs:
+                with self._thread_lock:
+                    self._backend.append_logs(logs)
+                    self._sync_with_backend()
+
+
+def one_append(storage: object) -> contextlib.AbstractContextManager[None]:
+    """``JournalStorage.one_append`` on tuner's journal storage; elsewhere a block that changes
+    nothing, each write going on its own."""
+    return storage.one_append() if isinstance(storage, JournalStorage) else contextlib.nullcontext()
+
+
 class JournalFileSlots:
-    """Budget slots of a journal file's studies, counted and added under one lock, as a
+    """Budget slots of a journal file's studies, counted, added and claimed under one lock, as a
     database counts and adds them under the lock of the study's row.
 
     Optuna's journal lock is held for one append only, so the lock is a file beside the journal,
-    locked with flock(2) by every process that adds slots; the system releases it when its
-    holder dies.
+    locked with flock(2) by every process that adds or claims slots; the system releases it when
+    its holder dies.
     """
 
     def __init__(self, storage: optuna.storages.JournalStorage) -> None:
         self.storage = storage
         self.lock_path = f"{storage._backend._file_path}.slots.lock"
 
-    def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
-        """As ``ReconnectingRDBStorage.add_waiting_trials``."""
-        blank = optuna.trial.create_trial(state=TrialState.WAITING)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
+        """As ``ReconnectingRDBStorage.add_waiting_trials``; the new slots in one append."""
+        blank = optuna.trial.create_trial(state=TrialState.WAITING)
+        with self._locked():
             holders = slot_holders(self.storage.get_all_trials(study_id, deepcopy=False))
             waiting = sum(t.state == TrialState.WAITING for t in holders)
             added = max(0, min(ahead - waiting, n_trials - len(holders)))
-            for _ in range(added):
-                self.storage.create_new_trial(study_id, template_trial=blank)
+            with one_append(self.storage):
+                for _ in range(added):
+                    self.storage.create_new_trial(study_id, template_trial=blank)
         return waiting + added
+
+    def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``: the claim and the attributes in
+        one append. Under the lock no other worker claims; in a race, a loser's attributes
+        would land on the winner's trial."""
+        with self._locked():
+            waiting = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting:
+                return None
+            trial_id = min(waiting, key=claim_order)._trial_id
+            with one_append(self.storage):
+                self.storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+                for key, value in attrs.items():
+                    self.storage.set_trial_user_attr(trial_id, key, value)
+        return trial_id
 
 
 def slot_maker(storage: object) -> ReconnectingRDBStorage | JournalFileSlots | None:
-    """What adds a study's budget slots a few at a time, on the storages that can count and add
-    them under one lock (a database, a journal file); None where every slot is made at once."""
+    """What adds a study's budget slots a few at a time and claims them, on the storages that
+    can count, add and claim them under one lock (a database, a journal file); None where every
+    slot is made at once and workers race for each."""
     backend = rdb_backend(storage)
     if backend is not None:
         return backend
@@ -291,17 +390,14 @@ def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value
     transaction where the storage is a database and in one append where it is a journal."""
     storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
     backend = rdb_backend(storage)
-    journal = isinstance(storage, optuna.storages.JournalStorage)
-    if (backend is None and not journal) or step in trial._cached_frozen_trial.intermediate_values:
-        set_user_attrs(trial, attrs)
-        if value is not None:
-            trial.report(value, step)
+    if backend is None or step in trial._cached_frozen_trial.intermediate_values:
+        with one_append(storage):
+            set_user_attrs(trial, attrs)
+            if value is not None:
+                trial.report(value, step)
         return
     changed = _changed(trial, attrs)
-    if backend is not None:
-        backend.record_epoch(trial._trial_id, step, value, changed)
-    else:
-        _append_to_journal(storage, trial._trial_id, changed, None if value is None else (step, value))
+    backend.record_epoch(trial._trial_id, step, value, changed)
     _hold(trial, changed)
     if value is not None:
         trial._cached_frozen_trial.intermediate_values[step] = value
@@ -335,11 +431,10 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     backend = rdb_backend(storage)
     if backend is not None:
         backend.set_trial_user_attrs(trial._trial_id, changed)
-    elif isinstance(storage, optuna.storages.JournalStorage):
-        _append_to_journal(storage, trial._trial_id, changed)
     else:
-        for key, value in changed.items():
-            storage.set_trial_user_attr(trial._trial_id, key, value)
+        with one_append(storage):
+            for key, value in changed.items():
+                storage.set_trial_user_attr(trial._trial_id, key, value)
     _hold(trial, changed)
 
 
@@ -354,31 +449,6 @@ def _hold(trial: optuna.Trial, written: Mapping[str, Any]) -> None:
     """Remember what was written as it was then: a list that grows after being written (the
     history) must not look written already."""
     trial._cached_frozen_trial.user_attrs.update(copy.deepcopy(dict(written)))
-
-
-def _append_to_journal(
-    storage: optuna.storages.JournalStorage,
-    trial_id: int,
-    attrs: Mapping[str, Any],
-    step_value: tuple[int, float] | None = None,
-) -> None:
-    """The lines ``set_trial_user_attr`` (one per attribute) and ``set_trial_intermediate_value``
-    would append, in one append: Optuna takes the journal's lock, and reads what others
-    appended, once per line."""
-    worker_id = storage._replay_result.worker_id
-    logs = [
-        {"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker_id, "trial_id": trial_id, "user_attr": {key: value}}
-        for key, value in attrs.items()
-    ]
-    if step_value is not None:
-        step, value = step_value
-        logs.append({
-            "op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE, "worker_id": worker_id,
-            "trial_id": trial_id, "step": step, "intermediate_value": value,
-        })
-    with storage._thread_lock:
-        storage._backend.append_logs(logs)
-        storage._sync_with_backend()
 
 
 _TRIAL_STATE = sqlalchemy.select(models.TrialModel.state).where(
@@ -574,13 +644,13 @@ def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.stor
     if url.endswith(".log") or url.startswith("journal://"):
         path = url.removeprefix("journal://")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        return JournalStorage(optuna.storages.journal.JournalFileBackend(path))
     if url.startswith("redis://"):
         try:
             backend = optuna.storages.journal.JournalRedisBackend(url)
         except Exception as error:  # redis raises its own connection errors
             raise StorageError(f"Cannot open storage {mask_url(url)!r}: {error}") from None
-        return optuna.storages.JournalStorage(backend)
+        return JournalStorage(backend)
     if url.startswith("grpc://"):
         host, _, port = url.removeprefix("grpc://").partition(":")
         if not port.isdigit():

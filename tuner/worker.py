@@ -25,6 +25,7 @@ import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.artifacts import default_artifact_dir, upload_learning_curve
@@ -32,7 +33,17 @@ from tuner.errors import TunerError
 from tuner.notes import REFRESH_INTERVAL_S, refresh_study_note
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import RETRY_HISTORY, beside_storage, cache_claimed_trial, make_storage, rdb_backend, set_user_attrs, storage_url
+from tuner.storage import (
+    RETRY_HISTORY,
+    beside_storage,
+    cache_claimed_trial,
+    claim_order,
+    make_storage,
+    one_append,
+    set_user_attrs,
+    slot_maker,
+    storage_url,
+)
 from tuner.study import BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
@@ -101,18 +112,18 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
 
 def _claim_waiting(study: optuna.Study, attrs: dict[str, Any]) -> tuple[tuple[optuna.Trial, FrozenTrial] | None, bool]:
     """The trial won, if any, and whether any trial was seen waiting."""
-    backend = rdb_backend(study._storage)
-    if backend is not None:
-        # One query on a database, rather than reading every waiting trial and racing the
-        # other workers for each of them.
-        trial_id = backend.claim_next_waiting_trial(study._study_id, attrs)
+    slots = slot_maker(study._storage)
+    if slots is not None:
+        # One query on a database, one append under a lock on a journal file, rather than
+        # reading every waiting trial and racing the other workers for each of them.
+        trial_id = slots.claim_next_waiting_trial(study._study_id, attrs)
         if trial_id is None:
             return None, False
         trial = optuna.Trial(study, trial_id)
         cache_claimed_trial(study._storage, study._study_id, trial._cached_frozen_trial)
         return (trial, trial._cached_frozen_trial), True
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    waiting.sort(key=lambda t: (RETRY_HISTORY not in t.system_attrs, t.number))
+    waiting.sort(key=claim_order)
     for frozen in waiting:
         try:
             won = study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
@@ -246,11 +257,11 @@ def _run_trial(
 ) -> str:
     """Train one trial and tell its end; return the outcome as a word."""
     origin = frozen.system_attrs.get(RETRY_HISTORY, [frozen.number])[0]
-    if origin != frozen.number:
-        # A retry inherits its original's records; how the original ended is not its own.
-        trial.set_user_attr("error", None)
-        trial.set_user_attr("stop_reason", None)
-    hp = suggest(trial, spec.search, seed=origin)
+    with one_append(study._storage):
+        if origin != frozen.number:
+            # A retry inherits its original's records; how the original ended is not its own.
+            set_user_attrs(trial, {"error": None, "stop_reason": None})
+        hp = suggest(trial, spec.search, seed=origin)
     reporter = Reporter(trial, spec.all_objectives, stop_requested=lambda: bool(stop))
     reporter.records.update(
         effective_batch_size=hp.batch_size,
@@ -267,23 +278,41 @@ def _run_trial(
     with get_heartbeat_thread(trial._trial_id, study._storage):
         state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
         reporter.records["duration_s"] = time.perf_counter() - started
-        set_user_attrs(trial, reporter.records)
         if outcome == "worker_stopped":
+            set_user_attrs(trial, reporter.records)
             _hand_back(study, trial)
         else:
-            if outcome == "out_of_memory":
-                # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
-                trial.set_constraint("out_of_memory", 1.0)
-            # Artifacts write an attribute on the trial, which a finished trial refuses.
-            upload_learning_curve(
-                trial, reporter.history, [o.metric for o in spec.all_objectives], options.artifact_dir,
-                png=spec.learning_curve_png,
-            )
-            study.tell(trial, values, state=state)
+            _finish(study, spec, trial, state, values, outcome, reporter, options)
     if outcome != "worker_stopped" and not options.keep_checkpoints:
         checkpoint.remove()
     _log_trial(trial, spec, hp, outcome, values, reporter)
     return outcome
+
+
+def _finish(
+    study: optuna.Study,
+    spec: StudySpec,
+    trial: optuna.Trial,
+    state: TrialState,
+    values: list[float] | None,
+    outcome: str,
+    reporter: Reporter,
+    options: WorkerOptions,
+) -> None:
+    """Write the trial's records and learning curve, and tell how it ended: one append on a
+    journal."""
+    with one_append(study._storage):
+        set_user_attrs(trial, reporter.records)
+        if outcome == "out_of_memory":
+            # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
+            trial.set_constraint("out_of_memory", 1.0)
+        # Artifacts write an attribute on the trial, which a finished trial refuses.
+        upload_learning_curve(
+            trial, reporter.history, [o.metric for o in spec.all_objectives], options.artifact_dir,
+            png=spec.learning_curve_png,
+        )
+        # What ``study.optimize`` calls: ``study.tell`` would read the finished trial back.
+        _tell_with_warning(study, trial, values, state)
 
 
 def _train(
@@ -345,8 +374,7 @@ def _train_workload(
 
 def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
     """End a stopped worker's trial and queue a copy that resumes from its checkpoint."""
-    study.tell(trial, state=TrialState.FAIL)
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = study.tell(trial, state=TrialState.FAIL)
     optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, frozen)
 
 
