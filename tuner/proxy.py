@@ -12,12 +12,23 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._grpc.server import make_server
 from optuna.trial import TrialState
 
 from tuner.errors import BadInputError
-from tuner.storage import ReconnectingRDBStorage, make_storage, mask_url, storage_url
+from tuner.storage import (
+    RECORD_EPOCH_METHOD,
+    ReconnectingRDBStorage,
+    decode_json,
+    encode_json,
+    make_storage,
+    mask_url,
+    storage_url,
+)
 from tuner.study import SPEC_ATTR, WAITING_AHEAD
 
 # One thread per database connection of the storage (tuner.storage: pool_size=2, max_overflow=2),
@@ -56,6 +67,27 @@ class SlotMakingStorage(_CachedStorage):
             self.database.add_waiting_trials(study_id, n_trials, WAITING_AHEAD)
 
 
+def record_epoch_handler(database: ReconnectingRDBStorage) -> grpc.GenericRpcHandler:
+    """The call ``GrpcStorageProxy.record_epoch`` makes: a trial's user attributes and
+    intermediate value in one round trip and one transaction, where Optuna's protocol has a
+    call, and a transaction, for each. Errors are told as Optuna's proxy tells them."""
+
+    def record_epoch(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        try:
+            database.record_epoch(request["trial_id"], request["step"], request["value"], request["user_attrs"])
+        except KeyError as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except UpdateFinishedTrialError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return {}
+
+    service, method = RECORD_EPOCH_METHOD.strip("/").split("/")
+    handler = grpc.unary_unary_rpc_method_handler(
+        record_epoch, request_deserializer=decode_json, response_serializer=encode_json
+    )
+    return grpc.method_handlers_generic_handler(service, {method: handler})
+
+
 def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13000) -> None:
     """Serve the storage over gRPC until interrupted."""
     url = storage_url(storage)
@@ -65,16 +97,20 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
             "use sqlite:///..., postgresql://... or mysql://..."
         )
     # The cached wrapper keeps finished trials in memory, as Optuna advises for the proxy.
-    cached = SlotMakingStorage(make_storage(url))  # type: ignore[arg-type]
+    database = make_storage(url)
+    cached = SlotMakingStorage(database)  # type: ignore[arg-type]
     # SIGTERM (docker stop, Kubernetes, Slurm) ends it as Ctrl-C does; and Ctrl-C works even
     # where the proxy was started in the background by a shell, which makes children ignore it.
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.default_int_handler)
     try:
-        optuna.storages.run_grpc_proxy_server(
-            cached, host=host, port=port, thread_pool=ThreadPoolExecutor(max_workers=THREADS)
-        )
+        # Optuna's server, as ``run_grpc_proxy_server`` makes it, with tuner's call beside.
+        server = make_server(cached, host, port, thread_pool=ThreadPoolExecutor(max_workers=THREADS))
     except RuntimeError as error:  # grpc's "Failed to bind"
         raise BadInputError(f"Cannot listen on {host}:{port}: {error}.") from None
+    server.add_generic_rpc_handlers((record_epoch_handler(database),))  # type: ignore[arg-type]
+    server.start()
+    try:
+        server.wait_for_termination()
     except KeyboardInterrupt:
-        pass
+        server.stop(grace=None)

@@ -17,8 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import grpc
 import optuna
 import sqlalchemy
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -239,6 +241,60 @@ def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
     return [t for t in trials if t.number not in retried]
 
 
+RECORD_EPOCH_METHOD = "/tuner.Proxy/RecordEpoch"
+
+
+def encode_json(message: Any) -> bytes:
+    return json.dumps(message).encode()
+
+
+def decode_json(data: bytes) -> Any:
+    return json.loads(data)
+
+
+class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
+    """Optuna's gRPC client, which writes a trial's user attributes and intermediate value in one
+    round trip where ``tuner proxy`` serves: Optuna's protocol has a call for each attribute.
+
+    Behind Optuna's own proxy, which has no such call, they go one call each.
+    """
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._record_epoch = self._channel.unary_unary(
+            RECORD_EPOCH_METHOD, request_serializer=encode_json, response_deserializer=decode_json
+        )
+        self._served_by_tuner = True  # until the server says it has no such call
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_record_epoch"]
+        return state
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        self.record_epoch(trial_id, 0, None, attrs)
+
+    def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
+        """As ``ReconnectingRDBStorage.record_epoch``, in one round trip."""
+        if self._served_by_tuner:
+            request = {"trial_id": trial_id, "step": step, "value": value, "user_attrs": dict(attrs)}
+            try:
+                self._record_epoch(request)
+                return
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    raise KeyError(error.details()) from None
+                if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise UpdateFinishedTrialError(error.details()) from None
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._served_by_tuner = False
+        for key, attr in attrs.items():
+            self.set_trial_user_attr(trial_id, key, attr)
+        if value is not None:
+            self.set_trial_intermediate_value(trial_id, step, value)
+
+
 def claim_order(trial: optuna.trial.FrozenTrial) -> tuple[bool, int]:
     """Which waiting trial a worker takes first: retries, then by number."""
     return RETRY_HISTORY not in trial.system_attrs, trial.number
@@ -378,6 +434,12 @@ def slot_maker(storage: object) -> ReconnectingRDBStorage | JournalFileSlots | N
     return None
 
 
+def _epoch_recorder(storage: object) -> ReconnectingRDBStorage | GrpcStorageProxy | None:
+    """What writes a trial's user attributes and intermediate value at once: a database in one
+    transaction, the gRPC proxy in one round trip."""
+    return storage if isinstance(storage, GrpcStorageProxy) else rdb_backend(storage)
+
+
 def rdb_backend(storage: object) -> ReconnectingRDBStorage | None:
     """The database storage behind ``storage``, where it is one, for the queries Optuna's
     storage interface has no call for."""
@@ -387,9 +449,10 @@ def rdb_backend(storage: object) -> ReconnectingRDBStorage | None:
 
 def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
     """``set_user_attrs`` and ``trial.report(value, step)`` (unless ``value`` is None), in one
-    transaction where the storage is a database and in one append where it is a journal."""
+    transaction where the storage is a database, one round trip through ``tuner proxy`` and one
+    append where it is a journal."""
     storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
-    backend = rdb_backend(storage)
+    backend = _epoch_recorder(storage)
     if backend is None or step in trial._cached_frozen_trial.intermediate_values:
         with one_append(storage):
             set_user_attrs(trial, attrs)
@@ -418,8 +481,9 @@ def cache_claimed_trial(storage: optuna.storages.BaseStorage, study_id: int, tri
 
 def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping[str, Any]) -> None:
     """``trial.set_user_attr`` for each attribute whose value the trial does not hold already,
-    in one transaction where the storage is a database and in one append where it is a journal.
-    A value written again is a write for nothing: through the gRPC proxy, a round trip each."""
+    in one transaction where the storage is a database, one round trip through ``tuner proxy``
+    and one append where it is a journal. A value written again is a write for nothing: through
+    Optuna's own gRPC proxy, a round trip each."""
     storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
     if storage is None:
         for key, value in attrs.items():
@@ -428,7 +492,7 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     changed = _changed(trial, attrs)
     if not changed:
         return
-    backend = rdb_backend(storage)
+    backend = _epoch_recorder(storage)
     if backend is not None:
         backend.set_trial_user_attrs(trial._trial_id, changed)
     else:
@@ -655,7 +719,7 @@ def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.stor
         host, _, port = url.removeprefix("grpc://").partition(":")
         if not port.isdigit():
             raise StorageError(f"Storage URL {url!r} must be grpc://HOST:PORT.")
-        return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
+        return GrpcStorageProxy(host=host, port=int(port))
     if "://" not in url:
         raise StorageError(
             f"Storage URL {mask_url(url)!r} is not a URL; use sqlite:///PATH, postgresql://..., "
