@@ -14,11 +14,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from conftest import TESTS, small_spec, start_tuner, tuner
-from tuner.storage import make_storage, record_epoch, set_user_attrs
-from tuner.study import WAITING_AHEAD
+from tuner.spec import parse_spec
+from tuner.storage import claim_next_waiting_trial, make_storage, record_epoch, set_user_attrs
+from tuner.study import WAITING_AHEAD, create_study
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
 
@@ -126,3 +128,25 @@ def test_records_and_intermediate_value_read_back_through_either_proxy(tmp_path:
         assert stored.intermediate_values == {1: 0.5}
         assert stored.user_attrs == {"history": history, "worker": "w1", "duration_s": 1.5}
         assert storage._served_by_tuner is not optuna_own
+
+
+@pytest.mark.parametrize("optuna_own", [False, True], ids=["tuner proxy", "optuna proxy"])
+def test_claims_through_either_proxy_take_each_slot_once_with_who_runs_it(sqlite_url, optuna_own: bool):
+    """tuner proxy claims a trial, writes who runs it and makes the next slot in one call;
+    behind Optuna's own proxy, which has no such call, the worker races for the waiting trials
+    and makes no slots."""
+    create_study(parse_spec(small_spec("claims", budget={"n_trials": 40})), sqlite_url)
+    with serve_proxy(sqlite_url, optuna_own=optuna_own) as url:
+        storage = make_storage(url)
+        study_id = storage.get_study_id_from_name("claims")
+        claimed = [claim_next_waiting_trial(storage, study_id, {"worker": f"w{n}"}) for n in range(3)]
+        assert storage._served_by_tuner is not optuna_own
+        # The proxy takes parameters only for the trials it knows.
+        storage.set_trial_param(claimed[0], "x", 0.5, FloatDistribution(0, 1))
+    trials = {t._trial_id: t for t in optuna.load_study(study_name="claims", storage=sqlite_url).trials}
+    assert [trials[trial_id].number for trial_id in claimed] == [0, 1, 2]
+    assert [trials[trial_id].user_attrs["worker"] for trial_id in claimed] == ["w0", "w1", "w2"]
+    assert {trials[trial_id].state for trial_id in claimed} == {TrialState.RUNNING}
+    assert trials[claimed[0]].params == {"x": 0.5}
+    waiting = sum(t.state == TrialState.WAITING for t in trials.values())
+    assert waiting == (WAITING_AHEAD - 3 if optuna_own else WAITING_AHEAD)

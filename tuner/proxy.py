@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,8 +21,10 @@ from optuna.trial import TrialState
 
 from tuner.errors import BadInputError
 from tuner.storage import (
+    CLAIM_METHOD,
     RECORD_EPOCH_METHOD,
     ReconnectingRDBStorage,
+    cache_claimed_trial,
     decode_json,
     encode_json,
     make_storage,
@@ -55,6 +57,16 @@ class SlotMakingStorage(_CachedStorage):
             self._make_slots(self.database.get_study_id_of_trial(trial_id))
         return won
 
+    def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+        """The database's claim in one transaction, then the slots after it, as after a claim
+        by Optuna's protocol. The cache is told of the trial, which it may not have read: it
+        takes parameters only for trials it knows."""
+        trial_id = self.database.claim_next_waiting_trial(study_id, attrs)
+        if trial_id is not None:
+            cache_claimed_trial(self, study_id, self.database.get_trial(trial_id))
+            self._make_slots(study_id)
+        return trial_id
+
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
         super().set_study_system_attr(study_id, key, value)
         if key == SPEC_ATTR:
@@ -81,9 +93,27 @@ def record_epoch_handler(database: ReconnectingRDBStorage) -> grpc.GenericRpcHan
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return {}
 
-    service, method = RECORD_EPOCH_METHOD.strip("/").split("/")
+    return _json_handler(RECORD_EPOCH_METHOD, record_epoch)
+
+
+def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
+    """The call ``GrpcStorageProxy.claim_next_waiting_trial`` makes: the next waiting trial set
+    running with who runs it, in one round trip and one transaction, where Optuna's protocol
+    reads every waiting trial, then races the other workers for each, then writes each
+    attribute."""
+
+    def claim(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        return {"trial_id": storage.claim_next_waiting_trial(request["study_id"], request["user_attrs"])}
+
+    return _json_handler(CLAIM_METHOD, claim)
+
+
+def _json_handler(
+    full_method: str, behaviour: Callable[[dict[str, Any], grpc.ServicerContext], dict[str, Any]]
+) -> grpc.GenericRpcHandler:
+    service, method = full_method.strip("/").split("/")
     handler = grpc.unary_unary_rpc_method_handler(
-        record_epoch, request_deserializer=decode_json, response_serializer=encode_json
+        behaviour, request_deserializer=decode_json, response_serializer=encode_json
     )
     return grpc.method_handlers_generic_handler(service, {method: handler})
 
@@ -104,11 +134,11 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.default_int_handler)
     try:
-        # Optuna's server, as ``run_grpc_proxy_server`` makes it, with tuner's call beside.
+        # Optuna's server, as ``run_grpc_proxy_server`` makes it, with tuner's calls beside.
         server = make_server(cached, host, port, thread_pool=ThreadPoolExecutor(max_workers=THREADS))
     except RuntimeError as error:  # grpc's "Failed to bind"
         raise BadInputError(f"Cannot listen on {host}:{port}: {error}.") from None
-    server.add_generic_rpc_handlers((record_epoch_handler(database),))  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((record_epoch_handler(database), claim_handler(cached)))  # type: ignore[arg-type]
     server.start()
     try:
         server.wait_for_termination()

@@ -242,6 +242,7 @@ def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
 
 
 RECORD_EPOCH_METHOD = "/tuner.Proxy/RecordEpoch"
+CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
 
 
 def encode_json(message: Any) -> bytes:
@@ -253,51 +254,87 @@ def decode_json(data: bytes) -> Any:
 
 
 class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
-    """Optuna's gRPC client, which writes a trial's user attributes and intermediate value in one
-    round trip where ``tuner proxy`` serves: Optuna's protocol has a call for each attribute.
+    """Optuna's gRPC client, which writes a trial's user attributes and intermediate value, and
+    claims a trial with who runs it, in one round trip each where ``tuner proxy`` serves:
+    Optuna's protocol has a call for each attribute, and no claim.
 
-    Behind Optuna's own proxy, which has no such call, they go one call each.
+    Behind Optuna's own proxy, which has no such calls, they go as Optuna's protocol allows.
     """
 
     def _setup(self) -> None:
         super()._setup()
-        self._record_epoch = self._channel.unary_unary(
-            RECORD_EPOCH_METHOD, request_serializer=encode_json, response_deserializer=decode_json
+        json_call = functools.partial(
+            self._channel.unary_unary, request_serializer=encode_json, response_deserializer=decode_json
         )
+        self._record_epoch = json_call(RECORD_EPOCH_METHOD)
+        self._claim_next_waiting_trial = json_call(CLAIM_METHOD)
         self._served_by_tuner = True  # until the server says it has no such call
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        del state["_record_epoch"]
+        del state["_record_epoch"], state["_claim_next_waiting_trial"]
         return state
+
+    def _call_tuner(self, call: grpc.UnaryUnaryMultiCallable, request: dict[str, Any]) -> dict[str, Any] | None:
+        """The answer of one of ``tuner proxy``'s calls; None where the server has no such call
+        (Optuna's own proxy). Errors are raised as Optuna's client raises them."""
+        if not self._served_by_tuner:
+            return None
+        try:
+            return call(request)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise KeyError(error.details()) from None
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise UpdateFinishedTrialError(error.details()) from None
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self._served_by_tuner = False
+            return None
 
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         self.record_epoch(trial_id, 0, None, attrs)
 
     def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
         """As ``ReconnectingRDBStorage.record_epoch``, in one round trip."""
-        if self._served_by_tuner:
-            request = {"trial_id": trial_id, "step": step, "value": value, "user_attrs": dict(attrs)}
-            try:
-                self._record_epoch(request)
-                return
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    raise KeyError(error.details()) from None
-                if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise UpdateFinishedTrialError(error.details()) from None
-                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                self._served_by_tuner = False
+        request = {"trial_id": trial_id, "step": step, "value": value, "user_attrs": dict(attrs)}
+        if self._call_tuner(self._record_epoch, request) is not None:
+            return
         for key, attr in attrs.items():
             self.set_trial_user_attr(trial_id, key, attr)
         if value is not None:
             self.set_trial_intermediate_value(trial_id, step, value)
 
+    def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``, in one round trip; the proxy
+        then makes the study's next slots, as it does after a claim by Optuna's protocol."""
+        answer = self._call_tuner(self._claim_next_waiting_trial, {"study_id": study_id, "user_attrs": dict(attrs)})
+        if answer is not None:
+            return answer["trial_id"]
+        return claim_by_racing(self, study_id, attrs)
+
 
 def claim_order(trial: optuna.trial.FrozenTrial) -> tuple[bool, int]:
     """Which waiting trial a worker takes first: retries, then by number."""
     return RETRY_HISTORY not in trial.system_attrs, trial.number
+
+
+def claim_by_racing(storage: optuna.storages.BaseStorage, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+    """Claim as Optuna's storage interface allows, where nothing claims in one step: read the
+    waiting trials and race the other workers for each (retries first), then write ``attrs`` on
+    the trial won; read them again when every one was lost. None when none waits."""
+    while True:
+        waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return None
+        for frozen in sorted(waiting, key=claim_order):
+            try:
+                won = storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
+            except UpdateFinishedTrialError:
+                continue
+            if won:
+                _write_user_attrs(storage, frozen._trial_id, attrs)
+                return frozen._trial_id
 
 
 class JournalStorage(optuna.storages.JournalStorage):
@@ -434,6 +471,16 @@ def slot_maker(storage: object) -> ReconnectingRDBStorage | JournalFileSlots | N
     return None
 
 
+def claim_next_waiting_trial(storage: optuna.storages.BaseStorage, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+    """Set the study's next WAITING trial (retries first) RUNNING with user attributes ``attrs``;
+    return its id, or None when none waits. One transaction on a database, one append under a
+    lock on a journal file, one round trip through ``tuner proxy``; elsewhere a race."""
+    claimer = storage if isinstance(storage, GrpcStorageProxy) else slot_maker(storage)
+    if claimer is None:
+        return claim_by_racing(storage, study_id, attrs)
+    return claimer.claim_next_waiting_trial(study_id, attrs)
+
+
 def _epoch_recorder(storage: object) -> ReconnectingRDBStorage | GrpcStorageProxy | None:
     """What writes a trial's user attributes and intermediate value at once: a database in one
     transaction, the gRPC proxy in one round trip."""
@@ -492,14 +539,18 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     changed = _changed(trial, attrs)
     if not changed:
         return
+    _write_user_attrs(storage, trial._trial_id, changed)
+    _hold(trial, changed)
+
+
+def _write_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
     backend = _epoch_recorder(storage)
     if backend is not None:
-        backend.set_trial_user_attrs(trial._trial_id, changed)
-    else:
-        with one_append(storage):
-            for key, value in changed.items():
-                storage.set_trial_user_attr(trial._trial_id, key, value)
-    _hold(trial, changed)
+        backend.set_trial_user_attrs(trial_id, attrs)
+        return
+    with one_append(storage):
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
 
 
 def _changed(trial: optuna.Trial, attrs: Mapping[str, Any]) -> dict[str, Any]:

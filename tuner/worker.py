@@ -37,11 +37,10 @@ from tuner.storage import (
     RETRY_HISTORY,
     beside_storage,
     cache_claimed_trial,
-    claim_order,
+    claim_next_waiting_trial,
     make_storage,
     one_append,
     set_user_attrs,
-    slot_maker,
     storage_url,
 )
 from tuner.study import BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
@@ -97,11 +96,11 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
     winner carries ``attrs`` (who runs it and where, for ``tuner status``)."""
     storage = study._storage
     while True:
-        claimed, any_waited = _claim_waiting(study, attrs)
+        claimed = _claim_waiting(study, attrs)
         if claimed is not None:
             return claimed
-        # Other workers won every trial seen, or none waited: look again while any wait.
-        if not any_waited and not (budgeted and add_waiting_trials(study)):
+        # None waited: look again where this worker made new slots.
+        if not (budgeted and add_waiting_trials(study)):
             break
     if budgeted:
         return None
@@ -110,30 +109,14 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
     return trial, storage.get_trial(trial._trial_id)
 
 
-def _claim_waiting(study: optuna.Study, attrs: dict[str, Any]) -> tuple[tuple[optuna.Trial, FrozenTrial] | None, bool]:
-    """The trial won, if any, and whether any trial was seen waiting."""
-    slots = slot_maker(study._storage)
-    if slots is not None:
-        # One query on a database, one append under a lock on a journal file, rather than
-        # reading every waiting trial and racing the other workers for each of them.
-        trial_id = slots.claim_next_waiting_trial(study._study_id, attrs)
-        if trial_id is None:
-            return None, False
-        trial = optuna.Trial(study, trial_id)
-        cache_claimed_trial(study._storage, study._study_id, trial._cached_frozen_trial)
-        return (trial, trial._cached_frozen_trial), True
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    waiting.sort(key=claim_order)
-    for frozen in waiting:
-        try:
-            won = study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
-        except UpdateFinishedTrialError:
-            continue
-        if won:
-            trial = optuna.Trial(study, frozen._trial_id)
-            set_user_attrs(trial, attrs)
-            return (trial, frozen), True
-    return None, bool(waiting)
+def _claim_waiting(study: optuna.Study, attrs: dict[str, Any]) -> tuple[optuna.Trial, FrozenTrial] | None:
+    """The trial won, if any waited."""
+    trial_id = claim_next_waiting_trial(study._storage, study._study_id, attrs)
+    if trial_id is None:
+        return None
+    trial = optuna.Trial(study, trial_id)
+    cache_claimed_trial(study._storage, study._study_id, trial._cached_frozen_trial)
+    return trial, trial._cached_frozen_trial
 
 
 def _unmade_slots(study: optuna.Study, state: BudgetState) -> int:
