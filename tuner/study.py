@@ -42,8 +42,9 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
     name = options.name
     if name == "tpe":
         # Multivariate: batch size and learning rate interact, which independent TPE cannot see.
-        # Four random trials after the centre one, not Optuna's ten: a budget of 20 to 40 trials
-        # would spend a third of itself before TPE learns anything (benchmarks/search_efficiency.py).
+        # Four start-up trials, the centre one and three random, not Optuna's ten: a budget of
+        # 20 to 40 trials would spend a third of itself before TPE learns anything
+        # (benchmarks/search_efficiency.py).
         return optuna.samplers.TPESampler(
             seed=seed,
             multivariate=options.multivariate,
