@@ -124,6 +124,20 @@ def test_what_fits_is_learned_once_and_the_next_trial_starts_there(
     assert memory.load_limits(study, key) == memory.MicroBatchLimits(largest_fit=64, smallest_failed=128)
 
 
+def test_limits_the_study_knows_already_are_not_written_again(tmp_path: Path) -> None:
+    journal = tmp_path / "limits.log"
+    backend = optuna.storages.journal.JournalFileBackend(str(journal))
+    study = optuna.create_study(storage=optuna.storages.JournalStorage(backend))
+    learned = memory.MicroBatchLimits(largest_fit=64, smallest_failed=128)
+    memory.save_limits(study, "key", learned)
+    size = journal.stat().st_size
+    assert memory.save_limits(study, "key", memory.MicroBatchLimits(largest_fit=32)) == learned
+    assert journal.stat().st_size == size
+    memory.save_limits(study, "key", memory.MicroBatchLimits(largest_fit=96))
+    assert journal.stat().st_size > size
+    assert memory.load_limits(study, "key") == memory.MicroBatchLimits(largest_fit=96, smallest_failed=128)
+
+
 def test_a_limit_below_one_prunes_as_out_of_memory_and_marks_the_trial_infeasible(
     monkeypatch, sqlite_url: str, tmp_path: Path
 ) -> None:

@@ -162,8 +162,14 @@ def load_limits(study: optuna.Study, key: str) -> MicroBatchLimits:
 
 def save_limits(study: optuna.Study, key: str, learned: MicroBatchLimits) -> MicroBatchLimits:
     """Add what a worker learned to what the study knows now. Two workers that save at the same
-    moment may lose one fact; it is a hint, and the loop relearns it at the cost of one OOM."""
-    limits = load_limits(study, key)
+    moment may lose one fact; it is a hint, and the loop relearns it at the cost of one OOM.
+
+    Nothing is written when the study knew it all: a write after every trial is a transaction,
+    an append or a round trip that tells no one anything.
+    """
+    known = load_limits(study, key)
+    limits = MicroBatchLimits(**asdict(known))
     limits.update(learned)
-    study._storage.set_study_system_attr(study._study_id, key, asdict(limits))
+    if limits != known:
+        study._storage.set_study_system_attr(study._study_id, key, asdict(limits))
     return limits
