@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._grpc.server import make_server
