@@ -17,6 +17,8 @@ from rich.console import Console
 
 from conftest import small_spec, tuner
 from tuner.progress import ProgressHandler, log_output
+from tuner.spec import Objective
+from tuner.train import reporter as reporter_module
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,8 +59,23 @@ def test_learning_curve_png_can_be_left_out(tmp_path: Path, write_spec, sqlite_u
     assert [meta.filename for meta in metas] == ["trial-0-curve.json"]
 
 
-def test_run_logs_every_epoch_as_a_line(finished_study: dict):
-    assert "trial 0 epoch 1/" in finished_study["output"]
+def test_run_logs_each_trials_first_and_last_epoch(finished_study: dict):
+    for trial in _load(finished_study).get_trials(states=(TrialState.COMPLETE,)):
+        epochs = trial.params["epochs"]
+        for epoch in (1, epochs):
+            assert f"trial {trial.number} epoch {epoch}/{epochs}:" in finished_study["output"]
+
+
+@pytest.mark.parametrize(("interval_s", "logged"), [(3600.0, [1, 6]), (0.0, [1, 2, 3, 4, 5, 6])])
+def test_epoch_lines_come_at_most_once_an_interval(monkeypatch, caplog, interval_s: float, logged: list[int]):
+    monkeypatch.setattr(reporter_module, "LOG_INTERVAL_S", interval_s)
+    trial = optuna.create_study(direction="maximize").ask()
+    trial.suggest_int("epochs", 6, 6)
+    reporter = reporter_module.Reporter(trial, [Objective(metric="val_accuracy")])
+    with caplog.at_level(logging.INFO, logger="tuner.progress"):
+        for epoch in range(1, 7):
+            reporter.record(epoch, {"val_accuracy": 0.5})
+    assert [r.progress[1] for r in caplog.records if r.name == "tuner.progress"] == logged
 
 
 def test_progress_bar_on_a_terminal():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +29,13 @@ def default_artifact_dir(url: str | None) -> Path:
 def artifact_store(directory: Path) -> FileSystemArtifactStore:
     directory.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(directory))
+
+
+@functools.cache
+def _scratch() -> tempfile.TemporaryDirectory[str]:
+    """Where a trial's files wait for their upload: one folder for the process, removed when
+    it exits, since making and removing one per trial cost as much as the upload."""
+    return tempfile.TemporaryDirectory(prefix="tuner-curves-")
 
 
 def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) -> Figure:
@@ -69,12 +77,16 @@ def upload_learning_curve(
     if not history:
         return
     store = artifact_store(directory)
-    with tempfile.TemporaryDirectory() as scratch:
-        data = Path(scratch) / f"trial-{trial.number}-curve.json"
-        data.write_text(json.dumps(list(history), indent=1))
-        paths = [data]
-        if png:
-            paths.append(Path(scratch) / f"trial-{trial.number}-curve.png")
-            curve_figure(history, metrics).savefig(paths[-1], dpi=80)
+    scratch = Path(_scratch().name)
+    data = scratch / f"trial-{trial.number}-curve.json"
+    data.write_text(json.dumps(list(history), indent=1))
+    paths = [data]
+    if png:
+        paths.append(scratch / f"trial-{trial.number}-curve.png")
+        curve_figure(history, metrics).savefig(paths[-1], dpi=80)
+    try:
         for path in paths:
             upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)

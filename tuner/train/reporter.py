@@ -21,6 +21,9 @@ logger = logging.getLogger("tuner.progress")
 # milliseconds would otherwise spend most of their time rewriting it, and a trial shorter than
 # this would write it twice; a checkpoint keeps it for a resume.
 HISTORY_WRITE_INTERVAL_S = 5.0
+# Epoch lines of a trial: its first and last epoch, and between them at most one this often, so
+# that epochs of milliseconds do not flood a log file (or cost more than they do).
+LOG_INTERVAL_S = 1.0
 
 
 class Diverged(optuna.TrialPruned):
@@ -56,6 +59,8 @@ class Reporter:
         self.records: dict[str, Any] = {}
         self.started = time.perf_counter()
         self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
+        self._epochs = trial.params.get("epochs")
+        self._next_log = 0.0
 
     @property
     def epochs_done(self) -> int:
@@ -75,8 +80,13 @@ class Reporter:
             self.records["epochs_completed"] = self.epochs_done
 
     def _log(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """One line per epoch; its ``progress`` field feeds a terminal's progress bar."""
-        epochs = self.trial.params.get("epochs")
+        """A line for the epoch, unless the last one was less than ``LOG_INTERVAL_S`` ago; its
+        ``progress`` field feeds a terminal's progress bar."""
+        epochs = self._epochs
+        now = time.monotonic()
+        if now < self._next_log and epoch != epochs:
+            return
+        self._next_log = now + LOG_INTERVAL_S
         shown = " ".join(f"{o.metric}={metrics[o.metric]:.4g}" for o in self.objectives)
         logger.info(
             "trial %d epoch %s: %s", self.trial.number, f"{epoch}/{epochs}" if epochs else epoch, shown,
