@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from conftest import TESTS, small_spec, start_tuner, tuner
 from tuner.spec import parse_spec
-from tuner.storage import claim_next_waiting_trial, make_storage, record_epoch, set_user_attrs
+from tuner.storage import claim_next_waiting_trial, make_storage, record_epochs, set_user_attrs
 from tuner.study import WAITING_AHEAD, create_study
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
@@ -115,17 +115,17 @@ def test_optuna_own_proxy_is_named_instead_of_leaving_the_budget_unmet(sqlite_ur
 
 @pytest.mark.parametrize("optuna_own", [False, True], ids=["tuner proxy", "optuna proxy"])
 def test_records_and_intermediate_value_read_back_through_either_proxy(tmp_path: Path, optuna_own: bool):
-    """tuner proxy takes a trial's records and intermediate value in one call; behind Optuna's
+    """tuner proxy takes a trial's records and intermediate values in one call; behind Optuna's
     own proxy, which has no such call, the worker writes them one call each."""
     with serve_proxy(f"sqlite:///{tmp_path}/proxied.db", optuna_own=optuna_own) as url:
         storage = make_storage(url)
         study = optuna.create_study(study_name="records", storage=storage)
         trial = study.ask()
         history = [{"epoch": 1, "val_accuracy": 0.5}]
-        record_epoch(trial, 1, 0.5, {"history": history, "worker": "w1"})
+        record_epochs(trial, {1: 0.5, 2: 0.75}, {"history": history, "worker": "w1"})
         set_user_attrs(trial, {"worker": "w1", "duration_s": 1.5})
         stored = optuna.load_study(study_name="records", storage=make_storage(url)).trials[0]
-        assert stored.intermediate_values == {1: 0.5}
+        assert stored.intermediate_values == {1: 0.5, 2: 0.75}
         assert stored.user_attrs == {"history": history, "worker": "w1", "duration_s": 1.5}
         assert storage._served_by_tuner is not optuna_own
 

@@ -11,7 +11,9 @@ import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from tuner.storage import make_storage, record_epoch, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.spec import Objective
+from tuner.storage import make_storage, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.train import reporter as reporter_module
 
 
 @pytest.mark.postgres
@@ -93,12 +95,12 @@ def test_epoch_record_and_intermediate_value_read_back(kind, sqlite_url, tmp_pat
     url = sqlite_url if kind == "sqlite" else str(tmp_path / "journal.log")
     study = optuna.create_study(study_name="epochs", storage=make_storage(url))
     trial = study.ask()
-    record_epoch(trial, 1, 0.5, {"history": [{"epoch": 1, "val_accuracy": 0.5}]})
-    record_epoch(trial, 2, 0.75, {})
+    record_epochs(trial, {1: 0.5}, {"history": [{"epoch": 1, "val_accuracy": 0.5}]})
+    record_epochs(trial, {2: 0.75, 3: 0.875}, {})
     stored = optuna.load_study(study_name="epochs", storage=make_storage(url)).trials[0]
-    assert stored.intermediate_values == {1: 0.5, 2: 0.75}
+    assert stored.intermediate_values == {1: 0.5, 2: 0.75, 3: 0.875}
     assert stored.user_attrs == {"history": [{"epoch": 1, "val_accuracy": 0.5}]}
-    assert trial._cached_frozen_trial.intermediate_values == {1: 0.5, 2: 0.75}
+    assert trial._cached_frozen_trial.intermediate_values == {1: 0.5, 2: 0.75, 3: 0.875}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -107,7 +109,7 @@ def test_held_attributes_are_not_written_again_and_a_grown_history_is(kind, sqli
     study = optuna.create_study(study_name="held", storage=make_storage(url))
     trial = study.ask()
     history = [{"epoch": 1, "val_accuracy": 0.5}]
-    record_epoch(trial, 1, 0.5, {"history": history, "worker": "w1"})
+    record_epochs(trial, {1: 0.5}, {"history": history, "worker": "w1"})
     lines = len(Path(url).read_text().splitlines()) if kind == "journal" else None
     set_user_attrs(trial, {"worker": "w1", "history": history})
     if kind == "journal":
@@ -206,3 +208,23 @@ def test_a_worker_finding_no_slot_waits_for_the_slots_another_worker_just_made(p
     claimed = _claim(study_a, True, {"worker": "a"})
     assert made == [16]
     assert claimed is not None and claimed[0].user_attrs["worker"] == "a"
+
+
+@pytest.mark.parametrize(("interval_s", "written"), [(3600.0, {}), (0.0, {1: 0.5, 2: 0.25, 3: 0.125})])
+def test_epochs_go_to_the_storage_at_most_once_an_interval(monkeypatch, sqlite_url, interval_s, written):
+    """Within the interval an epoch's value stays in the worker, where the pruner sees it."""
+    monkeypatch.setattr(reporter_module, "VALUE_WRITE_INTERVAL_S", interval_s)
+    study = optuna.create_study(
+        study_name="paced", storage=make_storage(sqlite_url), pruner=optuna.pruners.ThresholdPruner(lower=0.2)
+    )
+    trial = study.ask()
+    reporter = reporter_module.Reporter(trial, [Objective(metric="val_accuracy")])
+    for epoch, value in enumerate([0.5, 0.25, 0.125], start=1):
+        reporter.record(epoch, {"val_accuracy": value})
+        assert trial.should_prune() is (value < 0.2)
+    stored = optuna.load_study(study_name="paced", storage=make_storage(sqlite_url)).trials[0]
+    assert stored.intermediate_values == written
+    reporter.write_records()
+    stored = optuna.load_study(study_name="paced", storage=make_storage(sqlite_url)).trials[0]
+    assert stored.intermediate_values == {1: 0.5, 2: 0.25, 3: 0.125}
+    assert stored.user_attrs["epochs_completed"] == 3

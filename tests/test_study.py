@@ -8,6 +8,7 @@ from optuna.trial import TrialState
 
 import tuner
 from conftest import small_spec
+from tuner.storage import make_storage
 from tuner.study import budget_state, load_study, make_pruner
 
 
@@ -50,6 +51,24 @@ def test_every_pruner_runs(pruner, sqlite_url):
         assert states.count(TrialState.PRUNED) == 5  # the rule's 0.99 is above every value
     if pruner["name"] == "none":
         assert states.count(TrialState.PRUNED) == 0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_trials_fast_epochs_are_written_as_it_ends_and_pruned_as_they_come(kind, sqlite_url, tmp_path):
+    """Epochs of milliseconds go to the storage with the trial's records instead of one write
+    each; the pruner still sees every epoch as it comes, and a pruned trial keeps its last
+    epoch's value, which Optuna reads back as the trial is told: on a journal, within the
+    trial's one last append."""
+    url = sqlite_url if kind == "sqlite" else str(tmp_path / "journal.log")
+    spec = small_spec("falling", workload="user_workloads:falling", budget={"n_trials": 2})
+    spec["search"]["epochs"] = {"low": 6, "high": 6}
+    spec["pruner"] = {"name": "threshold", "lower": 0.65}
+    _run(spec, url)
+    for trial in optuna.load_study(study_name="falling", storage=make_storage(url)).trials:
+        assert trial.state == TrialState.PRUNED
+        assert trial.intermediate_values == pytest.approx({1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6})
+        assert trial.value == pytest.approx(0.6)
+        assert trial.user_attrs["epochs_completed"] == 4
 
 
 def test_hyperband_max_resource_is_the_largest_epochs(sqlite_url):

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from tuner.errors import BadInputError
 from tuner.storage import (
     CLAIM_METHOD,
-    RECORD_EPOCH_METHOD,
+    RECORD_EPOCHS_METHOD,
     ReconnectingRDBStorage,
     cache_claimed_trial,
     decode_json,
@@ -78,21 +78,22 @@ class SlotMakingStorage(_CachedStorage):
             self.database.add_waiting_trials(study_id, n_trials, WAITING_AHEAD)
 
 
-def record_epoch_handler(database: ReconnectingRDBStorage) -> grpc.GenericRpcHandler:
-    """The call ``GrpcStorageProxy.record_epoch`` makes: a trial's user attributes and
-    intermediate value in one round trip and one transaction, where Optuna's protocol has a
+def record_epochs_handler(database: ReconnectingRDBStorage) -> grpc.GenericRpcHandler:
+    """The call ``GrpcStorageProxy.record_epochs`` makes: a trial's user attributes and
+    intermediate values in one round trip and one transaction, where Optuna's protocol has a
     call, and a transaction, for each. Errors are told as Optuna's proxy tells them."""
 
-    def record_epoch(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+    def record_epochs(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        values = {int(step): value for step, value in request["values"]}
         try:
-            database.record_epoch(request["trial_id"], request["step"], request["value"], request["user_attrs"])
+            database.record_epochs(request["trial_id"], values, request["user_attrs"])
         except KeyError as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except UpdateFinishedTrialError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return {}
 
-    return _json_handler(RECORD_EPOCH_METHOD, record_epoch)
+    return _json_handler(RECORD_EPOCHS_METHOD, record_epochs)
 
 
 def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
@@ -137,7 +138,7 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
         server = make_server(cached, host, port, thread_pool=ThreadPoolExecutor(max_workers=THREADS))
     except RuntimeError as error:  # grpc's "Failed to bind"
         raise BadInputError(f"Cannot listen on {host}:{port}: {error}.") from None
-    server.add_generic_rpc_handlers((record_epoch_handler(database), claim_handler(cached)))  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((record_epochs_handler(database), claim_handler(cached)))  # type: ignore[arg-type]
     server.start()
     try:
         server.wait_for_termination()

@@ -94,25 +94,24 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Several user attributes in one transaction: one commit (a disk flush on SQLite, a
         round trip on a server) instead of one per attribute."""
-        self.record_epoch(trial_id, 0, None, attrs)
+        self.record_epochs(trial_id, {}, attrs)
 
-    def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
-        """User attributes and, unless ``value`` is None, the intermediate value of ``step``, in
-        one transaction: a trial's most frequent write.
+    def record_epochs(self, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
+        """User attributes and intermediate values (by step), in one transaction: a trial's
+        most frequent write.
 
         Optuna reads the whole trial again for each attribute and reads a value before writing
         it; where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial's
         state once and writes everything in one statement per table.
         """
         with _create_scoped_session(self.scoped_session, True) as session:
-            self._record_without_commit(session, trial_id, step, value, attrs)
+            self._record_without_commit(session, trial_id, values, attrs)
 
     def _record_without_commit(
         self,
         session: sqlalchemy.orm.Session,
         trial_id: int,
-        step: int,
-        value: float | None,
+        values: Mapping[int, float],
         attrs: Mapping[str, Any],
         *,
         check_state: bool = True,
@@ -120,7 +119,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if self.engine.name not in _INSERTS:
             for key, attr in attrs.items():
                 self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, attr)
-            if value is not None:
+            for step, value in values.items():
                 self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
             return
         if check_state:
@@ -131,11 +130,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if attrs:
             rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(attr)} for key, attr in attrs.items()]
             self._upsert(session, models.TrialUserAttributeModel, rows, ("trial_id", "key"), ("value_json",))
-        if value is not None:
-            stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-            row = {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
+        if values:
+            to_stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr
+            rows = [
+                {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
+                for step, (stored, kind) in ((step, to_stored(value)) for step, value in values.items())
+            ]
             columns = ("intermediate_value", "intermediate_value_type")
-            self._upsert(session, models.TrialIntermediateValueModel, [row], ("trial_id", "step"), columns)
+            self._upsert(session, models.TrialIntermediateValueModel, rows, ("trial_id", "step"), columns)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         with _reads_kept_until_written():
@@ -169,7 +171,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 return None
             found.state = TrialState.RUNNING
             found.datetime_start = datetime.now()
-            self._record_without_commit(session, found.trial_id, 0, None, attrs, check_state=False)
+            self._record_without_commit(session, found.trial_id, {}, attrs, check_state=False)
             return found.trial_id
 
     def _upsert(
@@ -241,7 +243,7 @@ def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
     return [t for t in trials if t.number not in retried]
 
 
-RECORD_EPOCH_METHOD = "/tuner.Proxy/RecordEpoch"
+RECORD_EPOCHS_METHOD = "/tuner.Proxy/RecordEpochs"
 CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
 
 
@@ -266,13 +268,13 @@ class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
         json_call = functools.partial(
             self._channel.unary_unary, request_serializer=encode_json, response_deserializer=decode_json
         )
-        self._record_epoch = json_call(RECORD_EPOCH_METHOD)
+        self._record_epochs = json_call(RECORD_EPOCHS_METHOD)
         self._claim_next_waiting_trial = json_call(CLAIM_METHOD)
         self._served_by_tuner = True  # until the server says it has no such call
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        del state["_record_epoch"], state["_claim_next_waiting_trial"]
+        del state["_record_epochs"], state["_claim_next_waiting_trial"]
         return state
 
     def _call_tuner(self, call: grpc.UnaryUnaryMultiCallable, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -293,16 +295,17 @@ class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
             return None
 
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        self.record_epoch(trial_id, 0, None, attrs)
+        self.record_epochs(trial_id, {}, attrs)
 
-    def record_epoch(self, trial_id: int, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
-        """As ``ReconnectingRDBStorage.record_epoch``, in one round trip."""
-        request = {"trial_id": trial_id, "step": step, "value": value, "user_attrs": dict(attrs)}
-        if self._call_tuner(self._record_epoch, request) is not None:
+    def record_epochs(self, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
+        """As ``ReconnectingRDBStorage.record_epochs``, in one round trip."""
+        # JSON keys are strings: the values go as [step, value] pairs.
+        request = {"trial_id": trial_id, "values": list(values.items()), "user_attrs": dict(attrs)}
+        if self._call_tuner(self._record_epochs, request) is not None:
             return
         for key, attr in attrs.items():
             self.set_trial_user_attr(trial_id, key, attr)
-        if value is not None:
+        for step, value in values.items():
             self.set_trial_intermediate_value(trial_id, step, value)
 
     def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
@@ -494,23 +497,40 @@ def rdb_backend(storage: object) -> ReconnectingRDBStorage | None:
     return backend if isinstance(backend, ReconnectingRDBStorage) else None
 
 
-def record_epoch(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value: float | None, attrs: Mapping[str, Any]) -> None:
-    """``set_user_attrs`` and ``trial.report(value, step)`` (unless ``value`` is None), in one
+def record_epochs(trial: optuna.Trial | optuna.trial.FixedTrial, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
+    """``set_user_attrs`` and the intermediate values of steps not written before, in one
     transaction where the storage is a database, one round trip through ``tuner proxy`` and one
-    append where it is a journal."""
+    append where it is a journal. A step's value may already be in the trial's cache
+    (``show_value``)."""
     storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
-    backend = _epoch_recorder(storage)
-    if backend is None or step in trial._cached_frozen_trial.intermediate_values:
-        with one_append(storage):
-            set_user_attrs(trial, attrs)
-            if value is not None:
-                trial.report(value, step)
+    if storage is None:
+        set_user_attrs(trial, attrs)
         return
     changed = _changed(trial, attrs)
-    backend.record_epoch(trial._trial_id, step, value, changed)
+    if not changed and not values:
+        return
+    backend = _epoch_recorder(storage)
+    if backend is None:
+        with one_append(storage):
+            _write_user_attrs(storage, trial._trial_id, changed)
+            for step, value in values.items():
+                storage.set_trial_intermediate_value(trial._trial_id, step, value)
+    else:
+        backend.record_epochs(trial._trial_id, values, changed)
     _hold(trial, changed)
-    if value is not None:
-        trial._cached_frozen_trial.intermediate_values[step] = value
+    trial._cached_frozen_trial.intermediate_values.update(values)
+
+
+def show_value(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value: float) -> bool:
+    """Let the pruner see a step's value before it is written; False where the trial has one
+    for that step already (Optuna keeps the first value reported)."""
+    cached = getattr(trial, "_cached_frozen_trial", None)  # a FixedTrial has no pruner
+    if cached is None:
+        return False
+    if step in cached.intermediate_values:
+        return False
+    cached.intermediate_values[step] = value
+    return True
 
 
 def cache_claimed_trial(storage: optuna.storages.BaseStorage, study_id: int, trial: optuna.trial.FrozenTrial) -> None:
@@ -588,7 +608,7 @@ _RETRIED_METHODS = (
     {name for name in vars(optuna.storages.BaseStorage) if not name.startswith("_")}
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
     | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
-    | {"set_trial_user_attrs", "record_epoch", "slot_counts", "add_waiting_trials", "claim_next_waiting_trial"}
+    | {"set_trial_user_attrs", "record_epochs", "slot_counts", "add_waiting_trials", "claim_next_waiting_trial"}
     | {"get_study_id_of_trial"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()

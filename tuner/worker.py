@@ -262,7 +262,7 @@ def _run_trial(
         state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
         reporter.records["duration_s"] = time.perf_counter() - started
         if outcome == "worker_stopped":
-            set_user_attrs(trial, reporter.records)
+            reporter.write_records()
             _hand_back(study, trial)
         else:
             _finish(study, spec, trial, state, values, outcome, reporter, options)
@@ -285,7 +285,7 @@ def _finish(
     """Write the trial's records and learning curve, and tell how it ended: one append on a
     journal."""
     with one_append(study._storage):
-        set_user_attrs(trial, reporter.records)
+        reporter.write_records()
         if outcome == "out_of_memory":
             # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.
             trial.set_constraint("out_of_memory", 1.0)

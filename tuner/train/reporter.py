@@ -11,15 +11,18 @@ from typing import Any
 import optuna
 
 from tuner.spec import Objective
-from tuner.storage import record_epoch, set_user_attrs
+from tuner.storage import record_epochs, show_value
 
 logger = logging.getLogger("tuner.progress")
 
-# The objective (its step is the epoch count) goes to the storage every epoch, as the pruner
-# and ``tuner status`` need; the whole history at most this often while the trial runs, first
-# this long after the trial starts, and with the records at its end. Epochs of a few
-# milliseconds would otherwise spend most of their time rewriting it, and a trial shorter than
-# this would write it twice; a checkpoint keeps it for a resume.
+# A trial's epochs go to the storage at most this often while it runs, and all at its end: the
+# objective's values (their step is the epoch count), which the dashboard and ``tuner status``
+# show, and the epoch count. Every pruner decides from the trial's own values, which it sees
+# unwritten, and from other trials' written ones: epochs of milliseconds would otherwise pay a
+# write each, several times what they cost. A checkpoint keeps the epochs for a resume.
+VALUE_WRITE_INTERVAL_S = 1.0
+# The whole history (every metric of every epoch) grows with the trial: at most this often, and
+# with the records at its end.
 HISTORY_WRITE_INTERVAL_S = 5.0
 # Epoch lines of a trial: its first and last epoch, and between them at most one this often, so
 # that epochs of milliseconds do not flood a log file (or cost more than they do).
@@ -58,6 +61,8 @@ class Reporter:
         self.history: list[dict[str, float]] = list(trial.user_attrs.get("history", []))
         self.records: dict[str, Any] = {}
         self.started = time.perf_counter()
+        self._unwritten: dict[int, float] = {}
+        self._next_value_write = time.monotonic() + VALUE_WRITE_INTERVAL_S
         self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
         self._epochs = trial.params.get("epochs")
         self._next_log = 0.0
@@ -70,14 +75,13 @@ class Reporter:
         """Take the history of a resumed trial's checkpoint as its own, so the pruner and the
         dashboard see one continuous curve."""
         self.history = list(history)
-        set_user_attrs(self.trial, {"history": self.history})
-        reported = self.trial.storage.get_trial(self.trial._trial_id).intermediate_values
         if len(self.objectives) == 1:
+            # The values of a dead worker's last second are in its checkpoint, not in the storage.
             for entry in self.history:
-                if int(entry["epoch"]) not in reported:
-                    self.trial.report(entry[self.objectives[0].metric], int(entry["epoch"]))
+                self._show(int(entry["epoch"]), entry[self.objectives[0].metric])
         if self.history:
             self.records["epochs_completed"] = self.epochs_done
+        record_epochs(self.trial, self._take_unwritten(), {"history": self.history})
 
     def _log(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """A line for the epoch, unless the last one was less than ``LOG_INTERVAL_S`` ago; its
@@ -118,13 +122,30 @@ class Reporter:
         self._log(epoch, metrics)
         self.records.update(history=self.history, epochs_completed=epoch)
         # Optuna prunes single-objective studies only: several objectives have no curve to report.
-        value = metrics[self.objectives[0].metric] if len(self.objectives) == 1 else None
-        # The intermediate value's step is the epoch count; only without one is the count written.
-        attrs: dict[str, Any] = {} if value is not None else {"epochs_completed": epoch}
-        if time.monotonic() >= self._next_history_write:
+        if len(self.objectives) == 1:
+            self._show(epoch, metrics[self.objectives[0].metric])
+        now = time.monotonic()
+        if now < self._next_value_write:
+            return
+        self._next_value_write = now + VALUE_WRITE_INTERVAL_S
+        # The intermediate values' steps are the epoch count; only without them is the count written.
+        attrs: dict[str, Any] = {} if len(self.objectives) == 1 else {"epochs_completed": epoch}
+        if now >= self._next_history_write:
             attrs.update(history=self.history, epochs_completed=epoch)
-            self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
-        record_epoch(self.trial, epoch, value, attrs)
+            self._next_history_write = now + HISTORY_WRITE_INTERVAL_S
+        record_epochs(self.trial, self._take_unwritten(), attrs)
+
+    def write_records(self) -> None:
+        """Write the records and the values not written yet: one write as the trial ends."""
+        record_epochs(self.trial, self._take_unwritten(), self.records)
+
+    def _show(self, epoch: int, value: float) -> None:
+        if show_value(self.trial, epoch, value):
+            self._unwritten[epoch] = value
+
+    def _take_unwritten(self) -> dict[int, float]:
+        unwritten, self._unwritten = self._unwritten, {}
+        return unwritten
 
     def decide(self, epoch: int) -> None:
         """Stop here if the worker is stopping or the pruner says so."""
