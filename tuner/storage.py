@@ -131,11 +131,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(attr)} for key, attr in attrs.items()]
             self._upsert(session, models.TrialUserAttributeModel, rows, ("trial_id", "key"), ("value_json",))
         if values:
-            to_stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr
-            rows = [
-                {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
-                for step, (stored, kind) in ((step, to_stored(value)) for step, value in values.items())
-            ]
+            rows = []
+            for step, value in values.items():
+                stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+                rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind})
             columns = ("intermediate_value", "intermediate_value_type")
             self._upsert(session, models.TrialIntermediateValueModel, rows, ("trial_id", "step"), columns)
 

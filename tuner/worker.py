@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import time
@@ -185,7 +186,10 @@ def run_worker(
     heartbeat = is_heartbeat_enabled(study._storage)
     # A trial turns stale one heartbeat interval at a time: looking more often finds nothing new.
     stale_check_s = study._storage.get_heartbeat_interval() if heartbeat else 0.0
-    stale_checked_at = note_checked_at = -math.inf
+    stale_checked_at = -math.inf
+    # Workers started together would all find the note old at once and all rewrite it, each
+    # reading the whole study: each looks first at a random moment of the interval.
+    note_due = time.monotonic() + random.uniform(0, REFRESH_INTERVAL_S)
     try:
         while not stop:
             if spec.budget.timeout_s is not None and budget_state(study, spec).exhausted:
@@ -207,9 +211,9 @@ def run_worker(
             trial, frozen = claimed
             outcome = _run_trial(study, spec, workload, trial, frozen, device, checkpoint_dir, options, stop)
             summary.count(outcome)
-            if outcome != "worker_stopped" and time.monotonic() - note_checked_at >= REFRESH_INTERVAL_S:
+            if outcome != "worker_stopped" and time.monotonic() >= note_due:
                 refresh_study_note(study, spec)
-                note_checked_at = time.monotonic()
+                note_due = time.monotonic() + REFRESH_INTERVAL_S
             fresh = RETRY_HISTORY not in frozen.system_attrs
             consecutive_failures = consecutive_failures + 1 if outcome == "failed" and fresh else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
