@@ -503,7 +503,8 @@ def record_epochs(trial: optuna.Trial | optuna.trial.FixedTrial, values: Mapping
     (``show_value``)."""
     storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
     if storage is None:
-        set_user_attrs(trial, attrs)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         return
     changed = _changed(trial, attrs)
     if not changed and not values:
@@ -550,16 +551,7 @@ def set_user_attrs(trial: optuna.Trial | optuna.trial.FixedTrial, attrs: Mapping
     in one transaction where the storage is a database, one round trip through ``tuner proxy``
     and one append where it is a journal. A value written again is a write for nothing: through
     Optuna's own gRPC proxy, a round trip each."""
-    storage = getattr(trial, "storage", None)  # a FixedTrial (``tuner train``) has none
-    if storage is None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    changed = _changed(trial, attrs)
-    if not changed:
-        return
-    _write_user_attrs(storage, trial._trial_id, changed)
-    _hold(trial, changed)
+    record_epochs(trial, {}, attrs)
 
 
 def _write_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs: Mapping[str, Any]) -> None:
