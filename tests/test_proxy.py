@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,13 +42,18 @@ def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60, optu
         [sys.executable, "-c", OPTUNA_PROXY, storage, host, str(port)] if optuna_own
         else [sys.executable, "-m", "tuner", "proxy", "--storage", storage, "--host", host, "--port", str(port)]
     )
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV},
-    )
+    # A file, not a pipe: a pipe nobody reads fills up and blocks the proxy's next write.
+    output = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV})
+
+    def printed() -> str:
+        output.seek(0)
+        return output.read()
+
     try:
         deadline = time.monotonic() + timeout
         while True:
-            assert process.poll() is None, process.stdout.read()
+            assert process.poll() is None, printed()
             try:
                 socket.create_connection((host, port), timeout=1).close()
                 break
@@ -58,7 +64,8 @@ def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60, optu
     finally:
         process.send_signal(signal.SIGTERM)  # as docker stop and Kubernetes stop it
         code = process.wait(timeout=30)
-        assert optuna_own or code == 0
+        assert optuna_own or code == 0, printed()
+        output.close()
 
 
 def test_proxy_refuses_a_storage_it_cannot_serve(tmp_path: Path):
