@@ -12,7 +12,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from tuner.spec import Objective
-from tuner.storage import make_storage, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.storage import make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
 from tuner.train import reporter as reporter_module
 
 
@@ -120,6 +120,53 @@ def test_held_attributes_are_not_written_again_and_a_grown_history_is(kind, sqli
         assert len(Path(url).read_text().splitlines()) == lines + 1
     stored = optuna.load_study(study_name="held", storage=make_storage(url)).trials[0]
     assert stored.user_attrs == {"history": history, "worker": "w1"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_trials_writes_within_one_write_are_one_transaction(backend, request):
+    """Sampled parameters, records and an attribute commit together as the block ends; a read
+    of the trial within commits them first, and a write refused (a finished trial's) is raised
+    as the block ends."""
+    url = request.getfixturevalue(f"{backend}_url")
+    name = f"together-{request.node.name[-9:]}"
+    study = optuna.create_study(study_name=name, storage=make_storage(url))
+    trial = study.ask()
+    engine = rdb_backend(study._storage).engine
+    writes, commits = [], []  # a commit of writes: how many statements it committed
+
+    @sqlalchemy.event.listens_for(engine, "before_cursor_execute")
+    def count_write(connection, cursor, statement, *args):
+        if statement.lstrip()[:6].upper() in ("INSERT", "UPDATE"):
+            writes.append(statement)
+
+    @sqlalchemy.event.listens_for(engine, "commit")
+    def count_commit(connection):
+        if writes:
+            commits.append(len(writes))
+            writes.clear()
+
+    with one_write(study._storage):
+        trial.suggest_int("epochs", 2, 10)
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        record_epochs(trial, {1: 0.5}, {"worker": "w1"})
+        study._storage.set_trial_system_attr(trial._trial_id, "note", "n")
+        assert commits == []
+        assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[0].params == {}
+    assert len(commits) == 1 and commits[0] >= 5
+    stored = optuna.load_study(study_name=name, storage=make_storage(url)).trials[0]
+    assert stored.params == trial.params and set(stored.params) == {"epochs", "lr"}
+    assert stored.intermediate_values == {1: 0.5}
+    assert stored.user_attrs == {"worker": "w1"}
+    assert stored.system_attrs["note"] == "n"
+
+    with one_write(study._storage):
+        record_epochs(trial, {2: 0.75}, {})
+        assert study._storage.get_trial(trial._trial_id).intermediate_values == {1: 0.5, 2: 0.75}
+    study.tell(trial, 0.75)
+    with pytest.raises(UpdateFinishedTrialError):
+        with one_write(study._storage):
+            record_epochs(trial, {3: 0.8}, {})
+    assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[0].intermediate_values == {1: 0.5, 2: 0.75}
 
 
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:

@@ -71,6 +71,18 @@ def test_a_trials_fast_epochs_are_written_as_it_ends_and_pruned_as_they_come(kin
         assert trial.user_attrs["epochs_completed"] == 4
 
 
+def test_a_trial_below_the_pruners_bar_at_its_last_epoch_completes(sqlite_url):
+    """Its epochs are all trained: pruning it would save nothing and lose the finished model."""
+    spec = small_spec("last", workload="user_workloads:falling", budget={"n_trials": 1})
+    spec["search"]["epochs"] = {"low": 4, "high": 4}
+    spec["pruner"] = {"name": "threshold", "lower": 0.65}
+    _run(spec, sqlite_url)
+    (trial,) = optuna.load_study(study_name="last", storage=make_storage(sqlite_url)).trials
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(0.6)
+    assert trial.intermediate_values == pytest.approx({1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6})
+
+
 def test_hyperband_max_resource_is_the_largest_epochs(sqlite_url):
     spec = tuner.parse_spec(small_spec("hb", pruner={"name": "hyperband"}))
     study = tuner.create_study(spec, sqlite_url)

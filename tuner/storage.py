@@ -87,6 +87,98 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     failed call's transaction was rolled back, so retrying it cannot count anything twice.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._held = threading.local()
+        super().__init__(*args, **kwargs)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_held"]
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        self._held = threading.local()
+        super().__setstate__(state)
+
+    @contextlib.contextmanager
+    def one_transaction(self) -> Iterator[None]:
+        """Hold this thread's parameter, attribute and epoch writes made within and commit them
+        in one transaction as the block ends, raised or not: a commit each (a disk flush, a
+        round trip) is most of what a trial's sampled parameters or its records cost.
+
+        A write within returns before it is in the database, and an error it makes (a finished
+        trial's) is raised as the block ends. Reading a trial or setting its state commits the
+        held writes first. A block within a block commits with the outer one.
+        """
+        if self._holding() is not None:
+            yield
+            return
+        self._held.writes = []
+        try:
+            yield
+        finally:
+            try:
+                self.write_held()
+            finally:
+                self._held.writes = None
+
+    def _holding(self) -> list[Callable[[sqlalchemy.orm.Session], None]] | None:
+        return getattr(self._held, "writes", None)
+
+    def write_held(self) -> None:
+        """Commit the writes held so far in one transaction; retried whole when the
+        connection is lost, since a failed transaction wrote nothing."""
+        writes = self._holding()
+        if not writes:
+            return
+        # Taken out first: a refused write reads the trial for its message, which commits the
+        # held writes.
+        pending = writes[:]
+        writes.clear()
+        try:
+            # Integrity errors are not ignored, as Optuna's single writes ignore them: one
+            # would roll back every write held with it.
+            with _create_scoped_session(self.scoped_session) as session:
+                for write in pending:
+                    write(session)
+        except BaseException:
+            writes[:0] = pending
+            raise
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: optuna.distributions.BaseDistribution,
+        previous_distribution: optuna.distributions.BaseDistribution | None,
+    ) -> None:
+        held = self._holding()
+        if held is None:
+            super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+            return
+        held.append(functools.partial(
+            self._set_trial_param_without_commit,
+            trial_id=trial_id,
+            param_name=param_name,
+            param_value_internal=param_value_internal,
+            distribution=distribution,
+            previous_distribution=previous_distribution,
+        ))
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        held = self._holding()
+        if held is None:
+            super().set_trial_system_attr(trial_id, key, value)
+            return
+        held.append(lambda session: self._set_trial_attr_without_commit(
+            session, models.TrialSystemAttributeModel, trial_id, key, value
+        ))
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        self.write_held()
+        return super().get_trial(trial_id)
+
     def get_study_id_of_trial(self, trial_id: int) -> int:
         with _create_scoped_session(self.scoped_session) as session:
             return models.TrialModel.find_or_raise_by_id(trial_id, session).study_id
@@ -104,6 +196,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         it; where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial's
         state once and writes everything in one statement per table.
         """
+        held = self._holding()
+        if held is not None:
+            held.append(lambda session: self._record_without_commit(session, trial_id, values, attrs))
+            return
         with _create_scoped_session(self.scoped_session, True) as session:
             self._record_without_commit(session, trial_id, values, attrs)
 
@@ -139,6 +235,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             self._upsert(session, models.TrialIntermediateValueModel, rows, ("trial_id", "step"), columns)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        self.write_held()
         with _reads_kept_until_written():
             return super().set_trial_state_values(trial_id, state, values)
 
@@ -406,10 +503,14 @@ class JournalStorage(optuna.storages.JournalStorage):
                     self._sync_with_backend()
 
 
-def one_append(storage: object) -> contextlib.AbstractContextManager[None]:
-    """``JournalStorage.one_append`` on tuner's journal storage; elsewhere a block that changes
-    nothing, each write going on its own."""
-    return storage.one_append() if isinstance(storage, JournalStorage) else contextlib.nullcontext()
+def one_write(storage: object) -> contextlib.AbstractContextManager[None]:
+    """A block whose writes reach the storage together: one append on tuner's journal
+    (``JournalStorage.one_append``), one transaction on a database
+    (``ReconnectingRDBStorage.one_transaction``); elsewhere each write goes on its own."""
+    if isinstance(storage, JournalStorage):
+        return storage.one_append()
+    backend = rdb_backend(storage)
+    return backend.one_transaction() if backend is not None else contextlib.nullcontext()
 
 
 class JournalFileSlots:
@@ -438,7 +539,7 @@ class JournalFileSlots:
             holders = slot_holders(self.storage.get_all_trials(study_id, deepcopy=False))
             waiting = sum(t.state == TrialState.WAITING for t in holders)
             added = max(0, min(ahead - waiting, n_trials - len(holders)))
-            with one_append(self.storage):
+            with one_write(self.storage):
                 for _ in range(added):
                     self.storage.create_new_trial(study_id, template_trial=blank)
         return waiting + added
@@ -452,7 +553,7 @@ class JournalFileSlots:
             if not waiting:
                 return None
             trial_id = min(waiting, key=claim_order)._trial_id
-            with one_append(self.storage):
+            with one_write(self.storage):
                 self.storage.set_trial_state_values(trial_id, TrialState.RUNNING)
                 for key, value in attrs.items():
                     self.storage.set_trial_user_attr(trial_id, key, value)
@@ -511,7 +612,7 @@ def record_epochs(trial: optuna.Trial | optuna.trial.FixedTrial, values: Mapping
         return
     backend = _epoch_recorder(storage)
     if backend is None:
-        with one_append(storage):
+        with one_write(storage):
             _write_user_attrs(storage, trial._trial_id, changed)
             for step, value in values.items():
                 storage.set_trial_intermediate_value(trial._trial_id, step, value)
@@ -559,7 +660,7 @@ def _write_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs
     if backend is not None:
         backend.set_trial_user_attrs(trial_id, attrs)
         return
-    with one_append(storage):
+    with one_write(storage):
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
 
@@ -600,7 +701,7 @@ _RETRIED_METHODS = (
     | {name for name in vars(optuna.storages.RDBStorage) if not name.startswith("_")}
     | {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param"}
     | {"set_trial_user_attrs", "record_epochs", "slot_counts", "add_waiting_trials", "claim_next_waiting_trial"}
-    | {"get_study_id_of_trial"}
+    | {"get_study_id_of_trial", "write_held"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()
 

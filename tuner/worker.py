@@ -40,7 +40,7 @@ from tuner.storage import (
     cache_claimed_trial,
     claim_next_waiting_trial,
     make_storage,
-    one_append,
+    one_write,
     set_user_attrs,
     storage_url,
 )
@@ -244,7 +244,7 @@ def _run_trial(
 ) -> str:
     """Train one trial and tell its end; return the outcome as a word."""
     origin = frozen.system_attrs.get(RETRY_HISTORY, [frozen.number])[0]
-    with one_append(study._storage):
+    with one_write(study._storage):
         if origin != frozen.number:
             # A retry inherits its original's records; how the original ended is not its own.
             set_user_attrs(trial, {"error": None, "stop_reason": None})
@@ -287,8 +287,9 @@ def _finish(
     options: WorkerOptions,
 ) -> None:
     """Write the trial's records and learning curve, and tell how it ended: one append on a
-    journal."""
-    with one_append(study._storage):
+    journal; on a database the records and the curve's attribute are one transaction, which
+    Optuna's tell commits as it reads the trial back."""
+    with one_write(study._storage):
         reporter.write_records()
         if outcome == "out_of_memory":
             # Optuna 5 keeps constraints on the trial; TPE ranks a violated one below the rest.

@@ -148,7 +148,10 @@ class Reporter:
         return unwritten
 
     def decide(self, epoch: int) -> None:
-        """Stop here if the worker is stopping or the pruner says so."""
+        """Stop here if the worker is stopping or the pruner says so; never after the last
+        epoch, whose compute is spent: pruning there saves nothing and loses a finished model."""
+        if self._epochs is not None and epoch >= self._epochs:
+            return
         if self.stop_requested():
             raise WorkerStopped(f"stopped after epoch {epoch}")
         if len(self.objectives) > 1:
