@@ -3,13 +3,14 @@
 Every value here is a function of the epoch, the position in it and state that the checkpoint
 keeps (the batches used so far, the noise scale), so a resumed trial repeats the schedule.
 
-- ``constant``: the searched batch every epoch; the rate warms up, then decays by a cosine.
+- ``constant``: the searched batch every epoch; the rate warms up, holds, then decays by a
+  cosine over the last fifth of the trial.
 - ``ramp`` (Smith et al. 2017, "Don't Decay the Learning Rate, Increase the Batch Size"): the
   batch grows by ``ramp_factor`` at set fractions of the epochs *instead of* decaying the rate,
   which only warms up.
 - ``adaptive``: from the second epoch on, the batch is the gradient noise scale measured so far
   (McCandlish et al. 2018), clipped to the search range, and the rate follows the batch by the
-  spec's scaling rule; warm-up and cosine as for ``constant``.
+  spec's scaling rule; warm-up, hold and cosine as for ``constant``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import math
 from tuner.space import Hyperparameters
 
 WARMUP_FRACTION = 0.05
+# The cooldown of a warm-up-stable-decay schedule: Hägele et al. 2024 ("Scaling Laws and
+# Compute-Optimal Training Beyond Fixed Training Durations") find that a cosine over the last
+# fifth, from a constant rate, matches a cosine over the whole run.
+DECAY_FRACTION = 0.2
 
 
 def epoch_batch_size(hp: Hyperparameters, epoch: int, used: list[int], noise_scale: float | None, train_size: int) -> int:
@@ -47,15 +52,20 @@ def epoch_lr(hp: Hyperparameters, batch_size: int) -> float:
 
 def lr_factor(start: float, end: float, *, decay: bool) -> float:
     """The rate's factor for a step covering the fractions ``start`` to ``end`` of all the
-    samples the trial trains on: a linear warm-up over the first 5%, then a cosine to zero at
-    the end (or no decay).
+    samples the trial trains on: a linear warm-up over the first 5%, the full rate, then a
+    cosine to zero over the last 20% (or no decay).
+
+    Until its decay a trial trains at the same rate whatever its epochs, so the median rule
+    compares trials of different lengths fairly at an epoch: under a cosine over the whole
+    trial, a long trial at its peak rate was judged against short ones already decayed, and
+    pruned (benchmarks/search_efficiency.py, README "Search efficiency").
 
     Counted in samples rather than steps because the steps of a ramp or adaptive schedule change
     size, which PyTorch's step-counting schedulers cannot follow.
     """
     if end <= WARMUP_FRACTION:
         return end / WARMUP_FRACTION
-    if not decay:
+    if not decay or start <= 1 - DECAY_FRACTION:
         return 1.0
-    progress = max(0.0, (start - WARMUP_FRACTION) / (1 - WARMUP_FRACTION))
+    progress = (start - (1 - DECAY_FRACTION)) / DECAY_FRACTION
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
