@@ -83,6 +83,15 @@ def test_a_trial_below_the_pruners_bar_at_its_last_epoch_completes(sqlite_url):
     assert trial.intermediate_values == pytest.approx({1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6})
 
 
+@pytest.mark.parametrize("pruner", ["median", "none"])
+def test_the_gp_sampler_with_a_pruner_is_warned_about(pruner, sqlite_url, caplog):
+    spec = small_spec(f"gp-{pruner}", sampler={"name": "gp"}, pruner={"name": pruner})
+    with caplog.at_level("WARNING", logger="tuner.study"):
+        tuner.create_study(tuner.parse_spec(spec), sqlite_url)
+    warned = [record.getMessage() for record in caplog.records if "GP sampler" in record.getMessage()]
+    assert len(warned) == (pruner != "none")
+
+
 def test_hyperband_max_resource_is_the_largest_epochs(sqlite_url):
     spec = tuner.parse_spec(small_spec("hb", pruner={"name": "hyperband"}))
     study = tuner.create_study(spec, sqlite_url)

@@ -148,6 +148,13 @@ def create_study(
             "trials train to the end and pruner %r is not used.",
             spec.name, len(spec.directions), spec.pruner.name,
         )
+    if spec.sampler.name == "gp" and spec.pruner.name != "none" and len(spec.directions) == 1:
+        logger.warning(
+            "Study %r samples with Optuna's GP sampler, which learns from completed trials only: "
+            "a point that pruner %r stops looks unexplored, and the sampler can propose it again "
+            "and again. Use pruner: {name: none} with the GP sampler, or the TPE sampler.",
+            spec.name, spec.pruner.name,
+        )
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
