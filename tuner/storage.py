@@ -145,6 +145,16 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             writes[:0] = pending
             raise
 
+    def _write(self, write: Callable[[sqlalchemy.orm.Session], None]) -> None:
+        """Hold ``write`` within ``one_transaction``; elsewhere commit it on its own, ignoring
+        an integrity error as Optuna's single writes do."""
+        held = self._holding()
+        if held is not None:
+            held.append(write)
+            return
+        with _create_scoped_session(self.scoped_session, True) as session:
+            write(session)
+
     def _set_trial_param(
         self,
         trial_id: int,
@@ -153,11 +163,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         distribution: optuna.distributions.BaseDistribution,
         previous_distribution: optuna.distributions.BaseDistribution | None,
     ) -> None:
-        held = self._holding()
-        if held is None:
-            super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
-            return
-        held.append(functools.partial(
+        self._write(functools.partial(
             self._set_trial_param_without_commit,
             trial_id=trial_id,
             param_name=param_name,
@@ -167,12 +173,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         ))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        held = self._holding()
-        if held is None:
-            super().set_trial_system_attr(trial_id, key, value)
-            return
-        held.append(lambda session: self._set_trial_attr_without_commit(
-            session, models.TrialSystemAttributeModel, trial_id, key, value
+        self._write(functools.partial(
+            self._set_trial_attr_without_commit,
+            model_cls=models.TrialSystemAttributeModel, trial_id=trial_id, key=key, value=value,
         ))
 
     def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
@@ -196,12 +199,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         it; where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial's
         state once and writes everything in one statement per table.
         """
-        held = self._holding()
-        if held is not None:
-            held.append(lambda session: self._record_without_commit(session, trial_id, values, attrs))
-            return
-        with _create_scoped_session(self.scoped_session, True) as session:
-            self._record_without_commit(session, trial_id, values, attrs)
+        self._write(functools.partial(self._record_without_commit, trial_id=trial_id, values=values, attrs=attrs))
 
     def _record_without_commit(
         self,
