@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from tuner.spec import Objective
-from tuner.storage import make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.storage import claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
 from tuner.train import reporter as reporter_module
 
 
@@ -167,6 +168,55 @@ def test_a_trials_writes_within_one_write_are_one_transaction(backend, request):
         with one_write(study._storage):
             record_epochs(trial, {3: 0.8}, {})
     assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[0].intermediate_values == {1: 0.5, 2: 0.75}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("slot", ["blank", "retry"])
+def test_a_trial_claimed_here_reads_as_stored_without_a_query(backend, slot, request):
+    """The claimer reads its running trial from its own copy: every kind of write shows in it
+    as in a read of the database, no statement is sent for it, and once told the trial is read
+    from the database again."""
+    url = request.getfixturevalue(f"{backend}_url")
+    name = f"kept-{slot}-{request.node.name[-9:]}"
+    study = optuna.create_study(study_name=name, storage=make_storage(url))
+    if slot == "blank":
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    else:  # what Optuna's retry callback leaves: parameters, attributes and values of the original
+        study.enqueue_trial({"lr": 0.01}, user_attrs={"origin": 0})
+        study._storage.set_trial_system_attr(study.trials[0]._trial_id, "retry_history", [0])
+    backend_storage = rdb_backend(study._storage)
+    trial_id = claim_next_waiting_trial(study._storage, study._study_id, {"worker": "w1"})
+    statements = []
+
+    @sqlalchemy.event.listens_for(backend_storage.engine, "before_cursor_execute")
+    def count(connection, cursor, statement, *args):
+        statements.append(statement)
+
+    trial = optuna.Trial(study, trial_id)
+    assert statements == []
+    with one_write(study._storage):
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_categorical("batch_size", [16, 32])
+        record_epochs(trial, {1: 0.5, 2: float("nan")}, {"history": [{"epoch": 1}]})
+    trial.set_user_attr("note", ("a", 1))
+    trial.report(0.75, 3)
+    trial.set_constraint("out_of_memory", 1.0)
+    study._storage.set_trial_system_attr(trial_id, "artifact", {"id": "x"})
+    statements.clear()
+    kept = study._storage.get_trial(trial_id)
+    assert statements == []
+    stored = optuna.load_study(study_name=name, storage=make_storage(url)).trials[0]
+    for field in ("number", "state", "params", "distributions", "user_attrs", "system_attrs", "datetime_start"):
+        assert getattr(kept, field) == getattr(stored, field), field
+    assert kept.intermediate_values.keys() == stored.intermediate_values.keys() == {1, 2, 3}
+    assert math.isnan(kept.intermediate_values[2]) and math.isnan(stored.intermediate_values[2])
+    assert kept.intermediate_values[3] == stored.intermediate_values[3] == 0.75
+
+    study.tell(trial, 0.9)
+    statements.clear()
+    told = study._storage.get_trial(trial_id)
+    assert told.state == TrialState.COMPLETE and told.value == 0.9
+    assert statements, "a told trial must be read from the database"
 
 
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:

@@ -89,11 +89,13 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._held = threading.local()
+        self._running_here: dict[int, optuna.trial.FrozenTrial] = {}
         super().__init__(*args, **kwargs)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         del state["_held"]
+        state["_running_here"] = {}  # another process runs none of this one's trials
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -171,15 +173,34 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             distribution=distribution,
             previous_distribution=previous_distribution,
         ))
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.params[param_name] = distribution.to_external_repr(param_value_internal)
+            kept.distributions[param_name] = distribution
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._write(functools.partial(
             self._set_trial_attr_without_commit,
             model_cls=models.TrialSystemAttributeModel, trial_id=trial_id, key=key, value=value,
         ))
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.system_attrs.update(_as_read({key: value}))
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.record_epochs(trial_id, {}, {key: value})
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self.record_epochs(trial_id, {step: intermediate_value}, {})
 
     def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        """The trial as stored; a trial this process claimed and runs comes from its own copy
+        (see ``claim_next_waiting_trial``), saving a trial's two whole reads (as Optuna's
+        ``Trial`` begins and as its tell checks the trial), six statements each."""
         self.write_held()
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            return copy.deepcopy(kept)
         return super().get_trial(trial_id)
 
     def get_study_id_of_trial(self, trial_id: int) -> int:
@@ -200,6 +221,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         state once and writes everything in one statement per table.
         """
         self._write(functools.partial(self._record_without_commit, trial_id=trial_id, values=values, attrs=attrs))
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.user_attrs.update(_as_read(attrs))
+            kept.intermediate_values.update({step: float(value) for step, value in values.items()})
 
     def _record_without_commit(
         self,
@@ -234,39 +259,57 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         self.write_held()
-        with _reads_kept_until_written():
-            return super().set_trial_state_values(trial_id, state, values)
+        try:
+            with _reads_kept_until_written():
+                return super().set_trial_state_values(trial_id, state, values)
+        finally:
+            self._running_here.pop(trial_id, None)
 
-    def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+    def claim_next_waiting_trial(
+        self, study_id: int, attrs: Mapping[str, Any], *, keep: bool = False
+    ) -> int | None:
         """Set the next WAITING trial (retries first, then by number) RUNNING with user
         attributes, in one transaction; return its id, or None when none waits.
 
         One query finds and locks it: on PostgreSQL and MySQL ``SKIP LOCKED`` passes over the
         trials other workers are claiming instead of queueing behind them, and SQLite's
         transaction begins with the write lock (``_begin_sqlite``).
+
+        With ``keep``, the claimer runs the trial and is its only writer: the trial is read
+        from a copy that this storage's writes keep current until its state is set. A blank
+        slot, as most are, needs no read for it: the query says whether the trial has any rows.
         """
         trial = models.TrialModel
-        system_attrs = models.TrialSystemAttributeModel
-        is_retry = (
-            sqlalchemy.select(system_attrs.trial_system_attribute_id)
-            .where(system_attrs.trial_id == trial.trial_id, system_attrs.key == RETRY_HISTORY)
-            .exists()
-        )
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
-            found = (
-                session.query(trial)
+            row = (
+                session.query(trial, _HAS_ROWS)
                 .filter(trial.study_id == study_id, trial.state == TrialState.WAITING)
-                .order_by(sqlalchemy.case((is_retry, 0), else_=1), trial.number)
+                .order_by(sqlalchemy.case((_IS_RETRY, 0), else_=1), trial.number)
                 .limit(1)
                 .with_for_update(skip_locked=True)
                 .one_or_none()
             )
-            if found is None:
+            if row is None:
                 return None
+            found, has_rows = row
             found.state = TrialState.RUNNING
             found.datetime_start = datetime.now()
             self._record_without_commit(session, found.trial_id, {}, attrs, check_state=False)
-            return found.trial_id
+            kept = None
+            if keep and has_rows:
+                kept = self._build_frozen_trial_from_trial_model(found)
+            elif keep:
+                kept = optuna.trial.FrozenTrial(
+                    number=found.number, state=TrialState.RUNNING, value=None, values=None,
+                    datetime_start=found.datetime_start, datetime_complete=None, params={},
+                    distributions={}, user_attrs=_as_read(attrs), system_attrs={},
+                    intermediate_values={}, trial_id=found.trial_id,
+                )
+            trial_id = found.trial_id
+        # Kept once committed: a claim that failed to commit is retried, or was never made.
+        if kept is not None:
+            self._running_here[trial_id] = kept
+        return trial_id
 
     def _upsert(
         self, session: sqlalchemy.orm.Session, model: type, rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...]
@@ -575,10 +618,15 @@ def slot_maker(storage: object) -> ReconnectingRDBStorage | JournalFileSlots | N
 def claim_next_waiting_trial(storage: optuna.storages.BaseStorage, study_id: int, attrs: Mapping[str, Any]) -> int | None:
     """Set the study's next WAITING trial (retries first) RUNNING with user attributes ``attrs``;
     return its id, or None when none waits. One transaction on a database, one append under a
-    lock on a journal file, one round trip through ``tuner proxy``; elsewhere a race."""
+    lock on a journal file, one round trip through ``tuner proxy``; elsewhere a race.
+
+    The caller runs the trial: on a database it is read from the claimer's own copy until told.
+    """
     claimer = storage if isinstance(storage, GrpcStorageProxy) else slot_maker(storage)
     if claimer is None:
         return claim_by_racing(storage, study_id, attrs)
+    if isinstance(claimer, ReconnectingRDBStorage):
+        return claimer.claim_next_waiting_trial(study_id, attrs, keep=True)
     return claimer.claim_next_waiting_trial(study_id, attrs)
 
 
@@ -679,6 +727,22 @@ def _hold(trial: optuna.Trial, written: Mapping[str, Any]) -> None:
 _TRIAL_STATE = sqlalchemy.select(models.TrialModel.state).where(
     models.TrialModel.trial_id == sqlalchemy.bindparam("trial_id")
 )
+_IS_RETRY = (
+    sqlalchemy.select(models.TrialSystemAttributeModel.trial_system_attribute_id)
+    .where(
+        models.TrialSystemAttributeModel.trial_id == models.TrialModel.trial_id,
+        models.TrialSystemAttributeModel.key == RETRY_HISTORY,
+    )
+    .exists()
+)
+# Whether a trial has anything besides its own row: a blank slot has nothing to read.
+_HAS_ROWS = sqlalchemy.or_(*(
+    sqlalchemy.select(model.trial_id).where(model.trial_id == models.TrialModel.trial_id).exists()
+    for model in (
+        models.TrialParamModel, models.TrialValueModel, models.TrialIntermediateValueModel,
+        models.TrialUserAttributeModel, models.TrialSystemAttributeModel,
+    )
+))
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
 
 
@@ -702,6 +766,12 @@ _RETRIED_METHODS = (
     | {"get_study_id_of_trial", "write_held"}
 ) - {"remove_session", "upgrade", "get_current_version", "get_head_version", "get_all_versions"}
 _retrying = threading.local()
+
+
+def _as_read(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes as a read gives them back: through JSON, so a tuple is a list, and a copy,
+    so a list that grows after being written does not grow in the kept trial."""
+    return json.loads(json.dumps(dict(attrs)))
 
 
 def _is_connection_error(error: BaseException) -> bool:

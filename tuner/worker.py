@@ -288,7 +288,7 @@ def _finish(
 ) -> None:
     """Write the trial's records and learning curve, and tell how it ended: one append on a
     journal; on a database the records and the curve's attribute are one transaction, which
-    Optuna's tell commits as it reads the trial back."""
+    Optuna's tell commits as it looks the trial up (in the worker's own copy of it)."""
     with one_write(study._storage):
         reporter.write_records()
         if outcome == "out_of_memory":
