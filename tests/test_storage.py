@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -131,20 +132,25 @@ def test_a_trials_writes_within_one_write_are_one_transaction(backend, request):
     url = request.getfixturevalue(f"{backend}_url")
     name = f"together-{request.node.name[-9:]}"
     study = optuna.create_study(study_name=name, storage=make_storage(url))
+    # A study's first trial tells the process the parameters' distributions; later ones are checked against them.
+    study.tell(study.ask({"epochs": optuna.distributions.IntDistribution(2, 10)}), state=TrialState.PRUNED)
     trial = study.ask()
     engine = rdb_backend(study._storage).engine
-    writes, commits = [], []  # a commit of writes: how many statements it committed
+    writes, reads, commits = [], [], []  # a commit of writes: how many writes and reads it committed
 
     @sqlalchemy.event.listens_for(engine, "before_cursor_execute")
     def count_write(connection, cursor, statement, *args):
         if statement.lstrip()[:6].upper() in ("INSERT", "UPDATE"):
             writes.append(statement)
+        elif statement.lstrip()[:6].upper() == "SELECT":
+            reads.append(statement)
 
     @sqlalchemy.event.listens_for(engine, "commit")
     def count_commit(connection):
         if writes:
-            commits.append(len(writes))
+            commits.append((len(writes), len(reads)))
             writes.clear()
+        reads.clear()
 
     with one_write(study._storage):
         trial.suggest_int("epochs", 2, 10)
@@ -152,9 +158,12 @@ def test_a_trials_writes_within_one_write_are_one_transaction(backend, request):
         record_epochs(trial, {1: 0.5}, {"worker": "w1"})
         study._storage.set_trial_system_attr(trial._trial_id, "note", "n")
         assert commits == []
-        assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[0].params == {}
-    assert len(commits) == 1 and commits[0] >= 5
-    stored = optuna.load_study(study_name=name, storage=make_storage(url)).trials[0]
+        assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[1].params == {}
+    # Five writes and three reads: the trial's state, checked once for all of them, and for the
+    # parameter this process has not seen, Optuna's own write (the trial, the study's earlier
+    # distribution of it); the parameter it has seen is written without a read.
+    assert commits == [(5, 3)]
+    stored = optuna.load_study(study_name=name, storage=make_storage(url)).trials[1]
     assert stored.params == trial.params and set(stored.params) == {"epochs", "lr"}
     assert stored.intermediate_values == {1: 0.5}
     assert stored.user_attrs == {"worker": "w1"}
@@ -167,7 +176,7 @@ def test_a_trials_writes_within_one_write_are_one_transaction(backend, request):
     with pytest.raises(UpdateFinishedTrialError):
         with one_write(study._storage):
             record_epochs(trial, {3: 0.8}, {})
-    assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[0].intermediate_values == {1: 0.5, 2: 0.75}
+    assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[1].intermediate_values == {1: 0.5, 2: 0.75}
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -217,6 +226,32 @@ def test_a_trial_claimed_here_reads_as_stored_without_a_query(backend, slot, req
     told = study._storage.get_trial(trial_id)
     assert told.state == TrialState.COMPLETE and told.value == 0.9
     assert statements, "a told trial must be read from the database"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_heartbeat_is_one_statement_that_moves_one_row_forward(backend, request):
+    url = request.getfixturevalue(f"{backend}_url")
+    storage = make_storage(url)
+    study = optuna.create_study(study_name=f"beat-{backend}", storage=storage)
+    trial_id = study.ask()._trial_id
+    backend_storage = rdb_backend(storage)
+    statements = []
+
+    @sqlalchemy.event.listens_for(backend_storage.engine, "before_cursor_execute")
+    def count(connection, cursor, statement, *args):
+        statements.append(statement)
+
+    beats = []
+    for _ in range(2):
+        backend_storage.record_heartbeat(trial_id)
+        with backend_storage.engine.connect() as connection:
+            query = sqlalchemy.text("SELECT heartbeat FROM trial_heartbeats WHERE trial_id = :trial_id")
+            beats.append(connection.execute(query, {"trial_id": trial_id}).scalars().all())
+        time.sleep(1.1)  # SQLite's CURRENT_TIMESTAMP counts whole seconds
+    assert len([s for s in statements if "trial_heartbeats" in s and not s.startswith("SELECT heartbeat")]) == 2
+    assert len(beats[0]) == len(beats[1]) == 1
+    assert beats[1][0] > beats[0][0]
+    assert backend_storage._get_stale_trial_ids(study._study_id) == []
 
 
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:

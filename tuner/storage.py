@@ -124,7 +124,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             finally:
                 self._held.writes = None
 
-    def _holding(self) -> list[Callable[[sqlalchemy.orm.Session], None]] | None:
+    def _holding(self) -> list[tuple[int, Callable[[sqlalchemy.orm.Session], None]]] | None:
         return getattr(self._held, "writes", None)
 
     def write_held(self) -> None:
@@ -141,21 +141,31 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             # Integrity errors are not ignored, as Optuna's single writes ignore them: one
             # would roll back every write held with it.
             with _create_scoped_session(self.scoped_session) as session:
-                for write in pending:
+                for trial_id in dict.fromkeys(trial_id for trial_id, _ in pending):
+                    self._check_updatable(session, trial_id)
+                for _, write in pending:
                     write(session)
         except BaseException:
             writes[:0] = pending
             raise
 
-    def _write(self, write: Callable[[sqlalchemy.orm.Session], None]) -> None:
-        """Hold ``write`` within ``one_transaction``; elsewhere commit it on its own, ignoring
-        an integrity error as Optuna's single writes do."""
+    def _write(self, trial_id: int, write: Callable[[sqlalchemy.orm.Session], None]) -> None:
+        """Hold a write to a trial within ``one_transaction``; elsewhere commit it on its own,
+        ignoring an integrity error as Optuna's single writes do. The trial's state is checked
+        once a transaction, where Optuna reads the whole trial row for each write."""
         held = self._holding()
         if held is not None:
-            held.append(write)
+            held.append((trial_id, write))
             return
         with _create_scoped_session(self.scoped_session, True) as session:
+            self._check_updatable(session, trial_id)
             write(session)
+
+    def _check_updatable(self, session: sqlalchemy.orm.Session, trial_id: int) -> None:
+        state = session.execute(_TRIAL_STATE, {"trial_id": trial_id}).scalar_one_or_none()
+        if state is None:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        self.check_trial_is_updatable(trial_id, state)
 
     def _set_trial_param(
         self,
@@ -165,23 +175,30 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         distribution: optuna.distributions.BaseDistribution,
         previous_distribution: optuna.distributions.BaseDistribution | None,
     ) -> None:
-        self._write(functools.partial(
-            self._set_trial_param_without_commit,
-            trial_id=trial_id,
-            param_name=param_name,
-            param_value_internal=param_value_internal,
-            distribution=distribution,
-            previous_distribution=previous_distribution,
-        ))
+        """Optuna's parameter write without its read of the trial, whose state ``_write``
+        checks; where no cache knows the study's earlier distribution, Optuna's own."""
+
+        def insert(session: sqlalchemy.orm.Session) -> None:
+            if previous_distribution is None:
+                self._set_trial_param_without_commit(session, trial_id, param_name, param_value_internal, distribution)
+                return
+            optuna.distributions.check_distribution_compatibility(previous_distribution, distribution)
+            session.add(models.TrialParamModel(
+                trial_id=trial_id,
+                param_name=param_name,
+                param_value=param_value_internal,
+                distribution_json=optuna.distributions.distribution_to_json(distribution),
+            ))
+
+        self._write(trial_id, insert)
         kept = self._running_here.get(trial_id)
         if kept is not None:
             kept.params[param_name] = distribution.to_external_repr(param_value_internal)
             kept.distributions[param_name] = distribution
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._write(functools.partial(
-            self._set_trial_attr_without_commit,
-            model_cls=models.TrialSystemAttributeModel, trial_id=trial_id, key=key, value=value,
+        self._write(trial_id, functools.partial(
+            self._write_attrs, model=models.TrialSystemAttributeModel, trial_id=trial_id, attrs={key: value},
         ))
         kept = self._running_here.get(trial_id)
         if kept is not None:
@@ -203,6 +220,16 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             return copy.deepcopy(kept)
         return super().get_trial(trial_id)
 
+    def record_heartbeat(self, trial_id: int) -> None:
+        """One upsert, where Optuna reads the heartbeat's row, then inserts or reads it again
+        for update: a running trial's heartbeat is written as it starts and every interval."""
+        if self.engine.name not in _INSERTS:
+            super().record_heartbeat(trial_id)
+            return
+        # Without a value given, the column's default gives the server's time, as Optuna's does.
+        with _create_scoped_session(self.scoped_session, True) as session:
+            self._upsert(session, models.TrialHeartbeatModel, [{"trial_id": trial_id}], ("trial_id",), ("heartbeat",))
+
     def get_study_id_of_trial(self, trial_id: int) -> int:
         with _create_scoped_session(self.scoped_session) as session:
             return models.TrialModel.find_or_raise_by_id(trial_id, session).study_id
@@ -220,35 +247,20 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         it; where the database has an upsert (PostgreSQL, SQLite, MySQL) this reads the trial's
         state once and writes everything in one statement per table.
         """
-        self._write(functools.partial(self._record_without_commit, trial_id=trial_id, values=values, attrs=attrs))
+        self._write(trial_id, functools.partial(self._record_without_commit, trial_id=trial_id, values=values, attrs=attrs))
         kept = self._running_here.get(trial_id)
         if kept is not None:
             kept.user_attrs.update(_as_read(attrs))
             kept.intermediate_values.update({step: float(value) for step, value in values.items()})
 
     def _record_without_commit(
-        self,
-        session: sqlalchemy.orm.Session,
-        trial_id: int,
-        values: Mapping[int, float],
-        attrs: Mapping[str, Any],
-        *,
-        check_state: bool = True,
+        self, session: sqlalchemy.orm.Session, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]
     ) -> None:
+        self._write_attrs(session, models.TrialUserAttributeModel, trial_id, attrs)
         if self.engine.name not in _INSERTS:
-            for key, attr in attrs.items():
-                self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, key, attr)
             for step, value in values.items():
                 self._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
             return
-        if check_state:
-            state = session.execute(_TRIAL_STATE, {"trial_id": trial_id}).scalar_one_or_none()
-            if state is None:
-                raise KeyError(f"No trial with trial_id {trial_id} exists.")
-            self.check_trial_is_updatable(trial_id, state)
-        if attrs:
-            rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(attr)} for key, attr in attrs.items()]
-            self._upsert(session, models.TrialUserAttributeModel, rows, ("trial_id", "key"), ("value_json",))
         if values:
             rows = []
             for step, value in values.items():
@@ -294,7 +306,7 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             found, has_rows = row
             found.state = TrialState.RUNNING
             found.datetime_start = datetime.now()
-            self._record_without_commit(session, found.trial_id, {}, attrs, check_state=False)
+            self._write_attrs(session, models.TrialUserAttributeModel, found.trial_id, attrs)
             kept = None
             if keep and has_rows:
                 kept = self._build_frozen_trial_from_trial_model(found)
@@ -310,6 +322,17 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         if kept is not None:
             self._running_here[trial_id] = kept
         return trial_id
+
+    def _write_attrs(self, session: sqlalchemy.orm.Session, model: type, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """User or system attributes of a trial whose state was checked, in one statement."""
+        if not attrs:
+            return
+        if self.engine.name not in _INSERTS:
+            for key, attr in attrs.items():
+                self._set_trial_attr_without_commit(session, model, trial_id, key, attr)
+            return
+        rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(attr)} for key, attr in attrs.items()]
+        self._upsert(session, model, rows, ("trial_id", "key"), ("value_json",))
 
     def _upsert(
         self, session: sqlalchemy.orm.Session, model: type, rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...]
