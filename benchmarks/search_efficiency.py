@@ -225,12 +225,16 @@ def plot(results: dict, budget: int, path: Path) -> None:
 
     figure = Figure(figsize=(5 * len(results), 4), layout="constrained")
     for axes, (workload, runs) in zip(figure.subplots(1, len(results), squeeze=False)[0], results.items()):
+        lowest = []
         for method, seeds in runs.items():
             curves = np.array([[np.nan if v is None else v for v in curve(e, budget)] for e in seeds], dtype=float)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # epochs before any run has finished a trial
                 median = np.nanmedian(curves, axis=0)
             axes.plot(range(1, budget + 1), median, label=method)
+            lowest.append(median[budget // 20])
+        # From a twentieth of the budget on: the first trials' low accuracies would flatten the race.
+        axes.set_ylim(bottom=np.nanmin(lowest) - 0.005)
         axes.set(title=workload, xlabel="epochs trained", ylabel="best val_accuracy (median over seeds)")
         axes.legend()
     figure.savefig(path, dpi=100)
