@@ -232,9 +232,12 @@ def plot(results: dict, budget: int, path: Path) -> None:
                 warnings.simplefilter("ignore")  # epochs before any run has finished a trial
                 median = np.nanmedian(curves, axis=0)
             axes.plot(range(1, budget + 1), median, label=method)
-            lowest.append(median[budget // 20])
+            # A method may finish no trial before a twentieth of the budget (Optuna's example
+            # trains 10 epochs a trial): its lowest point from there on, inf if it has none.
+            lowest.append(np.nanmin(median[budget // 20:], initial=np.inf))
         # From a twentieth of the budget on: the first trials' low accuracies would flatten the race.
-        axes.set_ylim(bottom=np.nanmin(lowest) - 0.005)
+        if np.isfinite(min(lowest)):
+            axes.set_ylim(bottom=min(lowest) - 0.005)
         axes.set(title=workload, xlabel="epochs trained", ylabel="best val_accuracy (median over seeds)")
         axes.legend()
     figure.savefig(path, dpi=100)
