@@ -139,21 +139,23 @@ def test_records_and_intermediate_value_read_back_through_either_proxy(tmp_path:
 
 @pytest.mark.parametrize("optuna_own", [False, True], ids=["tuner proxy", "optuna proxy"])
 def test_claims_through_either_proxy_take_each_slot_once_with_who_runs_it(sqlite_url, optuna_own: bool):
-    """tuner proxy claims a trial, writes who runs it and makes the next slot in one call;
-    behind Optuna's own proxy, which has no such call, the worker races for the waiting trials
-    and makes no slots."""
+    """tuner proxy claims a trial and writes who runs it in one call, and makes slots once half
+    of them are taken; behind Optuna's own proxy, which has no such call, the worker races for
+    the waiting trials and makes no slots."""
     create_study(parse_spec(small_spec("claims", budget={"n_trials": 40})), sqlite_url)
+    claims = WAITING_AHEAD // 2 + 1
     with serve_proxy(sqlite_url, optuna_own=optuna_own) as url:
         storage = make_storage(url)
         study_id = storage.get_study_id_from_name("claims")
-        claimed = [claim_next_waiting_trial(storage, study_id, {"worker": f"w{n}"}) for n in range(3)]
+        claimed = [claim_next_waiting_trial(storage, study_id, {"worker": f"w{n}"}) for n in range(claims)]
         assert storage._served_by_tuner is not optuna_own
         # The proxy takes parameters only for the trials it knows.
         storage.set_trial_param(claimed[0], "x", 0.5, FloatDistribution(0, 1))
     trials = {t._trial_id: t for t in optuna.load_study(study_name="claims", storage=sqlite_url).trials}
-    assert [trials[trial_id].number for trial_id in claimed] == [0, 1, 2]
-    assert [trials[trial_id].user_attrs["worker"] for trial_id in claimed] == ["w0", "w1", "w2"]
+    assert [trials[trial_id].number for trial_id in claimed] == list(range(claims))
+    assert [trials[trial_id].user_attrs["worker"] for trial_id in claimed] == [f"w{n}" for n in range(claims)]
     assert {trials[trial_id].state for trial_id in claimed} == {TrialState.RUNNING}
     assert trials[claimed[0]].params == {"x": 0.5}
     waiting = sum(t.state == TrialState.WAITING for t in trials.values())
-    assert waiting == (WAITING_AHEAD - 3 if optuna_own else WAITING_AHEAD)
+    assert waiting == (WAITING_AHEAD - claims if optuna_own else WAITING_AHEAD)
+    assert sorted(t.number for t in trials.values()) == list(range(len(trials)))

@@ -262,6 +262,27 @@ def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "journal"])
+def test_workers_that_ran_out_together_top_up_once(backend, request, tmp_path):
+    """Workers that find no slot queue at the slots' lock and, meanwhile, others claim: the
+    first one's slots are enough for the rest, and none adds more until fewer than half of
+    them wait; then one top-up fills them again, numbered on."""
+    url = str(tmp_path / "slots.log") if backend == "journal" else request.getfixturevalue(f"{backend}_url")
+    name = f"top-up-{backend}"
+    storage = make_storage(url)
+    study_id = optuna.create_study(study_name=name, storage=storage)._study_id
+    maker = slot_maker(storage)
+    assert maker.add_waiting_trials(study_id, 40, 16) == 16
+    waiting = []
+    for worker in range(9):
+        assert claim_next_waiting_trial(storage, study_id, {"worker": worker}) is not None
+        waiting.append(maker.add_waiting_trials(study_id, 40, 16))
+    assert waiting == [15, 14, 13, 12, 11, 10, 9, 8, 16]
+    trials = make_storage(url).get_all_trials(study_id, deepcopy=False)
+    assert [t.number for t in trials] == list(range(25))
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 9 + [TrialState.WAITING] * 16
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "journal"])
 def test_slots_added_ahead_by_racing_workers_never_pass_the_budget(backend, request, monkeypatch, tmp_path):
     """Eight workers, each with its own connections, take WAITING trials and top them up three
     at a time as they run out; the study ends with exactly the budget, every trial run once."""

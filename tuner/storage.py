@@ -366,22 +366,33 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return counts, first
 
     def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
-        """Add blank WAITING trials until ``ahead`` wait or ``n_trials`` hold a budget slot;
-        return how many wait then (0: the budget has no slot left to wait).
+        """When fewer than half of ``ahead`` wait, add blank WAITING trials until ``ahead`` wait
+        or ``n_trials`` hold a budget slot; return how many wait then (0: the budget has no slot
+        left to wait).
 
         The study row is locked as Optuna locks it to number a new trial, so workers topping
         up at once add no more than the budget (on SQLite, the transaction begins with the
-        write lock: see ``_begin_sqlite``).
+        write lock: see ``_begin_sqlite``). Workers that ran out together queue for that lock:
+        the first tops up and the others find enough waiting, where topping up each one's
+        shortfall again made a few slots per worker at a study-wide lock. The slots are one
+        insert, numbered as Optuna numbers a trial: by the trials made before it.
         """
-        blank = optuna.trial.create_trial(state=TrialState.WAITING)
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
             models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
             counts, _ = self._slot_counts(session, study_id)
             holders = sum(counts.values())
             waiting = counts[TrialState.WAITING]
+            if waiting >= max(1, ahead // 2):
+                return waiting
             added = max(0, min(ahead - waiting, n_trials - holders))
-            for _ in range(added):
-                self._get_prepared_new_trial(study_id, blank, session)
+            if added:
+                made = session.query(sqlalchemy.func.count(models.TrialModel.trial_id)).filter(
+                    models.TrialModel.study_id == study_id
+                ).scalar()
+                session.execute(
+                    sqlalchemy.insert(models.TrialModel),
+                    [{"study_id": study_id, "number": made + k, "state": TrialState.WAITING} for k in range(added)],
+                )
         return waiting + added
 
     @staticmethod
@@ -602,6 +613,8 @@ class JournalFileSlots:
         with self._locked():
             holders = slot_holders(self.storage.get_all_trials(study_id, deepcopy=False))
             waiting = sum(t.state == TrialState.WAITING for t in holders)
+            if waiting >= max(1, ahead // 2):
+                return waiting
             added = max(0, min(ahead - waiting, n_trials - len(holders)))
             with one_write(self.storage):
                 for _ in range(added):
