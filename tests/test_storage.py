@@ -254,6 +254,78 @@ def test_a_heartbeat_is_one_statement_that_moves_one_row_forward(backend, reques
     assert backend_storage._get_stale_trial_ids(study._study_id) == []
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("ended_elsewhere", [False, True], ids=["told", "failed-meanwhile"])
+def test_a_trial_run_here_ends_in_one_transaction_with_its_records(backend, ended_elsewhere, request):
+    """The records held as a trial ends and its state and value commit together, with no read;
+    a trial another process ended meanwhile (failed as stale) refuses the end and keeps none of
+    the records."""
+    url = request.getfixturevalue(f"{backend}_url")
+    name = f"end-{ended_elsewhere}-{request.node.name[-9:]}"
+    study = optuna.create_study(study_name=name, storage=make_storage(url))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    trial = optuna.Trial(study, claim_next_waiting_trial(study._storage, study._study_id, {"worker": "w1"}))
+    if ended_elsewhere:
+        make_storage(url).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    engine = rdb_backend(study._storage).engine
+    commits, statements = [], []
+
+    @sqlalchemy.event.listens_for(engine, "before_cursor_execute")
+    def count(connection, cursor, statement, *args):
+        statements.append(statement.lstrip()[:6].upper())
+
+    @sqlalchemy.event.listens_for(engine, "commit")
+    def count_commit(connection):
+        commits.append(statements[:])
+        statements.clear()
+
+    if ended_elsewhere:
+        with pytest.raises(UpdateFinishedTrialError):
+            with one_write(study._storage):
+                record_epochs(trial, {1: 0.5}, {"duration_s": 1.5})
+                study.tell(trial, float("inf"))
+    else:
+        with one_write(study._storage):
+            record_epochs(trial, {1: 0.5}, {"duration_s": 1.5})
+            study.tell(trial, float("inf"))
+        assert commits[0] == ["UPDATE", "INSERT", "INSERT", "INSERT"]  # state, value, attributes, intermediate value
+    stored = optuna.load_study(study_name=name, storage=make_storage(url)).trials[0]
+    if ended_elsewhere:
+        assert stored.state == TrialState.FAIL and stored.value is None
+        assert stored.intermediate_values == {} and "duration_s" not in stored.user_attrs
+    else:
+        assert stored.state == TrialState.COMPLETE and stored.value == float("inf")
+        assert stored.intermediate_values == {1: 0.5} and stored.user_attrs == {"worker": "w1", "duration_s": 1.5}
+        assert stored.datetime_complete >= stored.datetime_start
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_claim_beats_for_its_trial_so_a_worker_killed_before_its_first_beat_is_found(backend, request, monkeypatch):
+    """A claimed trial has a heartbeat at once, and turns stale when no other comes; the
+    heartbeat thread's first beat, just after the claim, is the claim's."""
+    monkeypatch.setenv("TUNER_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("TUNER_HEARTBEAT_GRACE", "2")
+    url = request.getfixturevalue(f"{backend}_url")
+    storage = make_storage(url)
+    study = optuna.create_study(study_name=f"claim-beat-{backend}", storage=storage)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    trial_id = claim_next_waiting_trial(storage, study._study_id, {"worker": "w1"})
+    backend_storage = rdb_backend(storage)
+    statements = []
+
+    @sqlalchemy.event.listens_for(backend_storage.engine, "before_cursor_execute")
+    def count(connection, cursor, statement, *args):
+        statements.append(statement)
+
+    backend_storage.record_heartbeat(trial_id)
+    assert statements == []
+    assert backend_storage._get_stale_trial_ids(study._study_id) == []
+    time.sleep(3.1)  # past the grace period, in SQLite's whole seconds
+    assert backend_storage._get_stale_trial_ids(study._study_id) == [trial_id]
+    backend_storage.record_heartbeat(trial_id)
+    assert backend_storage._get_stale_trial_ids(study._study_id) == []
+
+
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
     try:
         return storage.set_trial_state_values(trial_id, TrialState.RUNNING)

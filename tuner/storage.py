@@ -90,12 +90,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._held = threading.local()
         self._running_here: dict[int, optuna.trial.FrozenTrial] = {}
+        self._claim_beats: dict[int, float] = {}
         super().__init__(*args, **kwargs)
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         del state["_held"]
         state["_running_here"] = {}  # another process runs none of this one's trials
+        state["_claim_beats"] = {}
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -127,11 +129,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def _holding(self) -> list[tuple[int, Callable[[sqlalchemy.orm.Session], None]]] | None:
         return getattr(self._held, "writes", None)
 
-    def write_held(self) -> None:
-        """Commit the writes held so far in one transaction; retried whole when the
-        connection is lost, since a failed transaction wrote nothing."""
+    def write_held(self, finish: tuple[int, Callable[[sqlalchemy.orm.Session], None]] | None = None) -> None:
+        """Commit the writes held so far in one transaction, with ``finish`` (a trial's end,
+        which checks that trial's state itself) first; retried whole when the connection is
+        lost, since a failed transaction wrote nothing."""
         writes = self._holding()
-        if not writes:
+        if writes is None:
+            writes = []
+        if not writes and finish is None:
             return
         # Taken out first: a refused write reads the trial for its message, which commits the
         # held writes.
@@ -141,8 +146,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             # Integrity errors are not ignored, as Optuna's single writes ignore them: one
             # would roll back every write held with it.
             with _create_scoped_session(self.scoped_session) as session:
+                checked = set()
+                if finish is not None:
+                    trial_id, write = finish
+                    write(session)
+                    checked.add(trial_id)
                 for trial_id in dict.fromkeys(trial_id for trial_id, _ in pending):
-                    self._check_updatable(session, trial_id)
+                    if trial_id not in checked:
+                        self._check_updatable(session, trial_id)
                 for _, write in pending:
                     write(session)
         except BaseException:
@@ -213,22 +224,30 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
         """The trial as stored; a trial this process claimed and runs comes from its own copy
         (see ``claim_next_waiting_trial``), saving a trial's two whole reads (as Optuna's
-        ``Trial`` begins and as its tell checks the trial), six statements each."""
-        self.write_held()
+        ``Trial`` begins and as its tell checks the trial), six statements each. The copy has
+        the held writes already: they stay held, to go with the trial's end."""
         kept = self._running_here.get(trial_id)
         if kept is not None:
             return copy.deepcopy(kept)
+        self.write_held()
         return super().get_trial(trial_id)
 
     def record_heartbeat(self, trial_id: int) -> None:
         """One upsert, where Optuna reads the heartbeat's row, then inserts or reads it again
-        for update: a running trial's heartbeat is written as it starts and every interval."""
+        for update: a running trial's heartbeat is written as it starts and every interval.
+        The beat its claim wrote stands for the first, when younger than half an interval."""
+        claimed_at = self._claim_beats.pop(trial_id, None)
+        if claimed_at is not None and time.monotonic() - claimed_at < self.get_heartbeat_interval() / 2:
+            return
         if self.engine.name not in _INSERTS:
             super().record_heartbeat(trial_id)
             return
-        # Without a value given, the column's default gives the server's time, as Optuna's does.
         with _create_scoped_session(self.scoped_session, True) as session:
-            self._upsert(session, models.TrialHeartbeatModel, [{"trial_id": trial_id}], ("trial_id",), ("heartbeat",))
+            self._beat(session, trial_id)
+
+    def _beat(self, session: sqlalchemy.orm.Session, trial_id: int) -> None:
+        # Without a value given, the column's default gives the server's time, as Optuna's does.
+        self._upsert(session, models.TrialHeartbeatModel, [{"trial_id": trial_id}], ("trial_id",), ("heartbeat",))
 
     def get_study_id_of_trial(self, trial_id: int) -> int:
         with _create_scoped_session(self.scoped_session) as session:
@@ -270,12 +289,42 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             self._upsert(session, models.TrialIntermediateValueModel, rows, ("trial_id", "step"), columns)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
-        self.write_held()
+        """A trial run here ends in one transaction with its held writes (its records, its
+        learning curve): Optuna's would be two, each reading the trial's row first."""
         try:
+            if trial_id in self._running_here and state.is_finished() and self.engine.name in _INSERTS:
+                self.write_held(finish=(trial_id, functools.partial(
+                    self._finish_without_commit, trial_id=trial_id, state=state, values=values,
+                )))
+                return True
+            self.write_held()
             with _reads_kept_until_written():
                 return super().set_trial_state_values(trial_id, state, values)
         finally:
             self._running_here.pop(trial_id, None)
+            self._claim_beats.pop(trial_id, None)
+
+    def _finish_without_commit(
+        self, session: sqlalchemy.orm.Session, trial_id: int, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        """The trial's end and values, as Optuna's ``set_trial_state_values`` writes them; the
+        update takes only an unfinished trial, so that a trial another process ended meanwhile
+        (a stale one, failed and retried) is refused, as Optuna's read for update refuses it."""
+        trial = models.TrialModel
+        ended = session.execute(
+            sqlalchemy.update(trial)
+            .where(trial.trial_id == trial_id, trial.state.not_in([s for s in TrialState if s.is_finished()]))
+            .values(state=state, _datetime_complete_utc=datetime.now(timezone.utc).replace(tzinfo=None))
+            .execution_options(synchronize_session=False)
+        )
+        if ended.rowcount == 0:
+            self._check_updatable(session, trial_id)
+        if values is not None:
+            rows = []
+            for objective, value in enumerate(values):
+                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+                rows.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
+            self._upsert(session, models.TrialValueModel, rows, ("trial_id", "objective"), ("value", "value_type"))
 
     def claim_next_waiting_trial(
         self, study_id: int, attrs: Mapping[str, Any], *, keep: bool = False
@@ -318,9 +367,16 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                     intermediate_values={}, trial_id=found.trial_id,
                 )
             trial_id = found.trial_id
+            # Beaten with the claim: a worker killed before its heartbeat thread's first beat
+            # leaves a trial that Optuna, finding no beat for it, would never call stale.
+            beat = keep and self.get_heartbeat_interval() is not None and self.engine.name in _INSERTS
+            if beat:
+                self._beat(session, trial_id)
         # Kept once committed: a claim that failed to commit is retried, or was never made.
         if kept is not None:
             self._running_here[trial_id] = kept
+        if beat:
+            self._claim_beats[trial_id] = time.monotonic()
         return trial_id
 
     def _write_attrs(self, session: sqlalchemy.orm.Session, model: type, trial_id: int, attrs: Mapping[str, Any]) -> None:
