@@ -20,6 +20,7 @@ from tuner.study import budget_state
 logger = logging.getLogger("tuner.notes")
 
 SAVED_AT_ATTR = "tuner:note_saved_at"
+SHOWS_FINISHED_ATTR = "tuner:note_shows_finished"  # how many finished trials the note counted
 REFRESH_INTERVAL_S = 30.0
 
 
@@ -148,20 +149,52 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
     ])
 
 
-def save_study_note(study: optuna.Study, spec: StudySpec) -> None:
+def save_study_note(study: optuna.Study, spec: StudySpec) -> float:
+    """Write the note; return the time it was saved at, as stored."""
     from optuna_dashboard import save_note  # its import loads scikit-learn: only when writing
 
+    finished = budget_state(study, spec).finished  # counted before the note reads the trials
     save_note(study, study_note(study, spec))
-    study._storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, time.time())
+    saved_at = time.time()
+    study._storage.set_study_system_attr(study._study_id, SHOWS_FINISHED_ATTR, finished)
+    study._storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, saved_at)
+    return saved_at
 
 
-def refresh_study_note(study: optuna.Study, spec: StudySpec, interval_s: float = REFRESH_INTERVAL_S) -> None:
-    """Rewrite the note when the last write is older than ``interval_s`` or the budget is met,
-    so that many workers do not rewrite it after every trial."""
-    saved_at = study._storage.get_study_system_attrs(study._study_id).get(SAVED_AT_ATTR, 0.0)
-    if time.time() - saved_at < interval_s and not budget_state(study, spec).exhausted:
-        return
-    try:
-        save_study_note(study, spec)
-    except StorageInternalError as error:  # two workers wrote the same attribute at once
-        logger.warning("study note not refreshed: %s", error)
+class NoteKeeper:
+    """Keeps a study's note fresh from one worker.
+
+    A note reads every trial of the study, and Optuna's cache lets a process's later reads read
+    only the trials new since its last: so the worker that wrote the note last goes on writing
+    it each interval, and another takes over only once it is two intervals old (its writer has
+    stopped). Workers taking turns would each read the whole study once, which with 8 workers
+    and thousands of short trials cost more CPU than the trials' own coordination.
+    """
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, interval_s: float = REFRESH_INTERVAL_S) -> None:
+        self.study = study
+        self.spec = spec
+        self.interval_s = interval_s
+        self.saved_at: float | None = None  # when this worker last wrote it
+
+    def refresh(self) -> None:
+        """Rewrite the note when it is due for this worker."""
+        stored_at = self._stored().get(SAVED_AT_ATTR, 0.0)
+        due = self.interval_s if stored_at == self.saved_at else 2 * self.interval_s
+        if time.time() - stored_at >= due:
+            self._save()
+
+    def final(self) -> None:
+        """The last word as the worker stops, unless the note shows every finished trial
+        already: workers that stop together write it once, not once each."""
+        if self._stored().get(SHOWS_FINISHED_ATTR, -1) < budget_state(self.study, self.spec).finished:
+            self._save()
+
+    def _stored(self) -> dict:
+        return self.study._storage.get_study_system_attrs(self.study._study_id)
+
+    def _save(self) -> None:
+        try:
+            self.saved_at = save_study_note(self.study, self.spec)
+        except StorageInternalError as error:  # two workers wrote the same attribute at once
+            logger.warning("study note not refreshed: %s", error)

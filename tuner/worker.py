@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.artifacts import default_artifact_dir, upload_learning_curve
 from tuner.errors import TunerError
-from tuner.notes import REFRESH_INTERVAL_S, refresh_study_note
+from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
 from tuner.storage import (
@@ -187,6 +187,7 @@ def run_worker(
     # A trial turns stale one heartbeat interval at a time: looking more often finds nothing new.
     stale_check_s = study._storage.get_heartbeat_interval() if heartbeat else 0.0
     stale_checked_at = -math.inf
+    note = NoteKeeper(study, spec)
     # Workers started together would all find the note old at once and all rewrite it, each
     # reading the whole study: each looks first at a random moment of the interval.
     note_due = time.monotonic() + random.uniform(0, REFRESH_INTERVAL_S)
@@ -212,7 +213,7 @@ def run_worker(
             outcome = _run_trial(study, spec, workload, trial, frozen, device, checkpoint_dir, options, stop)
             summary.count(outcome)
             if outcome != "worker_stopped" and time.monotonic() >= note_due:
-                refresh_study_note(study, spec)
+                note.refresh()
                 note_due = time.monotonic() + REFRESH_INTERVAL_S
             fresh = RETRY_HISTORY not in frozen.system_attrs
             consecutive_failures = consecutive_failures + 1 if outcome == "failed" and fresh else 0
@@ -223,7 +224,7 @@ def run_worker(
                     f"with: tuner trials --study {study_name})."
                 )
         if not stop:
-            refresh_study_note(study, spec)  # the last word: written when the budget is met
+            note.final()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
