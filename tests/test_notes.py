@@ -7,52 +7,79 @@ import time
 import optuna
 
 from conftest import small_spec
-from tuner.notes import SAVED_AT_ATTR, NoteKeeper
+from tuner import notes
+from tuner.notes import SAVED_AT_ATTR, WRITER_ATTR, NoteKeeper
 from tuner.spec import parse_spec
 from tuner.storage import make_storage
 from tuner.study import create_study, load_study
 
 
-def _saved_at(url: str, name: str) -> float:
+def _stored(url: str, name: str) -> tuple[str, float]:
     storage = make_storage(url)
-    return storage.get_study_system_attrs(storage.get_study_id_from_name(name))[SAVED_AT_ATTR]
+    attrs = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
+    return attrs[WRITER_ATTR], attrs[SAVED_AT_ATTR]
+
+
+def _keeper(url: str, name: str, writer: str, interval_s: float = notes.REFRESH_INTERVAL_S) -> NoteKeeper:
+    study, spec = load_study(name, make_storage(url))
+    return NoteKeeper(study, spec, writer=writer, interval_s=interval_s)
 
 
 def test_the_last_writer_keeps_the_note_and_another_takes_over_once_it_stops(sqlite_url):
     create_study(parse_spec(small_spec("kept-note")), sqlite_url)
-    a = NoteKeeper(*load_study("kept-note", make_storage(sqlite_url)), interval_s=1.5)
-    b = NoteKeeper(*load_study("kept-note", make_storage(sqlite_url)), interval_s=1.5)
-    created = _saved_at(sqlite_url, "kept-note")
+    a, b = (_keeper(sqlite_url, "kept-note", writer, interval_s=1.5) for writer in "ab")
+    created = _stored(sqlite_url, "kept-note")
+    assert created[0] == "tuner create"
     time.sleep(1.6)
     a.refresh()
     b.refresh()
-    assert _saved_at(sqlite_url, "kept-note") == created  # tuner create wrote it: neither's own
+    assert _stored(sqlite_url, "kept-note") == created  # not yet two intervals old
     time.sleep(1.5)
     a.refresh()
-    taken = _saved_at(sqlite_url, "kept-note")
-    assert taken > created and a.saved_at == taken
+    taken = _stored(sqlite_url, "kept-note")
+    assert taken[0] == "a" and taken[1] > created[1]
     time.sleep(1.6)
     b.refresh()
-    assert _saved_at(sqlite_url, "kept-note") == taken  # one interval old: still A's
+    assert _stored(sqlite_url, "kept-note") == taken  # one interval old: still A's
     a.refresh()
-    kept = _saved_at(sqlite_url, "kept-note")
-    assert kept > taken and a.saved_at == kept
+    kept = _stored(sqlite_url, "kept-note")
+    assert kept[0] == "a" and kept[1] > taken[1]
     time.sleep(3.1)  # A has stopped
     b.refresh()
-    assert _saved_at(sqlite_url, "kept-note") > kept and b.saved_at == _saved_at(sqlite_url, "kept-note")
+    assert _stored(sqlite_url, "kept-note")[0] == "b"
 
 
-def test_workers_stopping_together_write_the_last_note_once(sqlite_url):
+def test_workers_stopping_together_leave_the_last_note_to_its_writer(sqlite_url):
     create_study(parse_spec(small_spec("last-note")), sqlite_url)
-    study, spec = load_study("last-note", make_storage(sqlite_url))
-    a = NoteKeeper(study, spec)
-    b = NoteKeeper(*load_study("last-note", make_storage(sqlite_url)))
-    study.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+    a, b = (_keeper(sqlite_url, "last-note", writer) for writer in "ab")
+    a.study.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+    b.final()  # nobody's note yet (a short study): anyone writes the last word
+    assert _stored(sqlite_url, "last-note")[0] == "b"
     a.final()
-    shown = _saved_at(sqlite_url, "last-note")
-    assert a.saved_at == shown
+    assert _stored(sqlite_url, "last-note")[0] == "b"  # it shows every finished trial
+    a.study.add_trial(optuna.trial.create_trial(value=0.8, params={}, distributions={}))
+    before = _stored(sqlite_url, "last-note")
+    a.final()
+    assert _stored(sqlite_url, "last-note") == before  # B's to write
     b.final()
-    assert b.saved_at is None and _saved_at(sqlite_url, "last-note") == shown
-    study.add_trial(optuna.trial.create_trial(value=0.8, params={}, distributions={}))
-    b.final()
-    assert b.saved_at == _saved_at(sqlite_url, "last-note") > shown
+    written = _stored(sqlite_url, "last-note")
+    assert written[0] == "b" and written[1] > before[1]
+
+
+def test_a_note_being_built_is_fresh_to_the_other_workers(sqlite_url, monkeypatch):
+    """Building a note reads the whole study: a worker looking meanwhile does not build it too."""
+    create_study(parse_spec(small_spec("herd-note")), sqlite_url)
+    a, b = (_keeper(sqlite_url, "herd-note", writer, interval_s=0.5) for writer in "ab")
+    time.sleep(1.1)  # two intervals: either may take it over
+    built = []
+    build = notes.study_note
+
+    def b_looks_while_a_builds(study: optuna.Study, spec) -> str:
+        built.append(study)
+        if len(built) == 1:
+            b.refresh()
+        return build(study, spec)
+
+    monkeypatch.setattr(notes, "study_note", b_looks_while_a_builds)
+    a.refresh()
+    assert len(built) == 1 and _stored(sqlite_url, "herd-note")[0] == "a"

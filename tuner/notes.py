@@ -21,6 +21,7 @@ logger = logging.getLogger("tuner.notes")
 
 SAVED_AT_ATTR = "tuner:note_saved_at"
 SHOWS_FINISHED_ATTR = "tuner:note_shows_finished"  # how many finished trials the note counted
+WRITER_ATTR = "tuner:note_writer"  # the worker that wrote it, or tuner create
 REFRESH_INTERVAL_S = 30.0
 
 
@@ -149,16 +150,20 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
     ])
 
 
-def save_study_note(study: optuna.Study, spec: StudySpec) -> float:
-    """Write the note; return the time it was saved at, as stored."""
+def save_study_note(study: optuna.Study, spec: StudySpec, writer: str = "tuner create") -> None:
+    """Write the note, and who wrote it when.
+
+    Who, when and how many finished trials it counts are stored first: building the note reads
+    the whole study, seconds in a large one, and workers that look meanwhile find it fresh
+    instead of building it too.
+    """
     from optuna_dashboard import save_note  # its import loads scikit-learn: only when writing
 
-    finished = budget_state(study, spec).finished  # counted before the note reads the trials
+    storage = study._storage
+    storage.set_study_system_attr(study._study_id, SHOWS_FINISHED_ATTR, budget_state(study, spec).finished)
+    storage.set_study_system_attr(study._study_id, WRITER_ATTR, writer)
+    storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, time.time())
     save_note(study, study_note(study, spec))
-    saved_at = time.time()
-    study._storage.set_study_system_attr(study._study_id, SHOWS_FINISHED_ATTR, finished)
-    study._storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, saved_at)
-    return saved_at
 
 
 class NoteKeeper:
@@ -171,30 +176,41 @@ class NoteKeeper:
     and thousands of short trials cost more CPU than the trials' own coordination.
     """
 
-    def __init__(self, study: optuna.Study, spec: StudySpec, interval_s: float = REFRESH_INTERVAL_S) -> None:
+    def __init__(self, study: optuna.Study, spec: StudySpec, writer: str, interval_s: float = REFRESH_INTERVAL_S) -> None:
         self.study = study
         self.spec = spec
+        self.writer = writer
         self.interval_s = interval_s
-        self.saved_at: float | None = None  # when this worker last wrote it
 
     def refresh(self) -> None:
         """Rewrite the note when it is due for this worker."""
-        stored_at = self._stored().get(SAVED_AT_ATTR, 0.0)
-        due = self.interval_s if stored_at == self.saved_at else 2 * self.interval_s
-        if time.time() - stored_at >= due:
+        stored = self._stored()
+        if self._age(stored) >= (self.interval_s if self._mine(stored) else 2 * self.interval_s):
             self._save()
 
     def final(self) -> None:
-        """The last word as the worker stops, unless the note shows every finished trial
-        already: workers that stop together write it once, not once each."""
-        if self._stored().get(SHOWS_FINISHED_ATTR, -1) < budget_state(self.study, self.spec).finished:
+        """The last word as the worker stops, when the note does not show every finished trial:
+        its writer's, so that workers stopping together write it once; anyone's where no worker
+        has written it (a short study) or its writer has stopped."""
+        stored = self._stored()
+        if stored.get(SHOWS_FINISHED_ATTR, -1) >= budget_state(self.study, self.spec).finished:
+            return
+        no_writer = stored.get(WRITER_ATTR) == "tuner create" or self._age(stored) >= 2 * self.interval_s
+        if self._mine(stored) or no_writer:
             self._save()
 
     def _stored(self) -> dict:
         return self.study._storage.get_study_system_attrs(self.study._study_id)
 
+    def _mine(self, stored: dict) -> bool:
+        return stored.get(WRITER_ATTR) == self.writer
+
+    @staticmethod
+    def _age(stored: dict) -> float:
+        return time.time() - stored.get(SAVED_AT_ATTR, 0.0)
+
     def _save(self) -> None:
         try:
-            self.saved_at = save_study_note(self.study, self.spec)
+            save_study_note(self.study, self.spec, self.writer)
         except StorageInternalError as error:  # two workers wrote the same attribute at once
             logger.warning("study note not refreshed: %s", error)

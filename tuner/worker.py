@@ -187,7 +187,7 @@ def run_worker(
     # A trial turns stale one heartbeat interval at a time: looking more often finds nothing new.
     stale_check_s = study._storage.get_heartbeat_interval() if heartbeat else 0.0
     stale_checked_at = -math.inf
-    note = NoteKeeper(study, spec)
+    note = NoteKeeper(study, spec, writer=worker_id())
     # Workers started together would all find the note old at once and all rewrite it, each
     # reading the whole study: each looks first at a random moment of the interval.
     note_due = time.monotonic() + random.uniform(0, REFRESH_INTERVAL_S)
