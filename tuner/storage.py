@@ -340,33 +340,24 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         from a copy that this storage's writes keep current until its state is set. A blank
         slot, as most are, needs no read for it: the query says whether the trial has any rows.
         """
-        trial = models.TrialModel
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
-            row = (
-                session.query(trial, _HAS_ROWS)
-                .filter(trial.study_id == study_id, trial.state == TrialState.WAITING)
-                .order_by(sqlalchemy.case((_IS_RETRY, 0), else_=1), trial.number)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-                .one_or_none()
-            )
+            row = session.execute(_NEXT_WAITING, {"study_id": study_id}).one_or_none()
             if row is None:
                 return None
-            found, has_rows = row
-            found.state = TrialState.RUNNING
-            found.datetime_start = datetime.now()
-            self._write_attrs(session, models.TrialUserAttributeModel, found.trial_id, attrs)
+            trial_id, number, has_rows = row
+            started = datetime.now()  # stored as naive UTC, read back as naive local time
+            session.execute(_START, {"claimed_id": trial_id, "start": started.astimezone(timezone.utc).replace(tzinfo=None)})
+            self._write_attrs(session, models.TrialUserAttributeModel, trial_id, attrs)
             kept = None
             if keep and has_rows:
-                kept = self._build_frozen_trial_from_trial_model(found)
+                kept = self._build_frozen_trial_from_trial_model(session.get(models.TrialModel, trial_id))
             elif keep:
                 kept = optuna.trial.FrozenTrial(
-                    number=found.number, state=TrialState.RUNNING, value=None, values=None,
-                    datetime_start=found.datetime_start, datetime_complete=None, params={},
+                    number=number, state=TrialState.RUNNING, value=None, values=None,
+                    datetime_start=started, datetime_complete=None, params={},
                     distributions={}, user_attrs=_as_read(attrs), system_attrs={},
-                    intermediate_values={}, trial_id=found.trial_id,
+                    intermediate_values={}, trial_id=trial_id,
                 )
-            trial_id = found.trial_id
             # Beaten with the claim: a worker killed before its heartbeat thread's first beat
             # leaves a trial that Optuna, finding no beat for it, would never call stale.
             beat = keep and self.get_heartbeat_interval() is not None and self.engine.name in _INSERTS
@@ -836,6 +827,20 @@ _HAS_ROWS = sqlalchemy.or_(*(
     )
 ))
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
+# A claim's statements, as Core: the ORM would load the trial's object and flush it.
+_NEXT_WAITING = (
+    sqlalchemy.select(models.TrialModel.trial_id, models.TrialModel.number, _HAS_ROWS)
+    .where(models.TrialModel.study_id == sqlalchemy.bindparam("study_id"), models.TrialModel.state == TrialState.WAITING)
+    .order_by(sqlalchemy.case((_IS_RETRY, 0), else_=1), models.TrialModel.number)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_START = (
+    sqlalchemy.update(models.TrialModel)
+    .where(models.TrialModel.trial_id == sqlalchemy.bindparam("claimed_id"))
+    .values(state=TrialState.RUNNING, _datetime_start_utc=sqlalchemy.bindparam("start"))
+    .execution_options(synchronize_session=False)
+)
 
 
 @functools.cache
