@@ -326,6 +326,14 @@ def test_a_claim_beats_for_its_trial_so_a_worker_killed_before_its_first_beat_is
     assert backend_storage._get_stale_trial_ids(study._study_id) == []
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_trials_are_indexed_by_study_and_state_once_whoever_opens_the_storage_first(backend, request):
+    url = request.getfixturevalue(f"{backend}_url")
+    engines = [rdb_backend(make_storage(url)).engine for _ in range(2)]
+    indexes = sqlalchemy.inspect(engines[1]).get_indexes("trials")
+    assert [ix["column_names"] for ix in indexes if ix["column_names"][-1] == "state"] == [["study_id", "state"]]
+
+
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
     try:
         return storage.set_trial_state_values(trial_id, TrialState.RUNNING)

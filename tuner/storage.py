@@ -827,6 +827,9 @@ _HAS_ROWS = sqlalchemy.or_(*(
     )
 ))
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
+# Not in Optuna's metadata, where every RDBStorage of the process (a plain Optuna baseline's
+# too) would create it. MySQL has no IF NOT EXISTS for an index (MariaDB has) and goes without.
+_TRIALS_BY_STATE = sqlalchemy.text("CREATE INDEX IF NOT EXISTS ix_tuner_trials_study_id_state ON trials (study_id, state)")
 # A claim's statements, as Core: the ORM would load the trial's object and flush it.
 _NEXT_WAITING = (
     sqlalchemy.select(models.TrialModel.trial_id, models.TrialModel.number, _HAS_ROWS)
@@ -1027,7 +1030,21 @@ def _rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
             connection.exec_driver_sql("PRAGMA journal_mode=WAL")
         sqlalchemy.event.listen(storage.engine, "begin", _begin_sqlite)
         sqlalchemy.event.listen(storage.engine, "before_cursor_execute", _begin_at_first_write)
+    _index_trials_by_state(storage.engine)
     return storage
+
+
+def _index_trials_by_state(engine: sqlalchemy.engine.Engine) -> None:
+    """Index trials by study and state, beside Optuna's index by study: a claim, a slot count
+    and a stale-trial check each look for a study's few WAITING or RUNNING trials, and by study
+    alone the server read every trial of it (4 ms a claim at 10,000 trials on PostgreSQL).
+    Optuna's schema is otherwise untouched; a database that refuses the index (no right to
+    create one) works as before, only slower."""
+    try:
+        with engine.begin() as connection:
+            connection.execute(_TRIALS_BY_STATE)
+    except SQLAlchemyError as error:  # made at the same moment by another process, or refused
+        _logger.debug("trials not indexed by state: %s", _first_line(str(error)))
 
 
 def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.storages.BaseStorage:
