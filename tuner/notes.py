@@ -195,8 +195,8 @@ class NoteKeeper:
         stored = self._stored()
         if stored.get(SHOWS_FINISHED_ATTR, -1) >= budget_state(self.study, self.spec).finished:
             return
-        no_writer = stored.get(WRITER_ATTR) == "tuner create" or self._age(stored) >= 2 * self.interval_s
-        if self._mine(stored) or no_writer:
+        unkept = stored.get(WRITER_ATTR, "tuner create") == "tuner create"  # no worker wrote it yet
+        if self._mine(stored) or unkept or self._age(stored) >= 2 * self.interval_s:
             self._save()
 
     def _stored(self) -> dict:

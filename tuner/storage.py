@@ -111,8 +111,9 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         round trip) is most of what a trial's sampled parameters or its records cost.
 
         A write within returns before it is in the database, and an error it makes (a finished
-        trial's) is raised as the block ends. Reading a trial or setting its state commits the
-        held writes first. A block within a block commits with the outer one.
+        trial's) is raised as the block ends. Reading a trial commits the held writes first,
+        except a trial this process runs, whose copy has them; setting a trial's state commits
+        them with it. A block within a block commits with the outer one.
         """
         if self._holding() is not None:
             yield

@@ -288,8 +288,7 @@ def _finish(
     options: WorkerOptions,
 ) -> None:
     """Write the trial's records and learning curve, and tell how it ended: one append on a
-    journal; on a database the records and the curve's attribute are one transaction, which
-    Optuna's tell commits as it looks the trial up (in the worker's own copy of it)."""
+    journal; on a database one transaction, which Optuna's tell commits as it sets the state."""
     with one_write(study._storage):
         reporter.write_records()
         if outcome == "out_of_memory":
