@@ -334,6 +334,21 @@ def test_trials_are_indexed_by_study_and_state_once_whoever_opens_the_storage_fi
     assert [ix["column_names"] for ix in indexes if ix["column_names"][-1] == "state"] == [["study_id", "state"]]
 
 
+@pytest.mark.postgres
+def test_opening_an_indexed_database_does_not_wait_for_its_writers(postgres_url, monkeypatch):
+    """PostgreSQL's CREATE INDEX IF NOT EXISTS waits for the table's writers even where the
+    index is made: a worker starting, or ``tuner status``, must not queue behind them."""
+    import psycopg
+
+    make_storage(postgres_url)
+    monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=3000")  # a wait for the lock ends in 3 s
+    with psycopg.connect(postgres_url) as writer:
+        writer.execute("LOCK TABLE trials IN ROW EXCLUSIVE MODE")  # as a write holds it until its commit
+        started = time.monotonic()
+        make_storage(postgres_url)
+        assert time.monotonic() - started < 2
+
+
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
     try:
         return storage.set_trial_state_values(trial_id, TrialState.RUNNING)

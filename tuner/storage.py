@@ -830,7 +830,8 @@ _HAS_ROWS = sqlalchemy.or_(*(
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
 # Not in Optuna's metadata, where every RDBStorage of the process (a plain Optuna baseline's
 # too) would create it. MySQL has no IF NOT EXISTS for an index (MariaDB has) and goes without.
-_TRIALS_BY_STATE = sqlalchemy.text("CREATE INDEX IF NOT EXISTS ix_tuner_trials_study_id_state ON trials (study_id, state)")
+_TRIALS_BY_STATE_NAME = "ix_tuner_trials_study_id_state"
+_TRIALS_BY_STATE = sqlalchemy.text(f"CREATE INDEX IF NOT EXISTS {_TRIALS_BY_STATE_NAME} ON trials (study_id, state)")
 # A claim's statements, as Core: the ORM would load the trial's object and flush it.
 _NEXT_WAITING = (
     sqlalchemy.select(models.TrialModel.trial_id, models.TrialModel.number, _HAS_ROWS)
@@ -1039,9 +1040,15 @@ def _index_trials_by_state(engine: sqlalchemy.engine.Engine) -> None:
     """Index trials by study and state, beside Optuna's index by study: a claim, a slot count
     and a stale-trial check each look for a study's few WAITING or RUNNING trials, and by study
     alone the server read every trial of it (4 ms a claim at 10,000 trials on PostgreSQL).
-    Optuna's schema is otherwise untouched; a database that refuses the index (no right to
-    create one) works as before, only slower."""
+
+    Looked up first: on PostgreSQL even a CREATE INDEX that finds the index made locks the
+    table against writes while it runs. Optuna's schema is otherwise untouched; a database
+    that refuses the index (no right to create one, MySQL's syntax) works as before, only
+    slower.
+    """
     try:
+        if any(index["name"] == _TRIALS_BY_STATE_NAME for index in sqlalchemy.inspect(engine).get_indexes("trials")):
+            return
         with engine.begin() as connection:
             connection.execute(_TRIALS_BY_STATE)
     except SQLAlchemyError as error:  # made at the same moment by another process, or refused
