@@ -311,12 +311,8 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """The trial's end and values, as Optuna's ``set_trial_state_values`` writes them; the
         update takes only an unfinished trial, so that a trial another process ended meanwhile
         (a stale one, failed and retried) is refused, as Optuna's read for update refuses it."""
-        trial = models.TrialModel
         ended = session.execute(
-            sqlalchemy.update(trial)
-            .where(trial.trial_id == trial_id, trial.state.not_in([s for s in TrialState if s.is_finished()]))
-            .values(state=state, _datetime_complete_utc=datetime.now(timezone.utc).replace(tzinfo=None))
-            .execution_options(synchronize_session=False)
+            _END, {"ended_id": trial_id, "end_state": state, "complete": datetime.now(timezone.utc).replace(tzinfo=None)}
         )
         if ended.rowcount == 0:
             self._check_updatable(session, trial_id)
@@ -394,9 +390,14 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         a second per call in a study of 10,000. The replaced trials all failed.
         """
         with _create_scoped_session(self.scoped_session) as session:
-            return self._slot_counts(session, study_id)
+            counts, first, _ = self._slot_counts(session, study_id)
+        return counts, first
 
-    def _slot_counts(self, session: sqlalchemy.orm.Session, study_id: int) -> tuple[dict[TrialState, int], datetime | None]:
+    def _slot_counts(
+        self, session: sqlalchemy.orm.Session, study_id: int
+    ) -> tuple[dict[TrialState, int], datetime | None, int]:
+        """``slot_counts``, and how many trials the study has made, retried ones included: the
+        number of the next one, as Optuna numbers a trial by the trials made before it."""
         trial = models.TrialModel
         rows = (
             session.query(trial.state, sqlalchemy.func.count(), sqlalchemy.func.min(trial._datetime_start_utc))
@@ -407,11 +408,12 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         counts = {state: 0 for state in TrialState}
         for state, count, _ in rows:
             counts[state] = count
+        made = sum(counts.values())
         counts[TrialState.FAIL] -= self._count_retries(session, study_id)
         first = min((start for _, _, start in rows if start is not None), default=None)
         if first is not None:  # stored as naive UTC; trials show naive local times
             first = first.replace(tzinfo=timezone.utc).astimezone().replace(tzinfo=None)
-        return counts, first
+        return counts, first, made
 
     def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
         """When fewer than half of ``ahead`` wait, add blank WAITING trials until ``ahead`` wait
@@ -423,20 +425,17 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         write lock: see ``_begin_sqlite``). Workers that ran out together queue for that lock:
         the first tops up and the others find enough waiting, where topping up each one's
         shortfall again made a few slots per worker at a study-wide lock. The slots are one
-        insert, numbered as Optuna numbers a trial: by the trials made before it.
+        insert.
         """
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
             models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-            counts, _ = self._slot_counts(session, study_id)
+            counts, _, made = self._slot_counts(session, study_id)
             holders = sum(counts.values())
             waiting = counts[TrialState.WAITING]
-            if waiting >= max(1, ahead // 2):
+            if _enough_waiting(waiting, ahead):
                 return waiting
             added = max(0, min(ahead - waiting, n_trials - holders))
             if added:
-                made = session.query(sqlalchemy.func.count(models.TrialModel.trial_id)).filter(
-                    models.TrialModel.study_id == study_id
-                ).scalar()
                 session.execute(
                     sqlalchemy.insert(models.TrialModel),
                     [{"study_id": study_id, "number": made + k, "state": TrialState.WAITING} for k in range(added)],
@@ -454,6 +453,11 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             .filter(models.TrialModel.study_id == study_id, attrs.key == RETRY_HISTORY)
             .scalar()
         )
+
+
+def _enough_waiting(waiting: int, ahead: int) -> bool:
+    """Whether the slots that wait spare a top-up: at least half of ``ahead`` (and one)."""
+    return waiting >= max(1, ahead // 2)
 
 
 def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
@@ -661,7 +665,7 @@ class JournalFileSlots:
         with self._locked():
             holders = slot_holders(self.storage.get_all_trials(study_id, deepcopy=False))
             waiting = sum(t.state == TrialState.WAITING for t in holders)
-            if waiting >= max(1, ahead // 2):
+            if _enough_waiting(waiting, ahead):
                 return waiting
             added = max(0, min(ahead - waiting, n_trials - len(holders)))
             with one_write(self.storage):
@@ -844,6 +848,19 @@ _START = (
     sqlalchemy.update(models.TrialModel)
     .where(models.TrialModel.trial_id == sqlalchemy.bindparam("claimed_id"))
     .values(state=TrialState.RUNNING, _datetime_start_utc=sqlalchemy.bindparam("start"))
+    .execution_options(synchronize_session=False)
+)
+# A trial's end; only an unfinished trial takes it.
+_END = (
+    sqlalchemy.update(models.TrialModel)
+    .where(
+        models.TrialModel.trial_id == sqlalchemy.bindparam("ended_id"),
+        models.TrialModel.state.not_in([state for state in TrialState if state.is_finished()]),
+    )
+    .values(
+        state=sqlalchemy.bindparam("end_state", type_=models.TrialModel.state.type),
+        _datetime_complete_utc=sqlalchemy.bindparam("complete"),
+    )
     .execution_options(synchronize_session=False)
 )
 
