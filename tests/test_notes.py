@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import optuna
+from optuna_dashboard import get_note
 
 from conftest import small_spec
 from tuner import notes
@@ -83,3 +85,33 @@ def test_a_note_being_built_is_fresh_to_the_other_workers(sqlite_url, monkeypatc
     monkeypatch.setattr(notes, "study_note", b_looks_while_a_builds)
     a.refresh()
     assert len(built) == 1 and _stored(sqlite_url, "herd-note")[0] == "a"
+
+
+def test_workers_running_out_together_build_an_unkept_note_once(sqlite_url, monkeypatch):
+    """Every worker of a short study finds the note unkept as they all stop: one builds it."""
+    create_study(parse_spec(small_spec("together-note")), sqlite_url)
+    keepers = [_keeper(sqlite_url, "together-note", f"w{index}") for index in range(6)]
+    keepers[0].study.add_trial(optuna.trial.create_trial(value=0.9, params={}, distributions={}))
+    built = []
+    build = notes.study_note
+
+    def counted(study: optuna.Study, spec) -> str:
+        built.append(study)
+        return build(study, spec)
+
+    monkeypatch.setattr(notes, "study_note", counted)
+    ready = threading.Barrier(len(keepers))
+
+    def stop(keeper: NoteKeeper) -> None:
+        ready.wait()
+        keeper.final()
+
+    threads = [threading.Thread(target=stop, args=(keeper,)) for keeper in keepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 1
+    writer = _stored(sqlite_url, "together-note")[0]
+    assert built[0] is next(k.study for k in keepers if k.writer == writer)
+    assert "**Budget**: 1 of" in get_note(optuna.load_study(study_name="together-note", storage=sqlite_url))
