@@ -16,11 +16,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from conftest import TESTS, small_spec, start_tuner, tuner
 from tuner.spec import parse_spec
-from tuner.storage import claim_next_waiting_trial, make_storage, record_epochs, set_user_attrs
+from tuner.storage import claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs
 from tuner.study import WAITING_AHEAD, create_study
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
@@ -159,3 +160,44 @@ def test_claims_through_either_proxy_take_each_slot_once_with_who_runs_it(sqlite
     waiting = sum(t.state == TrialState.WAITING for t in trials.values())
     assert waiting == (WAITING_AHEAD - claims if optuna_own else WAITING_AHEAD)
     assert sorted(t.number for t in trials.values()) == list(range(len(trials)))
+
+
+@pytest.mark.parametrize("optuna_own", [False, True], ids=["tuner proxy", "optuna proxy"])
+def test_writes_held_through_either_proxy_arrive_as_the_block_ends(sqlite_url, optuna_own: bool):
+    """Within ``one_write`` a trial's parameters and records wait in the worker and arrive as
+    the block ends: through tuner proxy in one call, through Optuna's own one call each."""
+    create_study(parse_spec(small_spec("held", budget={"n_trials": 4})), sqlite_url)
+    direct = make_storage(sqlite_url)
+    with serve_proxy(sqlite_url, optuna_own=optuna_own) as url:
+        study = optuna.load_study(study_name="held", storage=make_storage(url))
+        trial = optuna.Trial(study, claim_next_waiting_trial(study._storage, study._study_id, {"worker": "w1"}))
+        with one_write(study._storage):
+            x = trial.suggest_float("x", 0, 1)
+            record_epochs(trial, {1: 0.5}, {"duration_s": 1.5})
+            assert direct.get_trial(trial._trial_id).params == {}
+            assert study._storage.get_trial(trial._trial_id).params == {"x": x}
+        stored = direct.get_trial(trial._trial_id)
+        assert stored.params == {"x": x} and stored.intermediate_values == {1: 0.5}
+        assert stored.user_attrs == {"worker": "w1", "duration_s": 1.5}
+        with one_write(study._storage):
+            study.tell(trial, 0.75)
+    stored = direct.get_trial(trial._trial_id)
+    assert stored.state == TrialState.COMPLETE and stored.value == 0.75
+
+
+def test_a_trial_ended_meanwhile_refuses_its_end_and_its_records_through_tuner_proxy(sqlite_url):
+    """A kept trial's end goes with its held records in one transaction: where another process
+    ended the trial meanwhile (failed it as stale), the proxy refuses both, as a database does."""
+    create_study(parse_spec(small_spec("ended", budget={"n_trials": 4})), sqlite_url)
+    direct = make_storage(sqlite_url)
+    with serve_proxy(sqlite_url) as url:
+        study = optuna.load_study(study_name="ended", storage=make_storage(url))
+        trial = optuna.Trial(study, claim_next_waiting_trial(study._storage, study._study_id, {"worker": "w1"}))
+        with pytest.raises(UpdateFinishedTrialError):
+            with one_write(study._storage):
+                record_epochs(trial, {1: 0.5}, {"duration_s": 1.5})
+                direct.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                study.tell(trial, 0.75)
+    stored = direct.get_trial(trial._trial_id)
+    assert stored.state == TrialState.FAIL and stored.value is None
+    assert stored.intermediate_values == {} and stored.user_attrs == {"worker": "w1"}

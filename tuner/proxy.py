@@ -13,19 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._grpc.server import make_server
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import BadInputError
 from tuner.storage import (
     CLAIM_METHOD,
-    RECORD_EPOCHS_METHOD,
+    WRITE_METHOD,
     ReconnectingRDBStorage,
     cache_claimed_trial,
     decode_json,
     encode_json,
+    encode_trial,
     make_storage,
     mask_url,
     storage_url,
@@ -56,15 +58,26 @@ class SlotMakingStorage(_CachedStorage):
             self._make_slots(self.database.get_study_id_of_trial(trial_id))
         return won
 
-    def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
+    def claim_trial(self, study_id: int, attrs: Mapping[str, Any]) -> FrozenTrial | None:
         """The database's claim in one transaction, then the slots after it, as after a claim
-        by Optuna's protocol. The cache is told of the trial, which it may not have read: it
-        takes parameters only for trials it knows."""
-        trial_id = self.database.claim_next_waiting_trial(study_id, attrs)
-        if trial_id is not None:
-            cache_claimed_trial(self, study_id, self.database.get_trial(trial_id))
-            self._make_slots(study_id)
-        return trial_id
+        by Optuna's protocol; the trial as claimed, for its worker to keep. The cache is told
+        of the trial, which it may not have read: it takes parameters only for trials it knows."""
+        trial = self.database.claim_trial(study_id, attrs)
+        if trial is None:
+            return None
+        cache_claimed_trial(self, study_id, trial)
+        self._make_slots(study_id)
+        return trial
+
+    def set_trial_param_of_any_trial(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution
+    ) -> None:
+        """``set_trial_param``, also for a trial the cache does not know (claimed before the
+        proxy started), which the database checks itself."""
+        try:
+            self.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        except KeyError:
+            self.database.set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
         super().set_study_system_attr(study_id, key, value)
@@ -78,22 +91,38 @@ class SlotMakingStorage(_CachedStorage):
             self.database.add_waiting_trials(study_id, n_trials, WAITING_AHEAD)
 
 
-def record_epochs_handler(database: ReconnectingRDBStorage) -> grpc.GenericRpcHandler:
-    """The call ``GrpcStorageProxy.record_epochs`` makes: a trial's user attributes and
-    intermediate values in one round trip and one transaction, where Optuna's protocol has a
-    call, and a transaction, for each. Errors are told as Optuna's proxy tells them."""
+def write_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
+    """The call ``GrpcStorageProxy`` makes for a trial's writes: parameters, user attributes
+    and intermediate values, system attributes and, where given, the trial's end, in one round
+    trip and one transaction, where Optuna's protocol has a call, and a transaction, for each.
+    Errors are told as Optuna's proxy tells them."""
+    database = storage.database
 
-    def record_epochs(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
-        values = {int(step): value for step, value in request["values"]}
+    def write(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
         try:
-            database.record_epochs(request["trial_id"], values, request["user_attrs"])
+            with database.one_transaction():
+                for kind, trial_id, *args in request["writes"]:
+                    if kind == "param":
+                        name, value, distribution = args
+                        storage.set_trial_param_of_any_trial(trial_id, name, value, json_to_distribution(distribution))
+                    elif kind == "records":
+                        values, attrs = args
+                        database.record_epochs(trial_id, {int(step): value for step, value in values}, attrs)
+                    else:
+                        key, value = args
+                        database.set_trial_system_attr(trial_id, key, value)
+                end = request["end"]
+                if end is not None:
+                    database.end_trial(end["trial_id"], TrialState[end["state"]], end["values"])
         except KeyError as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except UpdateFinishedTrialError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except ValueError as error:  # a parameter's distribution unlike the study's
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return {}
 
-    return _json_handler(RECORD_EPOCHS_METHOD, record_epochs)
+    return _json_handler(WRITE_METHOD, write)
 
 
 def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
@@ -103,7 +132,10 @@ def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
     attribute."""
 
     def claim(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
-        return {"trial_id": storage.claim_next_waiting_trial(request["study_id"], request["user_attrs"])}
+        trial = storage.claim_trial(request["study_id"], request["user_attrs"])
+        if trial is None:
+            return {"trial_id": None}
+        return {"trial_id": trial._trial_id, "trial": encode_trial(trial)}
 
     return _json_handler(CLAIM_METHOD, claim)
 
@@ -138,7 +170,7 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
         server = make_server(cached, host, port, thread_pool=ThreadPoolExecutor(max_workers=THREADS))
     except RuntimeError as error:  # grpc's "Failed to bind"
         raise BadInputError(f"Cannot listen on {host}:{port}: {error}.") from None
-    server.add_generic_rpc_handlers((record_epochs_handler(database), claim_handler(cached)))  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((write_handler(cached), claim_handler(cached)))  # type: ignore[arg-type]
     server.start()
     try:
         server.wait_for_termination()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import fcntl
@@ -22,6 +23,8 @@ import optuna
 import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+from optuna.storages._grpc import servicer as grpc_servicer
+from optuna.storages._grpc.auto_generated import api_pb2
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
@@ -78,7 +81,61 @@ def sqlalchemy_url(url: str) -> str:
     return f"{_DRIVERS.get(scheme, scheme)}{sep}{rest}"
 
 
-class ReconnectingRDBStorage(optuna.storages.RDBStorage):
+class _HeldWrites:
+    """Writes to trials held by thread within a block and sent together as it ends, by
+    ``write_held``: a database's commit or the proxy's round trip each is most of what a trial's
+    sampled parameters or its records cost."""
+
+    _held: threading.local
+
+    @contextlib.contextmanager
+    def one_transaction(self) -> Iterator[None]:
+        """Hold this thread's parameter, attribute and epoch writes made within and write them
+        in one transaction as the block ends, raised or not.
+
+        A write within returns before it is stored, and an error it makes (a finished trial's)
+        is raised as the block ends. Reading a trial writes the held writes first, except a
+        trial this process runs, whose copy has them; setting a trial's state writes them with
+        it. A block within a block writes with the outer one.
+        """
+        if self._holding() is not None:
+            yield
+            return
+        self._held.writes = []
+        try:
+            yield
+        finally:
+            try:
+                self.write_held()
+            finally:
+                self._held.writes = None
+
+    def _holding(self) -> list[Any] | None:
+        return getattr(self._held, "writes", None)
+
+    def write_held(self, end: Any = None) -> None:
+        """Write the writes held so far together, with ``end`` (a trial's end) where given.
+        They are taken out first, and held again where writing them fails."""
+        writes = self._holding()
+        if writes is None:
+            writes = []
+        if not writes and end is None:
+            return
+        # Taken out first: a refused write reads the trial for its message, which writes the
+        # held writes.
+        pending = writes[:]
+        writes.clear()
+        try:
+            self._write_together(pending, end)
+        except BaseException:
+            writes[:0] = pending
+            raise
+
+    def _write_together(self, writes: list[Any], end: Any) -> None:
+        raise NotImplementedError
+
+
+class ReconnectingRDBStorage(_HeldWrites, optuna.storages.RDBStorage):
     """An RDBStorage that waits for its database to come back.
 
     A restart of the server, a dropped link or a locked SQLite file fails a call with an
@@ -104,62 +161,27 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         self._held = threading.local()
         super().__setstate__(state)
 
-    @contextlib.contextmanager
-    def one_transaction(self) -> Iterator[None]:
-        """Hold this thread's parameter, attribute and epoch writes made within and commit them
-        in one transaction as the block ends, raised or not: a commit each (a disk flush, a
-        round trip) is most of what a trial's sampled parameters or its records cost.
-
-        A write within returns before it is in the database, and an error it makes (a finished
-        trial's) is raised as the block ends. Reading a trial commits the held writes first,
-        except a trial this process runs, whose copy has them; setting a trial's state commits
-        them with it. A block within a block commits with the outer one.
-        """
-        if self._holding() is not None:
-            yield
-            return
-        self._held.writes = []
-        try:
-            yield
-        finally:
-            try:
-                self.write_held()
-            finally:
-                self._held.writes = None
-
-    def _holding(self) -> list[tuple[int, Callable[[sqlalchemy.orm.Session], None]]] | None:
-        return getattr(self._held, "writes", None)
-
-    def write_held(self, finish: tuple[int, Callable[[sqlalchemy.orm.Session], None]] | None = None) -> None:
-        """Commit the writes held so far in one transaction, with ``finish`` (a trial's end,
-        which checks that trial's state itself) first; retried whole when the connection is
-        lost, since a failed transaction wrote nothing."""
-        writes = self._holding()
-        if writes is None:
-            writes = []
-        if not writes and finish is None:
-            return
-        # Taken out first: a refused write reads the trial for its message, which commits the
-        # held writes.
-        pending = writes[:]
-        writes.clear()
-        try:
-            # Integrity errors are not ignored, as Optuna's single writes ignore them: one
-            # would roll back every write held with it.
-            with _create_scoped_session(self.scoped_session) as session:
-                checked = set()
-                if finish is not None:
-                    trial_id, write = finish
-                    write(session)
-                    checked.add(trial_id)
-                for trial_id in dict.fromkeys(trial_id for trial_id, _ in pending):
-                    if trial_id not in checked:
-                        self._check_updatable(session, trial_id)
-                for _, write in pending:
-                    write(session)
-        except BaseException:
-            writes[:0] = pending
-            raise
+    def _write_together(
+        self,
+        writes: list[tuple[int, Callable[[sqlalchemy.orm.Session], None]]],
+        end: tuple[int, Callable[[sqlalchemy.orm.Session], None]] | None,
+    ) -> None:
+        """One transaction, with ``end`` (a trial's end, which checks that trial's state itself)
+        first; retried whole when the connection is lost, since a failed transaction wrote
+        nothing."""
+        # Integrity errors are not ignored, as Optuna's single writes ignore them: one would
+        # roll back every write held with it.
+        with _create_scoped_session(self.scoped_session) as session:
+            checked = set()
+            if end is not None:
+                trial_id, write = end
+                write(session)
+                checked.add(trial_id)
+            for trial_id in dict.fromkeys(trial_id for trial_id, _ in writes):
+                if trial_id not in checked:
+                    self._check_updatable(session, trial_id)
+            for _, write in writes:
+                write(session)
 
     def _write(self, trial_id: int, write: Callable[[sqlalchemy.orm.Session], None]) -> None:
         """Hold a write to a trial within ``one_transaction``; elsewhere commit it on its own,
@@ -294,16 +316,24 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
         learning curve): Optuna's would be two, each reading the trial's row first."""
         try:
             if trial_id in self._running_here and state.is_finished() and self.engine.name in _INSERTS:
-                self.write_held(finish=(trial_id, functools.partial(
-                    self._finish_without_commit, trial_id=trial_id, state=state, values=values,
-                )))
-                return True
+                return self.end_trial(trial_id, state, values)
             self.write_held()
             with _reads_kept_until_written():
                 return super().set_trial_state_values(trial_id, state, values)
         finally:
             self._running_here.pop(trial_id, None)
             self._claim_beats.pop(trial_id, None)
+
+    def end_trial(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> bool:
+        """A finished state and values in one transaction with the held writes: the end of a
+        trial run here, or of one its worker tells through ``tuner proxy``. Where the database
+        has no upsert, Optuna's ``set_trial_state_values``."""
+        if self.engine.name not in _INSERTS:
+            return self.set_trial_state_values(trial_id, state, values)
+        self.write_held(end=(trial_id, functools.partial(
+            self._finish_without_commit, trial_id=trial_id, state=state, values=values,
+        )))
+        return True
 
     def _finish_without_commit(
         self, session: sqlalchemy.orm.Session, trial_id: int, state: TrialState, values: Sequence[float] | None
@@ -323,19 +353,15 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 rows.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
             self._upsert(session, models.TrialValueModel, rows, ("trial_id", "objective"), ("value", "value_type"))
 
-    def claim_next_waiting_trial(
-        self, study_id: int, attrs: Mapping[str, Any], *, keep: bool = False
-    ) -> int | None:
+    def claim_trial(self, study_id: int, attrs: Mapping[str, Any], *, beat: bool = False) -> optuna.trial.FrozenTrial | None:
         """Set the next WAITING trial (retries first, then by number) RUNNING with user
-        attributes, in one transaction; return its id, or None when none waits.
+        attributes, in one transaction; return it as claimed, or None when none waits.
 
         One query finds and locks it: on PostgreSQL and MySQL ``SKIP LOCKED`` passes over the
         trials other workers are claiming instead of queueing behind them, and SQLite's
-        transaction begins with the write lock (``_begin_sqlite``).
-
-        With ``keep``, the claimer runs the trial and is its only writer: the trial is read
-        from a copy that this storage's writes keep current until its state is set. A blank
-        slot, as most are, needs no read for it: the query says whether the trial has any rows.
+        transaction begins with the write lock (``_begin_sqlite``). A blank slot, as most are,
+        needs no read: the query says whether the trial has any rows. With ``beat``, for a
+        claimer that runs the trial, the claim writes the trial's first heartbeat.
         """
         with _reads_kept_until_written(), _create_scoped_session(self.scoped_session) as session:
             row = session.execute(_NEXT_WAITING, {"study_id": study_id}).one_or_none()
@@ -345,11 +371,10 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
             started = datetime.now()  # stored as naive UTC, read back as naive local time
             session.execute(_START, {"claimed_id": trial_id, "start": started.astimezone(timezone.utc).replace(tzinfo=None)})
             self._write_attrs(session, models.TrialUserAttributeModel, trial_id, attrs)
-            kept = None
-            if keep and has_rows:
-                kept = self._build_frozen_trial_from_trial_model(session.get(models.TrialModel, trial_id))
-            elif keep:
-                kept = optuna.trial.FrozenTrial(
+            if has_rows:
+                trial = self._build_frozen_trial_from_trial_model(session.get(models.TrialModel, trial_id))
+            else:
+                trial = optuna.trial.FrozenTrial(
                     number=number, state=TrialState.RUNNING, value=None, values=None,
                     datetime_start=started, datetime_complete=None, params={},
                     distributions={}, user_attrs=_as_read(attrs), system_attrs={},
@@ -357,15 +382,26 @@ class ReconnectingRDBStorage(optuna.storages.RDBStorage):
                 )
             # Beaten with the claim: a worker killed before its heartbeat thread's first beat
             # leaves a trial that Optuna, finding no beat for it, would never call stale.
-            beat = keep and self.get_heartbeat_interval() is not None and self.engine.name in _INSERTS
+            beat = beat and self.get_heartbeat_interval() is not None and self.engine.name in _INSERTS
             if beat:
                 self._beat(session, trial_id)
-        # Kept once committed: a claim that failed to commit is retried, or was never made.
-        if kept is not None:
-            self._running_here[trial_id] = kept
+        # Once committed: a claim that failed to commit is retried, or was never made.
         if beat:
             self._claim_beats[trial_id] = time.monotonic()
-        return trial_id
+        return trial
+
+    def claim_next_waiting_trial(
+        self, study_id: int, attrs: Mapping[str, Any], *, keep: bool = False
+    ) -> int | None:
+        """``claim_trial``'s trial id. With ``keep``, the claimer runs the trial and is its only
+        writer: the trial is read from a copy that this storage's writes keep current until its
+        state is set, and the claim beats for it."""
+        trial = self.claim_trial(study_id, attrs, beat=keep)
+        if trial is None:
+            return None
+        if keep:
+            self._running_here[trial._trial_id] = trial
+        return trial._trial_id
 
     def _write_attrs(self, session: sqlalchemy.orm.Session, model: type, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """User or system attributes of a trial whose state was checked, in one statement."""
@@ -466,7 +502,7 @@ def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
     return [t for t in trials if t.number not in retried]
 
 
-RECORD_EPOCHS_METHOD = "/tuner.Proxy/RecordEpochs"
+WRITE_METHOD = "/tuner.Proxy/WriteTrial"
 CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
 
 
@@ -478,12 +514,25 @@ def decode_json(data: bytes) -> Any:
     return json.loads(data)
 
 
-class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
-    """Optuna's gRPC client, which writes a trial's user attributes and intermediate value, and
-    claims a trial with who runs it, in one round trip each where ``tuner proxy`` serves:
-    Optuna's protocol has a call for each attribute, and no claim.
+def encode_trial(trial: optuna.trial.FrozenTrial) -> str:
+    """A trial as Optuna's gRPC proxy sends it, in a JSON message."""
+    return base64.b64encode(grpc_servicer._to_proto_trial(trial).SerializeToString()).decode()
 
-    Behind Optuna's own proxy, which has no such calls, they go as Optuna's protocol allows.
+
+def decode_trial(text: str) -> optuna.trial.FrozenTrial:
+    return grpc_servicer._from_proto_trial(api_pb2.Trial.FromString(base64.b64decode(text)))
+
+
+class GrpcStorageProxy(_HeldWrites, optuna.storages.GrpcStorageProxy):
+    """Optuna's gRPC client, which claims a trial and writes to a trial in one round trip each
+    where ``tuner proxy`` serves: Optuna's protocol has no claim, and a call for each parameter
+    and attribute.
+
+    As on a database (``ReconnectingRDBStorage``), a trial this process claimed is kept here
+    until told, writes within ``one_transaction`` are held and sent together as the block ends,
+    and a kept trial's end goes with them: a trial takes three round trips (its claim, its
+    parameters, its end) instead of nine. Behind Optuna's own proxy, which has none of tuner's
+    calls, each write goes as Optuna's protocol allows.
     """
 
     def _setup(self) -> None:
@@ -491,13 +540,16 @@ class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
         json_call = functools.partial(
             self._channel.unary_unary, request_serializer=encode_json, response_deserializer=decode_json
         )
-        self._record_epochs = json_call(RECORD_EPOCHS_METHOD)
+        self._write_trial = json_call(WRITE_METHOD)
         self._claim_next_waiting_trial = json_call(CLAIM_METHOD)
         self._served_by_tuner = True  # until the server says it has no such call
+        self._held = threading.local()
+        self._running_here: dict[int, optuna.trial.FrozenTrial] = {}
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        del state["_record_epochs"], state["_claim_next_waiting_trial"]
+        for name in ("_write_trial", "_claim_next_waiting_trial", "_held", "_running_here"):
+            del state[name]
         return state
 
     def _call_tuner(self, call: grpc.UnaryUnaryMultiCallable, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -512,32 +564,108 @@ class GrpcStorageProxy(optuna.storages.GrpcStorageProxy):
                 raise KeyError(error.details()) from None
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise UpdateFinishedTrialError(error.details()) from None
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(error.details()) from None
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             self._served_by_tuner = False
             return None
 
+    def _write(self, write: list[Any]) -> None:
+        held = self._holding()
+        if held is None:
+            self._write_together([write], None)
+        else:
+            held.append(write)
+
+    def _write_together(self, writes: list[list[Any]], end: dict[str, Any] | None) -> None:
+        """One round trip, ``end`` (a kept trial's end) after the writes; behind Optuna's own
+        proxy, a call each."""
+        if self._call_tuner(self._write_trial, {"writes": writes, "end": end}) is not None:
+            return
+        for kind, trial_id, *args in writes:
+            if kind == "param":
+                name, value, distribution = args
+                super().set_trial_param(trial_id, name, value, optuna.distributions.json_to_distribution(distribution))
+            elif kind == "records":
+                values, attrs = args
+                for key, attr in attrs.items():
+                    super().set_trial_user_attr(trial_id, key, attr)
+                for step, value in values:
+                    super().set_trial_intermediate_value(trial_id, step, value)
+            else:
+                key, value = args
+                super().set_trial_system_attr(trial_id, key, value)
+        if end is not None:
+            super().set_trial_state_values(end["trial_id"], TrialState[end["state"]], end["values"])
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: optuna.distributions.BaseDistribution,
+    ) -> None:
+        distribution_json = optuna.distributions.distribution_to_json(distribution)
+        self._write(["param", trial_id, param_name, param_value_internal, distribution_json])
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.params[param_name] = distribution.to_external_repr(param_value_internal)
+            kept.distributions[param_name] = distribution
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._write(["system_attr", trial_id, key, value])
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.system_attrs.update(_as_read({key: value}))
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.record_epochs(trial_id, {}, {key: value})
+
     def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
         self.record_epochs(trial_id, {}, attrs)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self.record_epochs(trial_id, {step: intermediate_value}, {})
 
     def record_epochs(self, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
         """As ``ReconnectingRDBStorage.record_epochs``, in one round trip."""
         # JSON keys are strings: the values go as [step, value] pairs.
-        request = {"trial_id": trial_id, "values": list(values.items()), "user_attrs": dict(attrs)}
-        if self._call_tuner(self._record_epochs, request) is not None:
-            return
-        for key, attr in attrs.items():
-            self.set_trial_user_attr(trial_id, key, attr)
-        for step, value in values.items():
-            self.set_trial_intermediate_value(trial_id, step, value)
+        self._write(["records", trial_id, list(values.items()), dict(attrs)])
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.user_attrs.update(_as_read(attrs))
+            kept.intermediate_values.update({step: float(value) for step, value in values.items()})
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        """A trial this process claimed and runs comes from its own copy, with the held writes."""
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            return copy.deepcopy(kept)
+        self.write_held()
+        return super().get_trial(trial_id)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        """A kept trial's end goes with the held writes, in one round trip and one transaction."""
+        try:
+            if trial_id in self._running_here and state.is_finished():
+                self.write_held(end={"trial_id": trial_id, "state": state.name, "values": values})
+                return True
+            self.write_held()
+            return super().set_trial_state_values(trial_id, state, values)
+        finally:
+            self._running_here.pop(trial_id, None)
 
     def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
-        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``, in one round trip; the proxy
-        then makes the study's next slots, as it does after a claim by Optuna's protocol."""
+        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``, in one round trip, the trial
+        kept here as the proxy read it; the proxy then makes the study's next slots, as it does
+        after a claim by Optuna's protocol."""
         answer = self._call_tuner(self._claim_next_waiting_trial, {"study_id": study_id, "user_attrs": dict(attrs)})
-        if answer is not None:
-            return answer["trial_id"]
-        return claim_by_racing(self, study_id, attrs)
+        if answer is None:
+            return claim_by_racing(self, study_id, attrs)
+        if answer["trial_id"] is not None:
+            self._running_here[answer["trial_id"]] = decode_trial(answer["trial"])
+        return answer["trial_id"]
 
 
 def claim_order(trial: optuna.trial.FrozenTrial) -> tuple[bool, int]:
@@ -633,9 +761,12 @@ class JournalStorage(optuna.storages.JournalStorage):
 def one_write(storage: object) -> contextlib.AbstractContextManager[None]:
     """A block whose writes reach the storage together: one append on tuner's journal
     (``JournalStorage.one_append``), one transaction on a database
-    (``ReconnectingRDBStorage.one_transaction``); elsewhere each write goes on its own."""
+    (``ReconnectingRDBStorage.one_transaction``), one round trip through the gRPC proxy
+    (``GrpcStorageProxy.one_transaction``); elsewhere each write goes on its own."""
     if isinstance(storage, JournalStorage):
         return storage.one_append()
+    if isinstance(storage, GrpcStorageProxy):
+        return storage.one_transaction()
     backend = rdb_backend(storage)
     return backend.one_transaction() if backend is not None else contextlib.nullcontext()
 
