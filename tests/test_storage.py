@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
 import threading
 import time
@@ -476,3 +477,23 @@ def test_epochs_go_to_the_storage_at_most_once_an_interval(monkeypatch, sqlite_u
     stored = optuna.load_study(study_name="paced", storage=make_storage(sqlite_url)).trials[0]
     assert stored.intermediate_values == {1: 0.5, 2: 0.25, 3: 0.125}
     assert stored.user_attrs["epochs_completed"] == 3
+
+
+def test_a_journal_claim_waits_for_the_slots_lock_and_takes_a_slot_made_meanwhile(tmp_path):
+    """A claimer that finds the slots' lock taken looks for it again and again until it is
+    free, and then claims with the journal as it is by then."""
+    url = str(tmp_path / "waiting.log")
+    study_id = optuna.create_study(study_name="waiting", storage=make_storage(url))._study_id
+    claimer, other = make_storage(url), make_storage(url)
+    claimed: list[int | None] = []
+    with open(f"{url}.slots.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: claimed.append(claim_next_waiting_trial(claimer, study_id, {"worker": "w"})))
+        thread.start()
+        time.sleep(0.3)
+        made = other.create_new_trial(study_id, template_trial=optuna.trial.create_trial(state=TrialState.WAITING))
+        time.sleep(0.3)
+        assert thread.is_alive() and claimed == []
+    thread.join(10)
+    assert claimed == [made]
+    assert make_storage(url).get_trial(made).user_attrs == {"worker": "w"}

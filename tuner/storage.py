@@ -785,15 +785,31 @@ class JournalFileSlots:
         self.lock_path = f"{storage._backend._file_path}.slots.lock"
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, study_id: int) -> Iterator[None]:
+        """The lock, taken once this process has read the journal nearly up to now.
+
+        Under the lock a claimer reads what every other worker appended since it last looked:
+        waiting in line for the lock, then reading all that under it, made 32 workers wait
+        400 ms a claim for each other's reads (13 ms each under the lock). So a worker reads
+        while it waits, looking for the lock between reads, and under the lock only the last
+        few appends are left to read.
+        """
+        pause_s = 0.001
         with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            while True:
+                self.storage.get_all_trials(study_id, deepcopy=False, states=())
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(pause_s)
+                    pause_s = min(2 * pause_s, 0.05)
             yield
 
     def add_waiting_trials(self, study_id: int, n_trials: int, ahead: int) -> int:
         """As ``ReconnectingRDBStorage.add_waiting_trials``; the new slots in one append."""
         blank = optuna.trial.create_trial(state=TrialState.WAITING)
-        with self._locked():
+        with self._locked(study_id):
             holders = slot_holders(self.storage.get_all_trials(study_id, deepcopy=False))
             waiting = sum(t.state == TrialState.WAITING for t in holders)
             if _enough_waiting(waiting, ahead):
@@ -808,7 +824,7 @@ class JournalFileSlots:
         """As ``ReconnectingRDBStorage.claim_next_waiting_trial``: the claim and the attributes in
         one append. Under the lock no other worker claims; in a race, a loser's attributes
         would land on the winner's trial."""
-        with self._locked():
+        with self._locked(study_id):
             waiting = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
             if not waiting:
                 return None
