@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 from conftest import TESTS, small_spec, start_tuner, tuner
 from tuner.spec import parse_spec
-from tuner.storage import claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs
-from tuner.study import WAITING_AHEAD, create_study
+from tuner.storage import claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs, slot_counts
+from tuner.study import WAITING_AHEAD, budget_state, create_study, load_study
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
 
@@ -201,3 +201,24 @@ def test_a_trial_ended_meanwhile_refuses_its_end_and_its_records_through_tuner_p
     stored = direct.get_trial(trial._trial_id)
     assert stored.state == TrialState.FAIL and stored.value is None
     assert stored.intermediate_values == {} and stored.user_attrs == {"worker": "w1"}
+
+
+@pytest.mark.parametrize("optuna_own", [False, True], ids=["tuner proxy", "optuna proxy"])
+def test_the_budget_reads_through_either_proxy_as_on_the_database(sqlite_url, optuna_own: bool, monkeypatch):
+    """tuner proxy counts a study's trials by state in one query, where Optuna's own proxy
+    sends every trial; either way the budget and its clock read as on the database, also from
+    a proxy whose clock keeps another time zone."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # the proxy's; this process keeps its own
+    create_study(parse_spec(small_spec("counted", budget={"n_trials": 40})), sqlite_url)
+    direct = make_storage(sqlite_url)
+    study_id = direct.get_study_id_from_name("counted")
+    for worker in ("w1", "w2"):
+        claim_next_waiting_trial(direct, study_id, {"worker": worker})
+    direct.set_trial_state_values(direct.get_all_trials(study_id)[0]._trial_id, TrialState.COMPLETE, [0.5])
+    expected = budget_state(*load_study("counted", direct))
+    with serve_proxy(sqlite_url, optuna_own=optuna_own) as url:
+        storage = make_storage(url)
+        assert (slot_counts(storage, study_id) is None) is optuna_own
+        state = budget_state(*load_study("counted", storage))
+    assert (state.finished, state.running, state.waiting) == (expected.finished, expected.running, expected.waiting) == (1, 1, WAITING_AHEAD - 2)
+    assert expected.elapsed_s <= state.elapsed_s < expected.elapsed_s + 30

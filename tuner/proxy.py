@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+from datetime import timezone
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import BadInputError
 from tuner.storage import (
     CLAIM_METHOD,
+    SLOT_COUNTS_METHOD,
     WRITE_METHOD,
     ReconnectingRDBStorage,
     cache_claimed_trial,
@@ -140,6 +142,20 @@ def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
     return _json_handler(CLAIM_METHOD, claim)
 
 
+def slot_counts_handler(database: ReconnectingRDBStorage) -> grpc.GenericRpcHandler:
+    """The call ``GrpcStorageProxy.slot_counts`` makes: a study's trials counted by state in one
+    query, where Optuna's protocol would send every trial of the study."""
+
+    def count(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        counts, first = database.slot_counts(request["study_id"])
+        return {
+            "counts": {state.name: n for state, n in counts.items()},
+            "first": first and first.astimezone(timezone.utc).isoformat(),  # naive local time
+        }
+
+    return _json_handler(SLOT_COUNTS_METHOD, count)
+
+
 def _json_handler(
     full_method: str, behaviour: Callable[[dict[str, Any], grpc.ServicerContext], dict[str, Any]]
 ) -> grpc.GenericRpcHandler:
@@ -170,7 +186,7 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
         server = make_server(cached, host, port, thread_pool=ThreadPoolExecutor(max_workers=THREADS))
     except RuntimeError as error:  # grpc's "Failed to bind"
         raise BadInputError(f"Cannot listen on {host}:{port}: {error}.") from None
-    server.add_generic_rpc_handlers((write_handler(cached), claim_handler(cached)))  # type: ignore[arg-type]
+    server.add_generic_rpc_handlers((write_handler(cached), claim_handler(cached), slot_counts_handler(database)))  # type: ignore[arg-type]
     server.start()
     try:
         server.wait_for_termination()

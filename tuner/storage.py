@@ -504,6 +504,7 @@ def slot_holders(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Fr
 
 WRITE_METHOD = "/tuner.Proxy/WriteTrial"
 CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
+SLOT_COUNTS_METHOD = "/tuner.Proxy/SlotCounts"
 
 
 def encode_json(message: Any) -> bytes:
@@ -542,13 +543,14 @@ class GrpcStorageProxy(_HeldWrites, optuna.storages.GrpcStorageProxy):
         )
         self._write_trial = json_call(WRITE_METHOD)
         self._claim_next_waiting_trial = json_call(CLAIM_METHOD)
+        self._slot_counts = json_call(SLOT_COUNTS_METHOD)
         self._served_by_tuner = True  # until the server says it has no such call
         self._held = threading.local()
         self._running_here: dict[int, optuna.trial.FrozenTrial] = {}
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        for name in ("_write_trial", "_claim_next_waiting_trial", "_held", "_running_here"):
+        for name in ("_write_trial", "_claim_next_waiting_trial", "_slot_counts", "_held", "_running_here"):
             del state[name]
         return state
 
@@ -666,6 +668,30 @@ class GrpcStorageProxy(_HeldWrites, optuna.storages.GrpcStorageProxy):
         if answer["trial_id"] is not None:
             self._running_here[answer["trial_id"]] = decode_trial(answer["trial"])
         return answer["trial_id"]
+
+
+    def slot_counts(self, study_id: int) -> tuple[dict[TrialState, int], datetime | None] | None:
+        """As ``ReconnectingRDBStorage.slot_counts``, counted by the proxy's database in one
+        round trip; None behind Optuna's own proxy. A worker's first read of every trial would
+        bring the whole study over the wire, and every worker makes one as it runs out."""
+        answer = self._call_tuner(self._slot_counts, {"study_id": study_id})
+        if answer is None:
+            return None
+        counts = {state: answer["counts"].get(state.name, 0) for state in TrialState}
+        # Sent in UTC: the proxy's clock may keep another time zone than the worker's.
+        first = answer["first"] and datetime.fromisoformat(answer["first"]).astimezone().replace(tzinfo=None)
+        return counts, first
+
+
+def slot_counts(storage: object, study_id: int) -> tuple[dict[TrialState, int], datetime | None] | None:
+    """Trials by state, less the failed trials a retry replaced, and the first start, where a
+    database counts them (directly or behind ``tuner proxy``); None elsewhere."""
+    backend = rdb_backend(storage)
+    if backend is not None:
+        return backend.slot_counts(study_id)
+    if isinstance(storage, GrpcStorageProxy):
+        return storage.slot_counts(study_id)
+    return None
 
 
 def claim_order(trial: optuna.trial.FrozenTrial) -> tuple[bool, int]:

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
 from tuner.spec import StudySpec, parse_spec
-from tuner.storage import make_storage, rdb_backend, slot_holders, slot_maker
+from tuner.storage import make_storage, slot_counts, slot_holders, slot_maker
 
 logger = logging.getLogger("tuner.study")
 
@@ -303,9 +303,9 @@ class BudgetState:
 
 
 def budget_state(study: optuna.Study, spec: StudySpec) -> BudgetState:
-    backend = rdb_backend(study._storage)
-    if backend is not None:
-        counts, first_start = backend.slot_counts(study._study_id)
+    counted = slot_counts(study._storage, study._study_id)
+    if counted is not None:
+        counts, first_start = counted
     else:
         trials = study.get_trials(deepcopy=False)
         counts = {state: 0 for state in TrialState}
