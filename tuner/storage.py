@@ -87,6 +87,7 @@ class _HeldWrites:
     sampled parameters or its records cost."""
 
     _held: threading.local
+    _running_here: dict[int, optuna.trial.FrozenTrial]
 
     @contextlib.contextmanager
     def one_transaction(self) -> Iterator[None]:
@@ -133,6 +134,48 @@ class _HeldWrites:
 
     def _write_together(self, writes: list[Any], end: Any) -> None:
         raise NotImplementedError
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.record_epochs(trial_id, {}, {key: value})
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Several user attributes in one write (a commit, a round trip) instead of one each."""
+        self.record_epochs(trial_id, {}, attrs)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self.record_epochs(trial_id, {step: intermediate_value}, {})
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        """The trial as stored; a trial this process claimed and runs comes from its own copy
+        (see ``claim_next_waiting_trial``), saving a trial's two whole reads (as Optuna's
+        ``Trial`` begins and as its tell checks the trial). The copy has the held writes
+        already: they stay held, to go with the trial's end."""
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            return copy.deepcopy(kept)
+        self.write_held()
+        return super().get_trial(trial_id)  # type: ignore[misc]
+
+    # A kept trial's copy takes each write as a read would give it back.
+
+    def _keep_param(
+        self, trial_id: int, name: str, value_internal: float, distribution: optuna.distributions.BaseDistribution
+    ) -> None:
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.params[name] = distribution.to_external_repr(value_internal)
+            kept.distributions[name] = distribution
+
+    def _keep_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.system_attrs.update(_as_read({key: value}))
+
+    def _keep_records(self, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
+        kept = self._running_here.get(trial_id)
+        if kept is not None:
+            kept.user_attrs.update(_as_read(attrs))
+            kept.intermediate_values.update({step: float(value) for step, value in values.items()})
 
 
 class ReconnectingRDBStorage(_HeldWrites, optuna.storages.RDBStorage):
@@ -225,35 +268,13 @@ class ReconnectingRDBStorage(_HeldWrites, optuna.storages.RDBStorage):
             ))
 
         self._write(trial_id, insert)
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            kept.params[param_name] = distribution.to_external_repr(param_value_internal)
-            kept.distributions[param_name] = distribution
+        self._keep_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._write(trial_id, functools.partial(
             self._write_attrs, model=models.TrialSystemAttributeModel, trial_id=trial_id, attrs={key: value},
         ))
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            kept.system_attrs.update(_as_read({key: value}))
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self.record_epochs(trial_id, {}, {key: value})
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self.record_epochs(trial_id, {step: intermediate_value}, {})
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        """The trial as stored; a trial this process claimed and runs comes from its own copy
-        (see ``claim_next_waiting_trial``), saving a trial's two whole reads (as Optuna's
-        ``Trial`` begins and as its tell checks the trial), six statements each. The copy has
-        the held writes already: they stay held, to go with the trial's end."""
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            return copy.deepcopy(kept)
-        self.write_held()
-        return super().get_trial(trial_id)
+        self._keep_system_attr(trial_id, key, value)
 
     def record_heartbeat(self, trial_id: int) -> None:
         """One upsert, where Optuna reads the heartbeat's row, then inserts or reads it again
@@ -276,10 +297,6 @@ class ReconnectingRDBStorage(_HeldWrites, optuna.storages.RDBStorage):
         with _create_scoped_session(self.scoped_session) as session:
             return models.TrialModel.find_or_raise_by_id(trial_id, session).study_id
 
-    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        """Several user attributes in one transaction: one commit (a disk flush on SQLite, a
-        round trip on a server) instead of one per attribute."""
-        self.record_epochs(trial_id, {}, attrs)
 
     def record_epochs(self, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
         """User attributes and intermediate values (by step), in one transaction: a trial's
@@ -290,10 +307,7 @@ class ReconnectingRDBStorage(_HeldWrites, optuna.storages.RDBStorage):
         state once and writes everything in one statement per table.
         """
         self._write(trial_id, functools.partial(self._record_without_commit, trial_id=trial_id, values=values, attrs=attrs))
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            kept.user_attrs.update(_as_read(attrs))
-            kept.intermediate_values.update({step: float(value) for step, value in values.items()})
+        self._keep_records(trial_id, values, attrs)
 
     def _record_without_commit(
         self, session: sqlalchemy.orm.Session, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]
@@ -591,10 +605,11 @@ class GrpcStorageProxy(_HeldWrites, optuna.storages.GrpcStorageProxy):
                 super().set_trial_param(trial_id, name, value, optuna.distributions.json_to_distribution(distribution))
             elif kind == "records":
                 values, attrs = args
+                # Optuna's calls, past the ones ``_HeldWrites`` routes back here.
                 for key, attr in attrs.items():
-                    super().set_trial_user_attr(trial_id, key, attr)
+                    optuna.storages.GrpcStorageProxy.set_trial_user_attr(self, trial_id, key, attr)
                 for step, value in values:
-                    super().set_trial_intermediate_value(trial_id, step, value)
+                    optuna.storages.GrpcStorageProxy.set_trial_intermediate_value(self, trial_id, step, value)
             else:
                 key, value = args
                 super().set_trial_system_attr(trial_id, key, value)
@@ -610,42 +625,17 @@ class GrpcStorageProxy(_HeldWrites, optuna.storages.GrpcStorageProxy):
     ) -> None:
         distribution_json = optuna.distributions.distribution_to_json(distribution)
         self._write(["param", trial_id, param_name, param_value_internal, distribution_json])
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            kept.params[param_name] = distribution.to_external_repr(param_value_internal)
-            kept.distributions[param_name] = distribution
+        self._keep_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._write(["system_attr", trial_id, key, value])
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            kept.system_attrs.update(_as_read({key: value}))
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self.record_epochs(trial_id, {}, {key: value})
-
-    def set_trial_user_attrs(self, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        self.record_epochs(trial_id, {}, attrs)
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self.record_epochs(trial_id, {step: intermediate_value}, {})
+        self._keep_system_attr(trial_id, key, value)
 
     def record_epochs(self, trial_id: int, values: Mapping[int, float], attrs: Mapping[str, Any]) -> None:
         """As ``ReconnectingRDBStorage.record_epochs``, in one round trip."""
         # JSON keys are strings: the values go as [step, value] pairs.
         self._write(["records", trial_id, list(values.items()), dict(attrs)])
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            kept.user_attrs.update(_as_read(attrs))
-            kept.intermediate_values.update({step: float(value) for step, value in values.items()})
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        """A trial this process claimed and runs comes from its own copy, with the held writes."""
-        kept = self._running_here.get(trial_id)
-        if kept is not None:
-            return copy.deepcopy(kept)
-        self.write_held()
-        return super().get_trial(trial_id)
+        self._keep_records(trial_id, values, attrs)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         """A kept trial's end goes with the held writes, in one round trip and one transaction."""
