@@ -99,12 +99,15 @@ def run(
     from tuner.spec import load_spec
     from tuner.storage import storage_url
     from tuner.study import create_study
-    from tuner.train.memory import resolve_device
 
     spec = load_spec(spec_path)
     if n_trials is not None:
         spec = spec.model_copy(update={"budget": spec.budget.model_copy(update={"n_trials": n_trials})})
-    resolve_device(device)
+    if device not in ("auto", "cpu"):
+        # Only a named accelerator can be missing; importing torch here costs seconds otherwise.
+        from tuner.train.memory import resolve_device
+
+        resolve_device(device)
     environments = _gpu_environments(gpus, workers_per_gpu, device) if gpus is not None else None
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)

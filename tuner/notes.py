@@ -3,11 +3,15 @@ learned about batch sizes, in Markdown, written at creation and refreshed by wor
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.exceptions import StorageInternalError
@@ -16,6 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.report import best_trials, format_value, used_params
 from tuner.spec import StudySpec
 from tuner.study import budget_state
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 logger = logging.getLogger("tuner.notes")
 
@@ -160,13 +167,33 @@ def save_study_note(study: optuna.Study, spec: StudySpec, writer: str = "tuner c
     the whole study, seconds in a large one, and workers that look meanwhile find it fresh
     instead of building it too.
     """
-    from optuna_dashboard import save_note  # its import loads scikit-learn: only when writing
-
     storage = study._storage
     storage.set_study_system_attr(study._study_id, SHOWS_FINISHED_ATTR, budget_state(study, spec).finished)
     storage.set_study_system_attr(study._study_id, WRITER_ATTR, writer)
     storage.set_study_system_attr(study._study_id, SAVED_AT_ATTR, time.time())
-    save_note(study, study_note(study, spec))
+    _dashboard_notes().save_note(study, study_note(study, spec))
+
+
+@functools.cache
+def _dashboard_notes() -> ModuleType:
+    """optuna-dashboard's note module, loaded alone.
+
+    The package's ``__init__`` imports its web app, whose parameter importance imports
+    scikit-learn and SciPy: 3 s of CPU in every process that writes a note, where the note module
+    itself needs only Optuna.
+    """
+    name = "optuna_dashboard._note"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("optuna_dashboard")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("optuna-dashboard is not installed")
+    location = f"{package.submodule_search_locations[0]}/_note.py"
+    module_spec = importlib.util.spec_from_file_location(name, location)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 class NoteKeeper:
