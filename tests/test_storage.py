@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,10 +13,11 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from tuner.spec import Objective
-from tuner.storage import claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.storage import PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
 from tuner.train import reporter as reporter_module
 
 
@@ -497,3 +499,36 @@ def test_a_journal_claim_waits_for_the_slots_lock_and_takes_a_slot_made_meanwhil
     thread.join(10)
     assert claimed == [made]
     assert make_storage(url).get_trial(made).user_attrs == {"worker": "w"}
+
+
+@pytest.mark.parametrize("holder", ["optuna", "tuner"])
+def test_the_journal_lock_is_optunas_so_either_holder_excludes_the_other(tmp_path, holder):
+    """tuner's waiter looks for the lock more often than Optuna's, on the same lock file: a plain
+    Optuna process and a tuner worker appending to one journal still take turns."""
+    path = str(tmp_path / "shared.log")
+    held, waiting = (JournalFileSymlinkLock(path), PromptJournalFileLock(path))
+    if holder == "tuner":
+        held, waiting = waiting, held
+    assert held.acquire()
+    acquired = threading.Event()
+    thread = threading.Thread(target=lambda: waiting.acquire() and acquired.set())
+    thread.start()
+    assert not acquired.wait(0.3)
+    held.release()
+    assert acquired.wait(10)
+    waiting.release()
+    thread.join()
+
+
+def test_a_journal_lock_left_by_a_dead_holder_is_freed_after_its_grace_period(tmp_path, monkeypatch):
+    """Past its prompt tries, the waiter goes on in Optuna's loop, which frees a lock whose
+    holder has died (its file untouched for the grace period)."""
+    monkeypatch.setattr(PromptJournalFileLock, "PROMPT_WAIT_S", 0.1)
+    path = str(tmp_path / "left.log")
+    Path(path).touch()
+    os.symlink(path, f"{path}.lock")
+    lock = PromptJournalFileLock(path, grace_period=3)
+    started = time.monotonic()
+    assert lock.acquire()
+    assert time.monotonic() - started >= 3
+    lock.release()
