@@ -57,7 +57,9 @@ def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) ->
             if all(name in entry for entry in history):
                 axes.plot(epochs, [entry[name] for entry in history], marker="o", label=name)
         axes.set(title=title, xlabel="epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Each tick is lines and a label to lay out, most of the drawing's time: a few suffice.
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
         if axes.lines:
             axes.legend()
     return figure
