@@ -56,7 +56,9 @@ def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) ->
         for name in names:
             if all(name in entry for entry in history):
                 axes.plot(epochs, [entry[name] for entry in history], marker="o", label=name)
-        axes.set(title=title, xlabel="epoch")
+        # A title placed where asked: placed on its own, it measures every tick label first.
+        axes.set_title(title, y=1.0)
+        axes.set_xlabel("epoch")
         # Each tick is lines and a label to lay out, most of the drawing's time: a few suffice.
         axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
