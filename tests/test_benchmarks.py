@@ -1,0 +1,87 @@
+"""The three benchmark scripts, run small from the repository as a user runs them, and the
+arithmetic their tables rest on."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import search_efficiency  # noqa: E402
+import throughput  # noqa: E402
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_an_accuracy_stored_in_float32_reaches_a_target_equal_to_it():
+    target = 111 / 114  # the same share of validation rows, as Optuna's example computes it
+    stored = float(np.float32(target))
+    assert stored < target
+    events = [(2, 0.5, None), (5, 1.5, stored)]
+    assert search_efficiency.reach(events, target, budget=10) == (5, 1.5)
+    assert search_efficiency.reach(events, target, budget=4) == (None, None)
+    assert search_efficiency.reach(events, target + 1 / 114, budget=10) == (None, None)
+
+
+def test_search_efficiency_runs_each_method_to_the_same_budget(tmp_path: Path):
+    out = tmp_path / "search"
+    methods = ["tuner", "optuna", "random"]
+    stdout = _run(
+        "search_efficiency.py", "--workloads", "breast_cancer_mlp", "--methods", ",".join(methods),
+        "--budget", "12", "--seeds", "2", "--out", str(out),
+    )
+    payload = json.loads(out.with_suffix(".json").read_text())
+    events = payload["events"]["breast_cancer_mlp"]
+    rows = {row["method"]: row for row in payload["summary"]["breast_cancer_mlp"]}
+    assert set(events) == set(rows) == set(methods)
+    finals = {}
+    for method, seeds in events.items():
+        assert len(seeds) == 2
+        for run in seeds:
+            spent = [epochs for epochs, _, _ in run]
+            assert spent == sorted(spent) and spent[-1] >= 12, (method, spent)
+        finals[method] = statistics.median(search_efficiency.best_by(run, 12) or 0.0 for run in seeds)
+    # The target is the lowest median final accuracy: every method's median run reaches it.
+    target = min(finals.values())
+    assert all(row["target"] == round(target, 4) for row in rows.values())
+    assert all(row["seeds_reaching_target"] >= 1 for row in rows.values())
+    assert "breast_cancer_mlp" in stdout and "tuner" in stdout
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_overhead_runs_tuner_and_plain_optuna_on_the_same_storage(tmp_path: Path):
+    out = tmp_path / "overhead"
+    stdout = _run("overhead.py", "--storages", "sqlite", "--workers", "1", "--trials", "6", "--out", str(out))
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert [(run["side"], run["trials"]) for run in payload["runs"]] == [("plain", 6), ("tuner", 6)]
+    (row,) = payload["summary"]
+    assert (row["storage"], row["workers"]) == ("sqlite", 1)
+    assert row["ratio"] == round(row["tuner_ms"] / max(row["optuna_ms"], 0.1), 2)
+    assert payload["settings"]["png_ms_per_trial"] > 0
+    assert "learning-curve PNG" in stdout
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_throughput_times_both_loops_at_every_batch_size(tmp_path: Path):
+    out = tmp_path / "throughput"
+    _run("throughput.py", "--workload", "breast_cancer_mlp", "--device", "cpu", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["batch_size"] for row in rows] == list(throughput.BATCH_SIZES)
+    for row in rows:
+        assert row["naive_samples_per_s"] > 0 and row["tuner_samples_per_s"] > 0
+        # The ratio is of the unrounded figures.
+        assert abs(row["ratio"] - row["tuner_samples_per_s"] / row["naive_samples_per_s"]) < 0.01
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
