@@ -56,7 +56,7 @@ FRACTIONS = (0.25, 0.5, 1.0)
 BATCH_HIGH = {"digits_cnn": 1024, "breast_cancer_mlp": 256, "sklearn_mlp": 1024}
 # Searched up to the baseline's fixed 10 epochs, what one would train by hand: up to 20, the
 # median rule pruned the long trials late, after most of their epochs, against short trials
-# already decayed at the same epoch (README, "Choosing the epoch range").
+# already decayed at the same epoch (benchmarks/README.md, "Choosing the epoch range").
 EPOCHS = {"low": 2, "high": 10}
 
 
