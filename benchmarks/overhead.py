@@ -249,10 +249,15 @@ def plot(rows: list[dict], path: Path) -> None:
     kinds = sorted({row["storage"] for row in rows})
     figure = Figure(figsize=(4 * len(kinds), 3.5), layout="constrained")
     for axes, kind in zip(figure.subplots(1, len(kinds), squeeze=False)[0], kinds):
-        for row in (r for r in rows if r["storage"] == kind):
+        mine = [r for r in rows if r["storage"] == kind]
+        for row in mine:
             tenths = [(k + 1) * row["trials"] // len(row["by_tenth"]) for k in range(len(row["by_tenth"]))]
             style = "-" if row["side"] == "tuner" else "--"
-            axes.plot(tenths, row["by_tenth"], style, marker="o", label=f"{row['side']}, {row['workers']} workers")
+            label = f"{row['side']}, {row['workers']} workers"
+            # --full runs PostgreSQL with 8 workers twice: 1,000 trials and 10,000.
+            if sum(r["side"] == row["side"] and r["workers"] == row["workers"] for r in mine) > 1:
+                label += f", {row['trials']:,} trials"
+            axes.plot(tenths, row["by_tenth"], style, marker="o", label=label)
         axes.set(title=kind, xlabel="trials in the study", ylabel="overhead ms / trial", yscale="symlog")
         axes.legend(fontsize=7)
     figure.savefig(path, dpi=100)
