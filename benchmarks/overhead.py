@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -250,12 +251,13 @@ def plot(rows: list[dict], path: Path) -> None:
     figure = Figure(figsize=(4 * len(kinds), 3.5), layout="constrained")
     for axes, kind in zip(figure.subplots(1, len(kinds), squeeze=False)[0], kinds):
         mine = [r for r in rows if r["storage"] == kind]
+        # --full runs PostgreSQL with 8 workers twice: 1,000 trials and 10,000.
+        runs_alike = Counter((r["side"], r["workers"]) for r in mine)
         for row in mine:
             tenths = [(k + 1) * row["trials"] // len(row["by_tenth"]) for k in range(len(row["by_tenth"]))]
             style = "-" if row["side"] == "tuner" else "--"
             label = f"{row['side']}, {row['workers']} workers"
-            # --full runs PostgreSQL with 8 workers twice: 1,000 trials and 10,000.
-            if sum(r["side"] == row["side"] and r["workers"] == row["workers"] for r in mine) > 1:
+            if runs_alike[row["side"], row["workers"]] > 1:
                 label += f", {row['trials']:,} trials"
             axes.plot(tenths, row["by_tenth"], style, marker="o", label=label)
         axes.set(title=kind, xlabel="trials in the study", ylabel="overhead ms / trial", yscale="symlog")
