@@ -532,3 +532,70 @@ def test_a_journal_lock_left_by_a_dead_holder_is_freed_after_its_grace_period(tm
     assert lock.acquire()
     assert time.monotonic() - started >= 3
     lock.release()
+
+
+@pytest.fixture
+def local_time_not_utc(monkeypatch):
+    """Times are stored in UTC and read back in local time: here one that differs."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _comparable(trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
+    """The trials' attributes, a NaN as its text: NaN equals nothing, itself included."""
+    return [{**vars(t), "intermediate_values": {k: repr(v) for k, v in t.intermediate_values.items()}} for t in trials]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_trials_read_as_rows_equal_optunas_own_read(backend, request, local_time_not_utc):
+    """tuner's read of a study's trials gives what Optuna's own RDBStorage gives, for every
+    state, value kind, distribution and attribute, and for each filter its cache uses."""
+    url = sqlalchemy_url(request.getfixturevalue(f"{backend}_url"))
+    name = f"rows-{time.time_ns()}"
+    study = optuna.create_study(study_name=name, storage=make_storage(url), direction="maximize")
+    distributions = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "epochs": optuna.distributions.IntDistribution(2, 10),
+        "optimizer": optuna.distributions.CategoricalDistribution(["sgd", None, 3]),
+    }
+    params = {"lr": 0.01, "epochs": 4, "optimizer": None}
+    attrs = {"history": [{"epoch": 1, "val_accuracy": 0.5}], "worker": "host:1", "note": None}
+    for values, state in [([0.9], TrialState.COMPLETE), ([-math.inf], TrialState.COMPLETE), (None, TrialState.PRUNED), (None, TrialState.FAIL)]:
+        study.add_trial(optuna.trial.create_trial(
+            state=state, values=values, params=params, distributions=distributions, user_attrs=attrs,
+            system_attrs={"retry_history": [0]}, intermediate_values={1: 0.5, 2: math.nan, 3: -math.inf},
+        ))
+    study.enqueue_trial({"lr": 0.001})
+    running = study.ask()
+    running.suggest_float("lr", 1e-4, 1e-1, log=True)
+    running.report(0.25, 1)
+    running.set_user_attr("worker", "host:2")
+    trials = study.get_trials(deepcopy=False)
+    assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING}
+    study.enqueue_trial({"lr": 0.002})
+    ids = [t._trial_id for t in study.get_trials(deepcopy=False)]
+    assert len(ids) == 6
+
+    mine, theirs = rdb_backend(study._storage), optuna.storages.RDBStorage(url)
+    assert mine is not None
+    study_id = study._study_id
+    for states, included, greater_than in [
+        (None, set(), -1),
+        ((TrialState.COMPLETE, TrialState.WAITING), set(), -1),
+        (None, set(), ids[2]),
+        (None, {ids[0], ids[2]}, ids[3]),
+        ((TrialState.RUNNING,), {ids[4]}, ids[4]),
+    ]:
+        read = mine._get_trials(study_id, states, included, greater_than)
+        assert _comparable(read) == _comparable(theirs._get_trials(study_id, states, included, greater_than))
+        assert read, (states, included, greater_than)
+    with pytest.raises(KeyError):
+        mine._get_trials(study_id + 1000, None, set(), -1)
+
+    several = optuna.create_study(study_name=f"{name}-2", storage=make_storage(url), directions=["maximize", "minimize"])
+    several.add_trial(optuna.trial.create_trial(values=[0.9, math.inf], params=params, distributions=distributions))
+    read = mine._get_trials(several._study_id, None, set(), -1)
+    assert read == theirs._get_trials(several._study_id, None, set(), -1) and read[0].values == [0.9, math.inf]
