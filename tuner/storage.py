@@ -537,6 +537,9 @@ class ReconnectingRDBStorage(_HeldWrites, optuna.storages.RDBStorage):
         )
 
 
+_IDS_PER_QUERY = 500  # as SQLAlchemy's selectinload, which Optuna's read uses
+
+
 def _read_trials(
     session: sqlalchemy.orm.Session,
     study_id: int,
@@ -566,13 +569,16 @@ def _read_trials(
         }
         for row in rows
     }
-    read = sqlalchemy.select(trial.c.trial_id).where(*where)
+    ids = list(fields)
 
     def children(model: type, *columns: str, order: str | None = None) -> Iterator[Any]:
+        """The rows of the trials read, by their ids, a chunk at a time as the ORM's
+        ``selectinload`` asks: a subquery instead made PostgreSQL scan the whole table."""
         table = model.__table__  # type: ignore[attr-defined]
-        query = sqlalchemy.select(table.c.trial_id, *(table.c[column] for column in columns)).where(table.c.trial_id.in_(read))
-        for row in session.execute(query.order_by(table.c[order]) if order else query):
-            if row.trial_id in fields:  # not a trial made after the trials' read
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start:start + _IDS_PER_QUERY]
+            query = sqlalchemy.select(table.c.trial_id, *(table.c[column] for column in columns)).where(table.c.trial_id.in_(chunk))
+            for row in session.execute(query.order_by(table.c[order]) if order else query):
                 yield fields[row.trial_id], row
 
     for found, row in children(models.TrialParamModel, "param_name", "param_value", "distribution_json", order="param_id"):
