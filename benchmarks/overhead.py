@@ -8,6 +8,10 @@ on the same storage, with the same random sampler and no pruner, so that the sam
 tuner runs with ``learning_curve_png: false``: drawing the PNG is plotting, not coordination, and
 its cost per trial is measured on its own and printed below the table.
 
+A side whose workers fail (plain Optuna's SQLite workers time out on the database lock with
+many workers on a slow disk) is recorded with its error and the run goes on; the script then
+exits with status 1.
+
 Overhead per trial = (workers x wall - objective time of all trials) / trials, where wall runs
 from the moment every worker is at work (the last one's first trial) to the last trial's end,
 as the storage recorded them, and trials are those that started in it: process start-up, and
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -175,6 +180,25 @@ def _all_working(trials: list, folder: Path, name: str) -> float:
     return max(first.values())
 
 
+def measure_side(side: str, kind: str, url: str, workers: int, n_trials: int, sleep_ms: float, folder: Path) -> dict:
+    """Run one side and measure it; a side that failed gets its error instead of figures."""
+    name = f"{side}-{kind}-{workers}-{n_trials}-{time.time_ns()}"
+    row: dict = {"storage": kind, "workers": workers, "side": side}
+    try:
+        _run_side(side, url, name, workers, n_trials, sleep_ms, folder)
+        return {**row, **overhead(url, name, workers, sleep_ms, folder)}
+    except RuntimeError as error:
+        return {**row, "trials": 0, "ms_per_trial": None, "by_tenth": [], "failed": _reason(str(error))}
+
+
+def _reason(error: str) -> str:
+    """The exception lines of a failure's output, the cause first: a traceback's last line
+    alone can name only the wrapper (Optuna's ``StorageInternalError`` around a locked database)."""
+    lines = [line.strip() for line in error.splitlines()]
+    found = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return "; ".join(dict.fromkeys(found)) or lines[0]
+
+
 def overhead(url: str, name: str, workers: int, sleep_ms: float, folder: Path) -> dict:
     """Per-trial overhead in ms over the whole run and over each tenth of it.
 
@@ -195,6 +219,8 @@ def overhead(url: str, name: str, workers: int, sleep_ms: float, folder: Path) -
     def per_trial(first_start: float, last_end: float, count: int) -> float:
         return round(1000 * (workers * (last_end - first_start) / count - objective_s), 1)
 
+    if not done:
+        raise RuntimeError(f"no trial completed of the {len(trials)} in study {name}")
     ends = [t.datetime_complete.timestamp() for t in done]
     start = min(t.datetime_start.timestamp() for t in done)
     tenth = max(1, len(done) // 10)
@@ -254,6 +280,8 @@ def plot(rows: list[dict], path: Path) -> None:
         # --full runs PostgreSQL with 8 workers twice: 1,000 trials and 10,000.
         runs_alike = Counter((r["side"], r["workers"]) for r in mine)
         for row in mine:
+            if row.get("failed"):
+                continue
             tenths = [(k + 1) * row["trials"] // len(row["by_tenth"]) for k in range(len(row["by_tenth"]))]
             style = "-" if row["side"] == "tuner" else "--"
             label = f"{row['side']}, {row['workers']} workers"
@@ -263,6 +291,20 @@ def plot(rows: list[dict], path: Path) -> None:
         axes.set(title=kind, xlabel="trials in the study", ylabel="overhead ms / trial", yscale="symlog")
         axes.legend(fontsize=7)
     figure.savefig(path, dpi=100)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row a run of both sides (plain first): their figures and tuner's over Optuna's, or
+    None where a side failed."""
+    summary = []
+    for plain, mine in zip(rows[::2], rows[1::2]):
+        measured = plain["ms_per_trial"] is not None and mine["ms_per_trial"] is not None
+        ratio = round(mine["ms_per_trial"] / max(plain["ms_per_trial"], 0.1), 2) if measured else None
+        summary.append({
+            "storage": mine["storage"], "workers": mine["workers"], "trials": mine["trials"] or plain["trials"],
+            "optuna_ms": plain["ms_per_trial"], "tuner_ms": mine["ms_per_trial"], "ratio": ratio,
+        })
+    return summary
 
 
 def main() -> None:
@@ -282,6 +324,8 @@ def main() -> None:
     parser.add_argument("--sleep-ms", type=float, default=2.0, help="objective sleep per epoch")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead")
     args = parser.parse_args()
+    if args.sleep_ms < 0:
+        parser.error(f"--sleep-ms must be 0 or more (got {args.sleep_ms:g})")
     kinds = args.storages.split(",")
     workers = [int(w) for w in (args.workers or ("1,2,8,32" if args.full else "1,8")).split(",")]
     trials = args.trials or (1000 if args.full else 100)
@@ -293,25 +337,28 @@ def main() -> None:
             if kind not in urls:
                 continue
             for side in ("plain", "tuner"):
-                name = f"{side}-{kind}-{workers}-{n_trials}-{time.time_ns()}"
-                _run_side(side, urls[kind], name, workers, n_trials, args.sleep_ms, Path(scratch))
-                row = {"storage": kind, "workers": workers, "side": side, **overhead(urls[kind], name, workers, args.sleep_ms, Path(scratch))}
+                row = measure_side(side, kind, urls[kind], workers, n_trials, args.sleep_ms, Path(scratch))
                 rows.append(row)
-                print(f"{kind:<9}{workers:>3} workers {side:<6}{row['trials']:>6} trials {row['ms_per_trial']:>9} ms/trial", flush=True)
+                result = f"failed: {row['failed']}" if row.get("failed") else f"{row['ms_per_trial']:>9} ms/trial"
+                print(f"{kind:<9}{workers:>3} workers {side:<6}{row['trials']:>6} trials {result}", flush=True)
     print()
     print(f"{'storage':<10}{'workers':>8}{'trials':>8}{'optuna ms':>11}{'tuner ms':>10}{'ratio':>7}{'tuner first/last tenth':>24}")
-    summary = []
-    for plain, mine in zip(rows[::2], rows[1::2]):
-        ratio = round(mine["ms_per_trial"] / max(plain["ms_per_trial"], 0.1), 2)
-        summary.append({**{k: mine[k] for k in ("storage", "workers", "trials")}, "optuna_ms": plain["ms_per_trial"], "tuner_ms": mine["ms_per_trial"], "ratio": ratio})
-        growth = f"{mine['by_tenth'][0]} -> {mine['by_tenth'][-1]}"
-        print(f"{mine['storage']:<10}{mine['workers']:>8}{mine['trials']:>8}{plain['ms_per_trial']:>11}{mine['ms_per_trial']:>10}{ratio:>7}{growth:>24}")
+    summary = summarize(rows)
+    for row, mine in zip(summary, rows[1::2]):
+        growth = f"{mine['by_tenth'][0]} -> {mine['by_tenth'][-1]}" if mine["by_tenth"] else "-"
+        cells = [str(row[key]) if row[key] is not None else "failed" for key in ("optuna_ms", "tuner_ms", "ratio")]
+        print(f"{row['storage']:<10}{row['workers']:>8}{row['trials']:>8}{cells[0]:>11}{cells[1]:>10}{cells[2]:>7}{growth:>24}")
     png = png_ms()
     print(f"\nThe learning-curve PNG (learning_curve_png: true, the default) adds {png} ms of CPU per trial.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"sleep_ms": args.sleep_ms, "epochs": EPOCHS, "full": args.full, "cpus": os.cpu_count(), "png_ms_per_trial": png}
     args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": rows}, indent=2))
     plot(rows, args.out.with_suffix(".png"))
+    failed = [row for row in rows if row.get("failed")]
+    for row in failed:
+        print(f"{row['side']} on {row['storage']} with {row['workers']} workers failed: {row['failed']}", file=sys.stderr)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import overhead  # noqa: E402
 import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
 
@@ -73,6 +74,29 @@ def test_overhead_runs_tuner_and_plain_optuna_on_the_same_storage(tmp_path: Path
     assert payload["settings"]["png_ms_per_trial"] > 0
     assert "learning-curve PNG" in stdout
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_side_whose_workers_fail_is_recorded_with_its_error_and_the_run_goes_on(tmp_path: Path):
+    """A negative sleep, which the command line refuses, makes every plain Optuna worker die
+    and every trial of tuner's fail: real failures of real worker processes."""
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    plain = overhead.measure_side("plain", "sqlite", url, 1, 3, -1.0, tmp_path)
+    assert plain["ms_per_trial"] is None and plain["by_tenth"] == []
+    assert plain["failed"].startswith("ValueError: sleep length must be non-negative"), plain["failed"]
+    mine = overhead.measure_side("tuner", "sqlite", url, 1, 3, -1.0, tmp_path)
+    assert mine["failed"].startswith("no trial completed of the 3"), mine["failed"]
+    measured = {**mine, "side": "tuner", "trials": 3, "ms_per_trial": 12.0, "by_tenth": [12.0], "failed": None}
+    assert overhead.summarize([plain, mine, plain, measured]) == [
+        {"storage": "sqlite", "workers": 1, "trials": 0, "optuna_ms": None, "tuner_ms": None, "ratio": None},
+        {"storage": "sqlite", "workers": 1, "trials": 3, "optuna_ms": None, "tuner_ms": 12.0, "ratio": None},
+    ]
+    overhead.plot([plain, mine, plain, measured], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--sleep-ms", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "--sleep-ms must be 0 or more (got -1)" in refused.stderr
 
 
 def test_throughput_times_both_loops_at_every_batch_size(tmp_path: Path):
