@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 from tuner.launch import worker_command
 from tuner.space import Hyperparameters
 from tuner.spec import parse_spec
-from tuner.storage import make_storage, sqlalchemy_url
+from tuner.storages import make_storage, sqlalchemy_url
 from tuner.study import create_study
 
 if TYPE_CHECKING:

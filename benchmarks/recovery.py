@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from tuner.launch import worker_command
 from tuner.spec import parse_spec
-from tuner.storage import sqlalchemy_url
+from tuner.storages import sqlalchemy_url
 from tuner.study import create_study
 
 os.environ.setdefault("TUNER_HEARTBEAT_INTERVAL", "1")

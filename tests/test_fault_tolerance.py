@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from conftest import small_spec, start_tuner, tuner
 from tuner.space import Hyperparameters
 from tuner.spec import Objective
-from tuner.storage import sqlalchemy_url
+from tuner.storages import sqlalchemy_url
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
 from user_workloads import slow_blobs

@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 from conftest import REQUIRE_SERVICES, TESTS, small_spec
 from test_proxy import serve_proxy
 from tuner.spec import parse_spec
-from tuner.storage import make_storage
+from tuner.storages import make_storage
 from tuner.study import create_study
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

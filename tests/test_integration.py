@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import small_spec, start_tuner, tuner
-from tuner.storage import sqlalchemy_url
+from tuner.storages import sqlalchemy_url
 
 RECORDS = (
     "effective_batch_size", "micro_batch_size", "accumulation_steps", "lr_used", "epochs_completed",

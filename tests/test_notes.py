@@ -12,7 +12,7 @@ from conftest import small_spec
 from tuner import notes
 from tuner.notes import SAVED_AT_ATTR, WRITER_ATTR, NoteKeeper
 from tuner.spec import parse_spec
-from tuner.storage import make_storage
+from tuner.storages import make_storage
 from tuner.study import create_study, load_study
 
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from conftest import TESTS, small_spec, start_tuner, tuner
 from tuner.spec import parse_spec
-from tuner.storage import claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs, slot_counts
+from tuner.storages import claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs, slot_counts
 from tuner.study import WAITING_AHEAD, budget_state, create_study, load_study
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}

@@ -16,9 +16,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
-from tuner import storage as storage_module
+from tuner.storages import _rdb_reads
 from tuner.spec import Objective
-from tuner.storage import PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.storages import PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
 from tuner.train import reporter as reporter_module
 
 
@@ -554,7 +554,7 @@ def _comparable(trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
 def test_trials_read_as_rows_equal_optunas_own_read(backend, request, local_time_not_utc, monkeypatch):
     """tuner's read of a study's trials gives what Optuna's own RDBStorage gives, for every
     state, value kind, distribution and attribute, and for each filter its cache uses."""
-    monkeypatch.setattr(storage_module, "_IDS_PER_QUERY", 2)  # trials' rows read in several chunks
+    monkeypatch.setattr(_rdb_reads, "_IDS_PER_QUERY", 2)  # trials' rows read in several chunks
     url = sqlalchemy_url(request.getfixturevalue(f"{backend}_url"))
     name = f"rows-{time.time_ns()}"
     study = optuna.create_study(study_name=name, storage=make_storage(url), direction="maximize")

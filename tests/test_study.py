@@ -8,7 +8,7 @@ from optuna.trial import TrialState
 
 import tuner
 from conftest import small_spec
-from tuner.storage import make_storage
+from tuner.storages import make_storage
 from tuner.study import budget_state, load_study, make_pruner
 
 

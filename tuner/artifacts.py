@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from tuner.storage import beside_storage
+from tuner.storages import beside_storage
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

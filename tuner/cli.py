@@ -71,7 +71,7 @@ def create(
 ) -> None:
     """Create the study of a spec (idempotent; a different spec under the name is refused)."""
     from tuner.spec import load_spec
-    from tuner.storage import mask_url, storage_url
+    from tuner.storages import mask_url, storage_url
     from tuner.study import create_study
 
     spec = load_spec(spec_path)
@@ -97,7 +97,7 @@ def run(
     """Create or load the study, run local workers until the budget is met, print the best trial."""
     from tuner.launch import follow, start_workers
     from tuner.spec import load_spec
-    from tuner.storage import storage_url
+    from tuner.storages import storage_url
     from tuner.study import create_study
 
     spec = load_spec(spec_path)
@@ -348,7 +348,7 @@ def status(
     from rich.live import Live
 
     from tuner.status import status_table, study_status
-    from tuner.storage import make_storage
+    from tuner.storages import make_storage
     from tuner.study import load_study
 
     opened = make_storage(storage)
@@ -456,7 +456,7 @@ def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, devi
     import optuna
 
     from tuner.report import format_value
-    from tuner.storage import make_storage
+    from tuner.storages import make_storage
     from tuner.train.memory import resolve_device
     from tuner.train.probe import probe_spec, share
 
@@ -513,7 +513,7 @@ def _work_on_gpus(
     keep_checkpoints: bool,
 ) -> None:
     from tuner.launch import follow, start_workers
-    from tuner.storage import storage_url
+    from tuner.storages import storage_url
     from tuner.study import load_study
 
     url = storage_url(storage)
@@ -535,7 +535,7 @@ def proxy(
 ) -> None:
     """Serve the storage through Optuna's gRPC proxy; workers use --storage grpc://HOST:PORT."""
     from tuner.proxy import serve
-    from tuner.storage import mask_url, storage_url
+    from tuner.storages import mask_url, storage_url
 
     errors.print(f"proxy for {mask_url(storage_url(storage))} on grpc://{host}:{port}", highlight=False)
     serve(storage, host=host, port=port)

@@ -15,7 +15,7 @@ import optuna_dashboard
 
 from tuner.artifacts import artifact_store, default_artifact_dir
 from tuner.errors import BadInputError
-from tuner.storage import make_storage, storage_url
+from tuner.storages import make_storage, storage_url
 
 _logger = logging.getLogger("tuner.dashboard")
 

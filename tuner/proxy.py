@@ -21,7 +21,7 @@ from optuna.storages._grpc.server import make_server
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import BadInputError
-from tuner.storage import (
+from tuner.storages import (
     CLAIM_METHOD,
     SLOT_COUNTS_METHOD,
     WRITE_METHOD,
@@ -36,7 +36,7 @@ from tuner.storage import (
 )
 from tuner.study import SPEC_ATTR, WAITING_AHEAD
 
-# One thread per database connection of the storage (tuner.storage: pool_size=2, max_overflow=2),
+# One thread per database connection of the storage (tuner.storages: pool_size=2, max_overflow=2),
 # so that requests queue in gRPC instead of timing out in the connection pool.
 THREADS = 4
 

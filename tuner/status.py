@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tuner.report import format_value
 from tuner.spec import StudySpec
-from tuner.storage import slot_holders
+from tuner.storages import slot_holders
 from tuner.study import FINISHED, BudgetState, budget_state
 
 # A finished trial trained ``epochs_completed`` of its ``epochs``; a pruned one stopped early.

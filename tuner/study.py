@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
 from tuner.spec import StudySpec, parse_spec
-from tuner.storage import make_storage, slot_counts, slot_holders, slot_maker
+from tuner.storages import make_storage, slot_counts, slot_holders, slot_maker
 
 logger = logging.getLogger("tuner.study")
 

@@ -35,7 +35,7 @@ from tuner.errors import TunerError
 from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
-from tuner.storage import (
+from tuner.storages import (
     RETRY_HISTORY,
     beside_storage,
     cache_claimed_trial,

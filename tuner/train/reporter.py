@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 
 from tuner.spec import Objective
-from tuner.storage import record_epochs, show_value
+from tuner.storages import record_epochs, show_value
 
 logger = logging.getLogger("tuner.progress")
 

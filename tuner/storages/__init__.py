@@ -1,0 +1,70 @@
+"""Storages: the URLs of DESIGN.md opened as Optuna storages, and what a worker does to a trial on
+any of them.
+
+Each storage is Optuna's own with what tuner adds: a database reconnects and writes a trial's
+records in one transaction (``_rdb``), the journal appends them in one go (``_journal``), the
+gRPC client sends them in one round trip to ``tuner proxy`` (``_grpc``). Budget slots are
+claimed through the atomic WAITING -> RUNNING transition (``_slots``, ``_trials``).
+"""
+
+from tuner.storages._factory import make_storage
+from tuner.storages._grpc import (
+    CLAIM_METHOD,
+    SLOT_COUNTS_METHOD,
+    WRITE_METHOD,
+    GrpcStorageProxy,
+    decode_json,
+    decode_trial,
+    encode_json,
+    encode_trial,
+)
+from tuner.storages._journal import JournalFileSlots, JournalStorage, PromptJournalFileLock
+from tuner.storages._rdb import ReconnectingRDBStorage
+from tuner.storages._slots import RETRY_HISTORY, claim_order, slot_holders
+from tuner.storages._trials import (
+    cache_claimed_trial,
+    claim_by_racing,
+    claim_next_waiting_trial,
+    one_write,
+    rdb_backend,
+    record_epochs,
+    set_user_attrs,
+    show_value,
+    slot_counts,
+    slot_maker,
+)
+from tuner.storages._urls import DEFAULT_STORAGE, beside_storage, mask_url, sqlalchemy_url, storage_url
+
+__all__ = [
+    "CLAIM_METHOD",
+    "DEFAULT_STORAGE",
+    "GrpcStorageProxy",
+    "JournalFileSlots",
+    "JournalStorage",
+    "PromptJournalFileLock",
+    "RETRY_HISTORY",
+    "ReconnectingRDBStorage",
+    "SLOT_COUNTS_METHOD",
+    "WRITE_METHOD",
+    "beside_storage",
+    "cache_claimed_trial",
+    "claim_by_racing",
+    "claim_next_waiting_trial",
+    "claim_order",
+    "decode_json",
+    "decode_trial",
+    "encode_json",
+    "encode_trial",
+    "make_storage",
+    "mask_url",
+    "one_write",
+    "rdb_backend",
+    "record_epochs",
+    "set_user_attrs",
+    "show_value",
+    "slot_counts",
+    "slot_holders",
+    "slot_maker",
+    "sqlalchemy_url",
+    "storage_url",
+]

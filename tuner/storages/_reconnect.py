@@ -1,0 +1,90 @@
+"""Database calls retried while the connection is lost, until a deadline."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+    SQLAlchemyError,
+)
+
+from tuner.errors import StorageError
+from tuner.storages._urls import mask_url
+
+_logger = logging.getLogger("tuner.storages")
+
+_retrying = threading.local()
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether the error, or one it came from, is a lost connection.
+
+    Optuna wraps a failed commit in ``StorageInternalError``, and where it falls back to a
+    second query after a first one failed, the lost connection shows only as the second
+    query's ``PendingRollbackError``; the whole chain is looked at.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (OperationalError, InterfaceError, PendingRollbackError)) or (
+            isinstance(current, DBAPIError) and current.connection_invalidated
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def first_line(message: str) -> str:
+    """What went wrong, past SQLAlchemy's note that the error came out of an autoflush."""
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith("(raised as a result")]
+    return lines[0] if lines else message
+
+
+def with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: optuna.storages.RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_retrying, "active", False):
+            return method(self, *args, **kwargs)
+        deadline = time.monotonic() + float(os.environ.get("TUNER_DB_RETRY_S", "120"))
+        delay = 0.5
+        _retrying.active = True
+        try:
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+                    if not is_connection_error(error):
+                        raise
+                    reason = first_line(str(error.__cause__ or error))
+                    if time.monotonic() + delay > deadline:
+                        raise StorageError(
+                            f"Lost the storage {mask_url(str(self.url))!r} and it did not come "
+                            f"back: {reason}"
+                        ) from None
+                    if "database is locked" in reason:
+                        # Another SQLite writer held the lock past the 60 s timeout, or
+                        # committed after this transaction's first read where it began at one:
+                        # retried at once, with a few milliseconds of jitter between losers.
+                        _logger.debug("SQLite busy (%s); retrying", reason)
+                        time.sleep(random.uniform(0, 0.005))
+                        continue
+                    _logger.warning("storage unreachable (%s); retrying in %.1f s", reason, delay)
+                    time.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+        finally:
+            _retrying.active = False
+
+    return call
