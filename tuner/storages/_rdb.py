@@ -27,52 +27,51 @@ from tuner.storages._sqlite import reads_kept_until_written
 
 _logger = logging.getLogger("tuner.storages")
 
-_TRIAL_STATE = sqlalchemy.select(models.TrialModel.state).where(
-    models.TrialModel.trial_id == sqlalchemy.bindparam("trial_id")
-)
+# The statements of a trial's claim, writes and end, as Core on the tables: an ORM statement
+# takes the ORM's compile and bulk-update steps at each execution, for nothing the ORM keeps.
+_TRIALS = models.TrialModel.__table__
+_TRIAL_STATE = sqlalchemy.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == sqlalchemy.bindparam("trial_id"))
+_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 _IS_RETRY = (
-    sqlalchemy.select(models.TrialSystemAttributeModel.trial_system_attribute_id)
-    .where(
-        models.TrialSystemAttributeModel.trial_id == models.TrialModel.trial_id,
-        models.TrialSystemAttributeModel.key == RETRY_HISTORY,
-    )
+    sqlalchemy.select(_SYSTEM_ATTRS.c.trial_system_attribute_id)
+    .where(_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _SYSTEM_ATTRS.c.key == RETRY_HISTORY)
     .exists()
 )
 # Whether a trial has anything besides its own row: a blank slot has nothing to read.
 _HAS_ROWS = sqlalchemy.or_(*(
-    sqlalchemy.select(model.trial_id).where(model.trial_id == models.TrialModel.trial_id).exists()
+    sqlalchemy.select(model.__table__.c.trial_id).where(model.__table__.c.trial_id == _TRIALS.c.trial_id).exists()
     for model in (
         models.TrialParamModel, models.TrialValueModel, models.TrialIntermediateValueModel,
         models.TrialUserAttributeModel, models.TrialSystemAttributeModel,
     )
 ))
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
-# A claim's statements, as Core: the ORM would load the trial's object and flush it.
+# One query finds and locks the trial a claim takes.
 _NEXT_WAITING = (
-    sqlalchemy.select(models.TrialModel.trial_id, models.TrialModel.number, _HAS_ROWS)
-    .where(models.TrialModel.study_id == sqlalchemy.bindparam("study_id"), models.TrialModel.state == TrialState.WAITING)
-    .order_by(sqlalchemy.case((_IS_RETRY, 0), else_=1), models.TrialModel.number)
+    sqlalchemy.select(_TRIALS.c.trial_id, _TRIALS.c.number, _HAS_ROWS)
+    .where(_TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.state == TrialState.WAITING)
+    .order_by(sqlalchemy.case((_IS_RETRY, 0), else_=1), _TRIALS.c.number)
     .limit(1)
     .with_for_update(skip_locked=True)
 )
 _START = (
-    sqlalchemy.update(models.TrialModel)
-    .where(models.TrialModel.trial_id == sqlalchemy.bindparam("claimed_id"))
-    .values(state=TrialState.RUNNING, _datetime_start_utc=sqlalchemy.bindparam("start"))
-    .execution_options(synchronize_session=False)
+    sqlalchemy.update(_TRIALS)
+    .where(_TRIALS.c.trial_id == sqlalchemy.bindparam("claimed_id"))
+    .values(state=TrialState.RUNNING, datetime_start=sqlalchemy.bindparam("start"))
 )
+# An ORM object added would take a flush of the session's unit of work as it commits.
+_INSERT_PARAM = sqlalchemy.insert(models.TrialParamModel.__table__)
 # A trial's end; only an unfinished trial takes it.
 _END = (
-    sqlalchemy.update(models.TrialModel)
+    sqlalchemy.update(_TRIALS)
     .where(
-        models.TrialModel.trial_id == sqlalchemy.bindparam("ended_id"),
-        models.TrialModel.state.not_in([state for state in TrialState if state.is_finished()]),
+        _TRIALS.c.trial_id == sqlalchemy.bindparam("ended_id"),
+        _TRIALS.c.state.not_in([state for state in TrialState if state.is_finished()]),
     )
     .values(
-        state=sqlalchemy.bindparam("end_state", type_=models.TrialModel.state.type),
-        _datetime_complete_utc=sqlalchemy.bindparam("complete"),
+        state=sqlalchemy.bindparam("end_state", type_=_TRIALS.c.state.type),
+        datetime_complete=sqlalchemy.bindparam("complete"),
     )
-    .execution_options(synchronize_session=False)
 )
 
 
@@ -85,9 +84,12 @@ def _upsert_statement(
     insert = _INSERTS[dialect](table)
     if dialect == "mysql":
         return insert.on_duplicate_key_update({column: insert.inserted[column] for column in columns})
+    # With RETURNING, SQLAlchemy sends the rows as one statement of many VALUES (its
+    # "insertmanyvalues"), where an executemany is a statement a row for the server to run;
+    # what it returns is not read.
     return insert.on_conflict_do_update(
         index_elements=[table.c[key] for key in keys], set_={column: insert.excluded[column] for column in columns}
-    )
+    ).returning(table.c[keys[0]])
 
 
 _RETRIED_METHODS = (
@@ -181,12 +183,12 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
                 self._set_trial_param_without_commit(session, trial_id, param_name, param_value_internal, distribution)
                 return
             optuna.distributions.check_distribution_compatibility(previous_distribution, distribution)
-            session.add(models.TrialParamModel(
-                trial_id=trial_id,
-                param_name=param_name,
-                param_value=param_value_internal,
-                distribution_json=optuna.distributions.distribution_to_json(distribution),
-            ))
+            session.execute(_INSERT_PARAM, {
+                "trial_id": trial_id,
+                "param_name": param_name,
+                "param_value": param_value_internal,
+                "distribution_json": optuna.distributions.distribution_to_json(distribution),
+            })
 
         self._write(trial_id, insert)
         self._keep_param(trial_id, param_name, param_value_internal, distribution)
