@@ -184,6 +184,45 @@ def test_a_trials_writes_within_one_write_are_one_transaction(backend, request):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_trials_parameters_held_together_go_in_as_one_statement(backend, request):
+    """The parameters a trial samples within one block are one insert of many rows, each read
+    back as sampled; one whose distribution differs from the study's is refused, and the others
+    are still written."""
+    url = request.getfixturevalue(f"{backend}_url")
+    name = f"params-{request.node.name[-9:]}"
+    study = optuna.create_study(study_name=name, storage=make_storage(url))
+    space = {
+        "batch_size": optuna.distributions.IntDistribution(16, 1024, log=True),
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "epochs": optuna.distributions.IntDistribution(2, 10),
+    }
+    study.tell(study.ask(space), state=TrialState.PRUNED)
+    trial = study.ask()
+    inserts = []
+
+    @sqlalchemy.event.listens_for(rdb_backend(study._storage).engine, "before_cursor_execute")
+    def count(connection, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_PARAMS"):
+            inserts.append(statement)
+
+    with one_write(study._storage):
+        sampled = {
+            "batch_size": trial.suggest_int("batch_size", 16, 1024, log=True),
+            "lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True),
+            "epochs": trial.suggest_int("epochs", 2, 10),
+        }
+    assert len(inserts) == 1
+    assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[1].params == sampled
+
+    other = study.ask()
+    with pytest.raises(ValueError, match="Cannot set different distribution kind"):
+        with one_write(study._storage):
+            other.suggest_int("epochs", 2, 10)
+            other.suggest_categorical("lr", ["a", "b"])
+    assert optuna.load_study(study_name=name, storage=make_storage(url)).trials[2].params == {"epochs": other.params["epochs"]}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 @pytest.mark.parametrize("slot", ["blank", "retry"])
 def test_a_trial_claimed_here_reads_as_stored_without_a_query(backend, slot, request):
     """The claimer reads its running trial from its own copy: every kind of write shows in it

@@ -59,8 +59,7 @@ _START = (
     .where(_TRIALS.c.trial_id == sqlalchemy.bindparam("claimed_id"))
     .values(state=TrialState.RUNNING, datetime_start=sqlalchemy.bindparam("start"))
 )
-# An ORM object added would take a flush of the session's unit of work as it commits.
-_INSERT_PARAM = sqlalchemy.insert(models.TrialParamModel.__table__)
+_PARAMS = models.TrialParamModel.__table__
 # A trial's end; only an unfinished trial takes it.
 _END = (
     sqlalchemy.update(_TRIALS)
@@ -90,6 +89,26 @@ def _upsert_statement(
     return insert.on_conflict_do_update(
         index_elements=[table.c[key] for key in keys], set_={column: insert.excluded[column] for column in columns}
     ).returning(table.c[keys[0]])
+
+
+class _ParamRows(list):
+    """A trial's sampled parameters held together, to go in as one insert of many rows: an ORM
+    object added a parameter took a flush of the session's unit of work, and a statement a
+    parameter was most of their transaction."""
+
+    def __init__(self, dialect: str) -> None:
+        super().__init__()
+        self.statement = _insert_params_statement(dialect)
+
+    def __call__(self, session: sqlalchemy.orm.Session) -> None:
+        session.execute(self.statement, self)
+
+
+@functools.cache
+def _insert_params_statement(dialect: str) -> sqlalchemy.Executable:
+    # RETURNING makes it one statement, as in ``_upsert_statement``; MySQL has none.
+    insert = sqlalchemy.insert(_PARAMS)
+    return insert if dialect == "mysql" else insert.returning(_PARAMS.c.param_id)
 
 
 _RETRIED_METHODS = (
@@ -176,21 +195,28 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
         previous_distribution: optuna.distributions.BaseDistribution | None,
     ) -> None:
         """Optuna's parameter write without its read of the trial, whose state ``_write``
-        checks; where no cache knows the study's earlier distribution, Optuna's own."""
-
-        def insert(session: sqlalchemy.orm.Session) -> None:
-            if previous_distribution is None:
-                self._set_trial_param_without_commit(session, trial_id, param_name, param_value_internal, distribution)
-                return
+        checks; where no cache knows the study's earlier distribution, Optuna's own. The
+        parameters of a trial held together go in as one statement."""
+        if previous_distribution is None:
+            self._write(trial_id, functools.partial(
+                self._set_trial_param_without_commit,
+                trial_id=trial_id, param_name=param_name, param_value_internal=param_value_internal, distribution=distribution,
+            ))
+        else:
             optuna.distributions.check_distribution_compatibility(previous_distribution, distribution)
-            session.execute(_INSERT_PARAM, {
+            row = {
                 "trial_id": trial_id,
                 "param_name": param_name,
                 "param_value": param_value_internal,
                 "distribution_json": optuna.distributions.distribution_to_json(distribution),
-            })
-
-        self._write(trial_id, insert)
+            }
+            held = self._holding()
+            if held and held[-1][0] == trial_id and isinstance(held[-1][1], _ParamRows):
+                held[-1][1].append(row)
+            else:
+                rows = _ParamRows(self.engine.name)
+                rows.append(row)
+                self._write(trial_id, rows)
         self._keep_param(trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
