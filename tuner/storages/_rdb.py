@@ -32,6 +32,7 @@ _logger = logging.getLogger("tuner.storages")
 _TRIALS = models.TrialModel.__table__
 _TRIAL_STATE = sqlalchemy.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == sqlalchemy.bindparam("trial_id"))
 _SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
+_PARAMS = models.TrialParamModel.__table__
 _IS_RETRY = (
     sqlalchemy.select(_SYSTEM_ATTRS.c.trial_system_attribute_id)
     .where(_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _SYSTEM_ATTRS.c.key == RETRY_HISTORY)
@@ -59,7 +60,6 @@ _START = (
     .where(_TRIALS.c.trial_id == sqlalchemy.bindparam("claimed_id"))
     .values(state=TrialState.RUNNING, datetime_start=sqlalchemy.bindparam("start"))
 )
-_PARAMS = models.TrialParamModel.__table__
 # A trial's end; only an unfinished trial takes it.
 _END = (
     sqlalchemy.update(_TRIALS)
