@@ -1,4 +1,5 @@
-"""The training loop on CPU: exact micro-batch gradients, seeded repeatability, divergence."""
+"""The training loop on CPU: exact micro-batch gradients, seeded repeatability, divergence, the
+averaged weights it evaluates."""
 
 import math
 
@@ -8,8 +9,9 @@ import torch
 
 from tuner.space import Hyperparameters
 from tuner.spec import Objective
+from tuner.train.averaging import WeightAverage
 from tuner.train.checkpoint import Checkpoint
-from tuner.train.loop import train
+from tuner.train.loop import Batches, evaluate, evaluated_weights, train
 from tuner.train.schedule import lr_factor
 from tuner.train.reporter import Diverged, Reporter
 from tuner.workloads import load_workload
@@ -54,10 +56,11 @@ def test_micro_batches_give_the_same_training():
         assert a["val_accuracy"] == b["val_accuracy"]
 
 
-def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, ema_decay):
     workload = load_workload("digits_mlp")
     uninterrupted = _reporter()
-    train(workload, _hp(epochs=4), uninterrupted, device=torch.device("cpu"))
+    train(workload, _hp(epochs=4), uninterrupted, device=torch.device("cpu"), ema_decay=ema_decay)
 
     class StopAfterTwo(Reporter):
         def decide(self, epoch):
@@ -68,9 +71,12 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path):
     checkpoint = Checkpoint(tmp_path / "trial.pt")
     study = optuna.create_study(direction="maximize")
     with pytest.raises(KeyboardInterrupt):
-        train(workload, _hp(epochs=4), StopAfterTwo(study.ask(), OBJECTIVE), device=torch.device("cpu"), checkpoint=checkpoint)
+        train(
+            workload, _hp(epochs=4), StopAfterTwo(study.ask(), OBJECTIVE), device=torch.device("cpu"),
+            checkpoint=checkpoint, ema_decay=ema_decay,
+        )
     resumed = _reporter()
-    train(workload, _hp(epochs=4), resumed, device=torch.device("cpu"), checkpoint=checkpoint)
+    train(workload, _hp(epochs=4), resumed, device=torch.device("cpu"), checkpoint=checkpoint, ema_decay=ema_decay)
     assert _curve(resumed) == _curve(uninterrupted)
 
 
@@ -101,3 +107,80 @@ def test_resume_after_the_last_epoch_returns_its_metrics(tmp_path):
     again = _reporter()
     assert train(workload, _hp(epochs=2), again, device=torch.device("cpu"), checkpoint=checkpoint) == final
     assert _curve(again) == _curve(first)
+
+
+def test_the_average_of_the_weights_is_evaluated_and_kept_while_the_weights_train_unchanged():
+    workload = load_workload("digits_mlp")
+    cpu = torch.device("cpu")
+    averaged, raw = _reporter(), _reporter()
+    checkpoint = Checkpoint()
+    train(workload, _hp(), averaged, device=cpu, checkpoint=checkpoint, ema_decay=0.99)
+    train(workload, _hp(), raw, device=cpu)
+    assert [e["train_loss"] for e in averaged.history] == [e["train_loss"] for e in raw.history]
+    assert [e["val_loss"] for e in averaged.history] != [e["val_loss"] for e in raw.history]
+
+    kept = workload.model(_hp())
+    kept.load_state_dict(evaluated_weights(checkpoint.load()))
+    metrics = evaluate(kept, workload, Batches(workload.val_data, cpu), 1024, "fp32")
+    assert metrics["val_loss"] == pytest.approx(averaged.history[-1]["val_loss"], rel=1e-6)
+
+
+def test_a_short_run_averages_its_last_steps_and_a_long_one_its_last_hundred():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    average = WeightAverage(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average.update(model)
+    # Step 1 decays by 2/11, not 0.99: a few steps in, the average is not the initial weights.
+    assert float(average.module.weight) == pytest.approx(1 - 2 / 11)
+    for _ in range(2000):
+        average.update(model)
+    assert float(average.module.weight) == pytest.approx(1.0)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    for _ in range(100):
+        average.update(model)
+    # Capped at 0.99: a hundred steps at the new weights move it 1 - 0.99**100 of the way.
+    assert float(average.module.weight) == pytest.approx(1 + (1 - 0.99**100), rel=1e-4)
+    restored = WeightAverage(model, decay=0.99)
+    restored.load_state_dict(average.state_dict())
+    assert restored.steps == average.steps == 2101
+    assert float(restored.module.weight) == float(average.module.weight)
+
+
+def test_a_spec_with_ema_decay_trains_its_trials_and_its_retrained_model_on_the_average(tmp_path):
+    from tuner.retrain import fixed_spec, retrain
+    from tuner.spec import parse_spec
+    from tuner.study import create_study, load_study
+    from tuner.worker import WorkerOptions, run_worker
+
+    def spec(name: str, ema_decay: float) -> dict:
+        return {
+            "name": name, "workload": "digits_mlp", "objective": {"metric": "val_accuracy"},
+            "budget": {"n_trials": 1}, "ema_decay": ema_decay, "pruner": {"name": "none"},
+            "search": {
+                "batch_size": {"low": 128, "high": 128, "scale": "pow2"},
+                "lr": {"low": 1e-2, "high": 1e-2, "log": True},
+                "epochs": {"low": 2, "high": 2},
+            },
+        }
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    curves = {}
+    for name, decay in (("raw", 0.0), ("averaged", 0.99)):
+        create_study(parse_spec(spec(name, decay)), url)
+        run_worker(name, url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "ckpt"))
+        study, stored = load_study(name, url)
+        curves[name] = study.trials[0].user_attrs["history"]
+    assert [e["train_loss"] for e in curves["averaged"]] == [e["train_loss"] for e in curves["raw"]]
+    assert [e["val_loss"] for e in curves["averaged"]] != [e["val_loss"] for e in curves["raw"]]
+
+    fixed = fixed_spec(study, stored)
+    assert fixed.ema_decay == 0.99
+    metrics, saved = retrain(fixed, device="cpu", out=tmp_path / "model.pt")
+    workload = load_workload("digits_mlp")
+    model = workload.model(fixed.hyperparameters)
+    model.load_state_dict(torch.load(saved))
+    kept = evaluate(model, workload, Batches(workload.val_data, torch.device("cpu")), 1024, "fp32")
+    assert kept["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)

@@ -9,14 +9,14 @@ from typing import Literal
 import optuna
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import BadInputError, TunerError
 from tuner.space import Hyperparameters, suggest
 from tuner.spec import Objective, StudySpec, load_model
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
-from tuner.train.loop import train
+from tuner.train.loop import evaluated_weights, train
 from tuner.train.reporter import Reporter
 from tuner.workloads import Workload, load_workload
 
@@ -29,6 +29,7 @@ class FixedSpec(BaseModel):
     workload: str
     objective: Objective
     precision: Literal["fp32", "bf16"] = "fp32"
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     hyperparameters: Hyperparameters
 
 
@@ -45,7 +46,10 @@ def fixed_spec(study: optuna.Study, spec: StudySpec) -> FixedSpec:
     best = study.best_trial
     origin = best.system_attrs.get("retry_history", [best.number])[0]
     hp = suggest(optuna.trial.FixedTrial(best.params, best.number), spec.search, seed=origin)
-    return FixedSpec(workload=spec.workload, objective=spec.objective, precision=spec.precision, hyperparameters=hp)
+    return FixedSpec(
+        workload=spec.workload, objective=spec.objective, precision=spec.precision, ema_decay=spec.ema_decay,
+        hyperparameters=hp,
+    )
 
 
 def export_best(study: optuna.Study, spec: StudySpec, path: Path) -> FixedSpec:
@@ -74,10 +78,10 @@ def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.p
     checkpoint = Checkpoint()
     metrics = train(
         workload, hp, reporter, device=memory.resolve_device(device), checkpoint=checkpoint,
-        precision=fixed.precision,
+        precision=fixed.precision, ema_decay=fixed.ema_decay,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint.load()["model"], out)  # type: ignore[index]
+    torch.save(evaluated_weights(checkpoint.load()), out)  # type: ignore[arg-type]
     return metrics, out
 
 

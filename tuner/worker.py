@@ -359,7 +359,7 @@ def _train_workload(
     try:
         return train(
             workload, hp, reporter, device=device, checkpoint=checkpoint, precision=precision,
-            limits=limits, measure_noise=spec.measure_noise_scale,
+            limits=limits, measure_noise=spec.measure_noise_scale, ema_decay=spec.ema_decay,
         )
     finally:
         memory.save_limits(study, key, limits)

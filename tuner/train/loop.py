@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tuner.space import Hyperparameters
 from tuner.train import memory
+from tuner.train.averaging import WeightAverage
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.noise import MicroBatchGradients, NoiseScale
 from tuner.train.reporter import OutOfMemory, Reporter
@@ -134,9 +135,13 @@ def train(
     precision: str = "fp32",
     limits: memory.MicroBatchLimits | None = None,
     measure_noise: bool = False,
+    ema_decay: float = 0.0,
 ) -> dict[str, float]:
     """Train ``hp.epochs`` epochs, reporting after each; resume from ``checkpoint`` if it holds
     a state. Returns the last epoch's metrics.
+
+    With an ``ema_decay`` the model evaluated, and kept by ``evaluated_weights``, is the moving
+    average of the weights (``tuner.train.averaging``).
 
     Each epoch's effective batch and rate come from ``hp.schedule``; the batches used are
     recorded as ``batch_size_per_epoch``. ``micro_batch_size`` caps the micro-batch; otherwise
@@ -153,6 +158,7 @@ def train(
     torch.manual_seed(hp.seed)
     model = workload.model(hp).to(device)
     optimizer = make_optimizer(model, hp)
+    average = WeightAverage(model, ema_decay) if ema_decay else None
     train_batches = Batches(workload.train_data, device, getattr(workload, "collate", None))
     val_batches = Batches(workload.val_data, device, getattr(workload, "collate", None))
     shuffle = torch.Generator().manual_seed(hp.seed)
@@ -165,6 +171,7 @@ def train(
         return {
             "epoch": epoch,
             "model": model.state_dict(),
+            "average": average.state_dict() if average is not None else None,
             "optimizer": optimizer.state_dict(),
             "shuffle": shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -181,6 +188,10 @@ def train(
 
     def restore(saved: dict[str, Any]) -> int:
         model.load_state_dict(saved["model"])
+        if average is not None and saved.get("average") is not None:
+            average.load_state_dict(saved["average"])
+        elif average is not None:  # a checkpoint of a trial that evaluated its raw weights
+            average.module.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         shuffle.set_state(saved["shuffle"])
         torch.set_rng_state(saved["torch_rng"])
@@ -221,9 +232,10 @@ def train(
         try:
             train_loss = _train_epoch(
                 model, workload, optimizer, train_batches, shuffle, batch_size, micro, precision,
-                _rates(hp, epoch, batch_size, len(train_batches)), gradients, noise,
+                _rates(hp, epoch, batch_size, len(train_batches)), gradients, noise, average,
             )
-            metrics = evaluate(model, workload, val_batches, micro, precision)
+            evaluated = average.module if average is not None else model
+            metrics = evaluate(evaluated, workload, val_batches, micro, precision)
         except RuntimeError as error:
             if not memory.is_out_of_memory(error):
                 raise
@@ -285,8 +297,10 @@ def _train_epoch(
     rate: Callable[[int, int], float],
     gradients: MicroBatchGradients | None,
     noise: NoiseScale,
+    average: WeightAverage | None = None,
 ) -> float:
-    """One pass over the data; ``gradients``, when given, feed ``noise`` after every step."""
+    """One pass over the data; ``gradients``, when given, feed ``noise`` after every step, and
+    ``average``, when given, follows the weights."""
     model.train()
     order = torch.randperm(len(batches), generator=shuffle)
     steps = [split_step(step, micro_batch_size) for step in order.split(batch_size)]
@@ -308,4 +322,12 @@ def _train_epoch(
         seen += step_size
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update(model)
     return float(total_loss) / len(batches)
+
+
+def evaluated_weights(saved: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint's trial was evaluated with: its average where it kept one."""
+    average = saved.get("average")
+    return average["model"] if average is not None else saved["model"]
