@@ -215,8 +215,9 @@ class StudySpec(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     measure_noise_scale: bool = False
     # With a decay (0.99), a trial is evaluated, pruned and kept on the moving average of its
-    # weights (``tuner.train.averaging``). Off by default: it ended higher on digits_cnn and
-    # reached breast_cancer_mlp's targets later (benchmarks/README.md, "A sixth round").
+    # weights (``tuner.train.averaging``). Off by default: it takes a second copy of the weights
+    # in device memory, and it helped digits_cnn, not breast_cancer_mlp (benchmarks/README.md,
+    # "A sixth round").
     ema_decay: float = Field(default=0.0, ge=0, lt=1)
     # The PNG costs about 0.1 s of CPU per trial: nothing next to minutes of training, most of
     # a trial's coordination cost when trials last a few seconds. The JSON curve is always kept.
