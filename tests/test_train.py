@@ -131,16 +131,16 @@ def test_a_short_run_averages_its_last_steps_and_a_long_one_its_last_hundred():
     average = WeightAverage(model, decay=0.99)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    average.update(model)
+    average.update()
     # Step 1 decays by 2/11, not 0.99: a few steps in, the average is not the initial weights.
     assert float(average.module.weight) == pytest.approx(1 - 2 / 11)
     for _ in range(2000):
-        average.update(model)
+        average.update()
     assert float(average.module.weight) == pytest.approx(1.0)
     with torch.no_grad():
         model.weight.fill_(2.0)
     for _ in range(100):
-        average.update(model)
+        average.update()
     # Capped at 0.99: a hundred steps at the new weights move it 1 - 0.99**100 of the way.
     assert float(average.module.weight) == pytest.approx(1 + (1 - 0.99**100), rel=1e-4)
     restored = WeightAverage(model, decay=0.99)

@@ -18,7 +18,8 @@ import torch
 
 
 class WeightAverage:
-    """The averaged copy of ``model``'s parameters and floating-point buffers.
+    """The averaged copy of ``model``'s parameters and floating-point buffers, which follows
+    ``model`` as its optimizer updates it in place.
 
     Not ``torch.optim.swa_utils.AveragedModel``: its update reads its step count, a tensor, back
     to the host at every step, which on a GPU waits for the step to finish; the training loop
@@ -30,6 +31,8 @@ class WeightAverage:
         self.module.requires_grad_(False)
         self.decay = decay
         self.steps = 0
+        # Listed once: the optimizer and a checkpoint's restore update the same tensors in place.
+        self._current = self._floats(model)
         self._averaged = self._floats(self.module)
 
     @staticmethod
@@ -37,11 +40,11 @@ class WeightAverage:
         tensors = [*model.parameters(), *model.buffers()]
         return [tensor.detach() for tensor in tensors if tensor.is_floating_point()]
 
-    def update(self, model: torch.nn.Module) -> None:
-        """Move the average towards ``model``'s weights after an optimizer step."""
+    def update(self) -> None:
+        """Move the average towards the model's weights after an optimizer step."""
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self._averaged, self._floats(model), 1.0 - decay)
+        torch._foreach_lerp_(self._averaged, self._current, 1.0 - decay)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "steps": self.steps}

@@ -323,7 +323,7 @@ def _train_epoch(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if average is not None:
-            average.update(model)
+            average.update()
     return float(total_loss) / len(batches)
 
 
