@@ -392,6 +392,71 @@ def test_opening_an_indexed_database_does_not_wait_for_its_writers(postgres_url,
         assert time.monotonic() - started < 2
 
 
+def _fill(connection, first: int, count: int, state: str) -> None:
+    """``count`` trials of study 1 from number ``first``; finished ones with a trial's rows."""
+    connection.execute(
+        f"INSERT INTO trials (number, study_id, state) SELECT g, 1, '{state}' FROM generate_series({first}, {first + count - 1}) g"
+    )
+    if state != "COMPLETE":
+        return
+    per_trial = {
+        "trial_intermediate_values (trial_id, step, intermediate_value, intermediate_value_type)": ("s, 0.5, 'FINITE'", 10),
+        "trial_user_attributes (trial_id, key, value_json)": ("'k' || s, '1'", 9),
+        "trial_params (trial_id, param_name, param_value, distribution_json)": ("'p' || s, 1, '{}'", 3),
+        "trial_system_attributes (trial_id, key, value_json)": ("'artifacts:curve', '1'", 1),
+        "trial_values (trial_id, objective, value, value_type)": ("s - 1, 1, 'FINITE'", 1),
+    }
+    for table, (columns, rows) in per_trial.items():
+        connection.execute(
+            f"INSERT INTO {table} SELECT t.trial_id, {columns} FROM trials t, generate_series(1, {rows}) s "
+            f"WHERE t.number >= {first}"
+        )
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("statistics", ["current", "taken_at_the_first_slots"])
+def test_a_claim_planned_for_any_study_reads_no_other_trials_rows(postgres_url, statistics):
+    """psycopg prepares a statement run five times, and PostgreSQL then plans it once for any
+    parameters. That plan of the claim must look its trial up, not read every row of the
+    parameter, value and attribute tables, even with statistics taken when the study's first
+    slots were all its trials."""
+    import psycopg
+    from sqlalchemy.dialects import postgresql
+
+    from tuner.storages._rdb import _NEXT_WAITING
+
+    admin_url = postgres_url.rsplit("/", 1)[0] + "/postgres"
+    url = f"{postgres_url}_plans"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {url.rsplit('/', 1)[1]}")
+    try:
+        storage = make_storage(url)
+        optuna.create_study(study_name="planned", storage=storage)
+        rdb_backend(storage).engine.dispose()
+        statement = _NEXT_WAITING.params(study_id=987654321).compile(
+            dialect=postgresql.psycopg.dialect(), compile_kwargs={"literal_binds": True}
+        )
+        with psycopg.connect(url, autocommit=True) as connection:
+            if statistics == "current":
+                _fill(connection, 0, 3000, "COMPLETE")
+                _fill(connection, 3000, 16, "WAITING")
+                connection.execute("ANALYZE")
+            else:
+                _fill(connection, 0, 16, "WAITING")
+                connection.execute("ANALYZE")
+                _fill(connection, 16, 3000, "COMPLETE")
+            connection.execute("SET plan_cache_mode = force_generic_plan")
+            connection.execute(f"PREPARE claim(integer) AS {str(statement).replace('987654321', '$1')}")
+            plan = "\n".join(row[0] for row in connection.execute("EXPLAIN EXECUTE claim(1)"))
+            claimed = connection.execute("EXECUTE claim(1)").fetchone()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+    assert "Seq Scan on trial_" not in plan and "hashed" not in plan, plan
+    # The first WAITING trial, a blank slot.
+    assert claimed[1:] == (3000 if statistics == "current" else 0, False)
+
+
 def _claimed(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
     try:
         return storage.set_trial_state_values(trial_id, TrialState.RUNNING)

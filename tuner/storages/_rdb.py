@@ -33,27 +33,47 @@ _TRIALS = models.TrialModel.__table__
 _TRIAL_STATE = sqlalchemy.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == sqlalchemy.bindparam("trial_id"))
 _SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 _PARAMS = models.TrialParamModel.__table__
-_IS_RETRY = (
-    sqlalchemy.select(_SYSTEM_ATTRS.c.trial_system_attribute_id)
-    .where(_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _SYSTEM_ATTRS.c.key == RETRY_HISTORY)
-    .exists()
+
+
+def _constant(value: Any, column: sqlalchemy.Column) -> sqlalchemy.BindParameter:
+    """A value written into the statement rather than sent as a parameter: a plan made for any
+    parameters (see ``_NEXT_WAITING``) then knows it, and its statistics say how few trials wait."""
+    return sqlalchemy.bindparam(None, value, type_=column.type, literal_execute=True)
+
+
+# 1 for a retry, else 0. A count rather than EXISTS: PostgreSQL may answer an EXISTS for many
+# rows by hashing every row of the attributes table, where a count is looked up in the index.
+_RETRIES = (
+    sqlalchemy.select(sqlalchemy.func.count())
+    .where(_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _SYSTEM_ATTRS.c.key == _constant(RETRY_HISTORY, _SYSTEM_ATTRS.c.key))
+    .scalar_subquery()
 )
-# Whether a trial has anything besides its own row: a blank slot has nothing to read.
-_HAS_ROWS = sqlalchemy.or_(*(
-    sqlalchemy.select(model.__table__.c.trial_id).where(model.__table__.c.trial_id == _TRIALS.c.trial_id).exists()
-    for model in (
-        models.TrialParamModel, models.TrialValueModel, models.TrialIntermediateValueModel,
-        models.TrialUserAttributeModel, models.TrialSystemAttributeModel,
-    )
-))
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
-# One query finds and locks the trial a claim takes.
-_NEXT_WAITING = (
-    sqlalchemy.select(_TRIALS.c.trial_id, _TRIALS.c.number, _HAS_ROWS)
-    .where(_TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.state == TrialState.WAITING)
-    .order_by(sqlalchemy.case((_IS_RETRY, 0), else_=1), _TRIALS.c.number)
-    .limit(1)
+# The trial a claim takes, found and locked by one query: the next WAITING one, retries first.
+_CLAIMED = (
+    sqlalchemy.select(_TRIALS.c.trial_id, _TRIALS.c.number)
+    .where(_TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.state == _constant(TrialState.WAITING, _TRIALS.c.state))
+    .order_by(_RETRIES.desc(), _TRIALS.c.number)
+    .limit(_constant(1, _TRIALS.c.number))
     .with_for_update(skip_locked=True)
+    .subquery("claimed")
+)
+# With whether it has anything besides its own row: a blank slot, as most are, has nothing to
+# read. Asked of the one trial found, not in the query that finds it: PostgreSQL plans a
+# statement that psycopg prepared once for any parameters after five runs, and a plan that
+# expects many WAITING trials (the WAITING state a parameter, or statistics taken while the
+# study's first slots were most of its trials) hashed every row of the parameter, value and
+# attribute tables to answer it, a whole read of each per claim.
+_NEXT_WAITING = sqlalchemy.select(
+    _CLAIMED.c.trial_id,
+    _CLAIMED.c.number,
+    sqlalchemy.or_(*(
+        sqlalchemy.select(model.__table__.c.trial_id).where(model.__table__.c.trial_id == _CLAIMED.c.trial_id).exists()
+        for model in (
+            models.TrialParamModel, models.TrialValueModel, models.TrialIntermediateValueModel,
+            models.TrialUserAttributeModel, models.TrialSystemAttributeModel,
+        )
+    )),
 )
 _START = (
     sqlalchemy.update(_TRIALS)
