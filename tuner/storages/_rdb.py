@@ -460,7 +460,8 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
         for state, count, _ in rows:
             counts[state] = count
         made = sum(counts.values())
-        counts[TrialState.FAIL] -= self._count_retries(session, study_id)
+        if counts[TrialState.FAIL]:  # only a failed trial is retried; counting retries reads every attribute row
+            counts[TrialState.FAIL] -= self._count_retries(session, study_id)
         first = min((start for _, _, start in rows if start is not None), default=None)
         if first is not None:  # stored as naive UTC; trials show naive local times
             first = first.replace(tzinfo=timezone.utc).astimezone().replace(tzinfo=None)
