@@ -16,7 +16,11 @@ Overhead per trial = (workers x wall - objective time of all trials) / trials, w
 from the moment every worker is at work (the last one's first trial) to the last trial's end,
 as the storage recorded them, and trials are those that started in it: process start-up, and
 the trials that overlap other workers' start-up, are not counted. Its growth with the study is
-the same figure over each tenth of the trials in the order they finished.
+the same figure over each tenth of the trials in the order they finished. Beside it, the
+host's busy CPU per trial over the same window (Linux's /proc/stat, every process on the
+machine, the database server's included): with more workers than cores the overhead is at
+least workers / cores x CPU - objective time, that CPU queued for, and no more where the
+CPU is all that a trial waits for.
 
     python benchmarks/overhead.py [--full] [--storages sqlite,postgres,journal,grpc] [--workers 1,8]
         [--trials 100] [--large 10000] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
@@ -31,6 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy
 import optuna
 from optuna.trial import TrialState
 
@@ -180,15 +186,61 @@ def _all_working(trials: list, folder: Path, name: str) -> float:
     return max(first.values())
 
 
+def _busy_s() -> float:
+    """CPU seconds the whole host has spent busy since boot: /proc/stat's first line less idle
+    and I/O wait."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class HostCPU:
+    """The whole host's busy CPU, sampled through a run, to be read over the window that the
+    overhead figure counts: with more workers than cores, that figure is mostly the CPU a trial
+    costs (the workers', the database server's, the kernel's) queued for. Linux only: no
+    samples where there is no /proc/stat."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
+
+    def __enter__(self) -> HostCPU:
+        if os.path.exists("/proc/stat"):
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._sampler.is_alive():
+            self._sampler.join()
+
+    def _sample(self, interval_s: float) -> None:
+        while True:
+            self.samples.append((time.time(), _busy_s()))
+            if self._stop.wait(interval_s):
+                self.samples.append((time.time(), _busy_s()))
+                return
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        """Busy CPU seconds from ``start`` to ``end`` (Unix times), interpolated between
+        samples; None where the samples do not cover the window."""
+        if not self.samples or start < self.samples[0][0] or end > self.samples[-1][0]:
+            return None
+        times, busy = zip(*self.samples)
+        return float(numpy.interp(end, times, busy) - numpy.interp(start, times, busy))
+
+
 def measure_side(side: str, kind: str, url: str, workers: int, n_trials: int, sleep_ms: float, folder: Path) -> dict:
     """Run one side and measure it; a side that failed gets its error instead of figures."""
     name = f"{side}-{kind}-{workers}-{n_trials}-{time.time_ns()}"
     row: dict = {"storage": kind, "workers": workers, "side": side}
     try:
-        _run_side(side, url, name, workers, n_trials, sleep_ms, folder)
-        return {**row, **overhead(url, name, workers, sleep_ms, folder)}
+        with HostCPU() as host:
+            _run_side(side, url, name, workers, n_trials, sleep_ms, folder)
+        return {**row, **overhead(url, name, workers, sleep_ms, folder, host)}
     except RuntimeError as error:
-        return {**row, "trials": 0, "ms_per_trial": None, "by_tenth": [], "failed": _reason(str(error))}
+        return {**row, "trials": 0, "ms_per_trial": None, "cpu_ms_per_trial": None, "by_tenth": [], "failed": _reason(str(error))}
 
 
 def _reason(error: str) -> str:
@@ -199,8 +251,9 @@ def _reason(error: str) -> str:
     return "; ".join(dict.fromkeys(found)) or lines[0]
 
 
-def overhead(url: str, name: str, workers: int, sleep_ms: float, folder: Path) -> dict:
-    """Per-trial overhead in ms over the whole run and over each tenth of it.
+def overhead(url: str, name: str, workers: int, sleep_ms: float, folder: Path, host: HostCPU | None = None) -> dict:
+    """Per-trial overhead in ms over the whole run and over each tenth of it, and the host's
+    busy CPU ms per trial over the same run where ``host`` sampled it.
 
     The run counts from the moment every worker works: trials started before that overlap the
     other workers' start-up (tuner's imports torch: about 4 s of CPU each), which is not
@@ -228,7 +281,11 @@ def overhead(url: str, name: str, workers: int, sleep_ms: float, folder: Path) -
         per_trial(ends[k - 1] if k else start, ends[min(k + tenth, len(ends)) - 1], min(tenth, len(ends) - k))
         for k in range(0, len(ends) - tenth + 1, tenth)
     ]
-    return {"trials": len(done), "ms_per_trial": per_trial(start, ends[-1], len(done)), "by_tenth": growth}
+    busy = host.busy_between(start, ends[-1]) if host is not None else None
+    return {
+        "trials": len(done), "ms_per_trial": per_trial(start, ends[-1], len(done)),
+        "cpu_ms_per_trial": None if busy is None else round(1000 * busy / len(done), 2), "by_tenth": growth,
+    }
 
 
 @contextmanager
@@ -303,6 +360,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         summary.append({
             "storage": mine["storage"], "workers": mine["workers"], "trials": mine["trials"] or plain["trials"],
             "optuna_ms": plain["ms_per_trial"], "tuner_ms": mine["ms_per_trial"], "ratio": ratio,
+            "optuna_cpu_ms": plain.get("cpu_ms_per_trial"), "tuner_cpu_ms": mine.get("cpu_ms_per_trial"),
         })
     return summary
 
@@ -342,12 +400,14 @@ def main() -> None:
                 result = f"failed: {row['failed']}" if row.get("failed") else f"{row['ms_per_trial']:>9} ms/trial"
                 print(f"{kind:<9}{workers:>3} workers {side:<6}{row['trials']:>6} trials {result}", flush=True)
     print()
-    print(f"{'storage':<10}{'workers':>8}{'trials':>8}{'optuna ms':>11}{'tuner ms':>10}{'ratio':>7}{'tuner first/last tenth':>24}")
+    print(f"{'storage':<10}{'workers':>8}{'trials':>8}{'optuna ms':>11}{'tuner ms':>10}{'ratio':>7}"
+          f"{'tuner first/last tenth':>24}{'host CPU ms, optuna/tuner':>28}")
     summary = summarize(rows)
     for row, mine in zip(summary, rows[1::2]):
         growth = f"{mine['by_tenth'][0]} -> {mine['by_tenth'][-1]}" if mine["by_tenth"] else "-"
         cells = [str(row[key]) if row[key] is not None else "failed" for key in ("optuna_ms", "tuner_ms", "ratio")]
-        print(f"{row['storage']:<10}{row['workers']:>8}{row['trials']:>8}{cells[0]:>11}{cells[1]:>10}{cells[2]:>7}{growth:>24}")
+        cpu = " / ".join(str(row[key]) if row[key] is not None else "-" for key in ("optuna_cpu_ms", "tuner_cpu_ms"))
+        print(f"{row['storage']:<10}{row['workers']:>8}{row['trials']:>8}{cells[0]:>11}{cells[1]:>10}{cells[2]:>7}{growth:>24}{cpu:>28}")
     png = png_ms()
     print(f"\nThe learning-curve PNG (learning_curve_png: true, the default) adds {png} ms of CPU per trial.")
     args.out.parent.mkdir(parents=True, exist_ok=True)

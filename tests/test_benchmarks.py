@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,7 @@ def test_overhead_runs_tuner_and_plain_optuna_on_the_same_storage(tmp_path: Path
     (row,) = payload["summary"]
     assert (row["storage"], row["workers"]) == ("sqlite", 1)
     assert row["ratio"] == round(row["tuner_ms"] / max(row["optuna_ms"], 0.1), 2)
+    assert row["optuna_cpu_ms"] > 0 and row["tuner_cpu_ms"] > 0
     assert payload["settings"]["png_ms_per_trial"] > 0
     assert "learning-curve PNG" in stdout
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
@@ -86,9 +88,12 @@ def test_a_side_whose_workers_fail_is_recorded_with_its_error_and_the_run_goes_o
     mine = overhead.measure_side("tuner", "sqlite", url, 1, 3, -1.0, tmp_path)
     assert mine["failed"].startswith("no trial completed of the 3"), mine["failed"]
     measured = {**mine, "side": "tuner", "trials": 3, "ms_per_trial": 12.0, "by_tenth": [12.0], "failed": None}
+    assert plain["cpu_ms_per_trial"] is None
+    measured["cpu_ms_per_trial"] = 4.5
+    none = {"optuna_ms": None, "tuner_ms": None, "ratio": None, "optuna_cpu_ms": None, "tuner_cpu_ms": None}
     assert overhead.summarize([plain, mine, plain, measured]) == [
-        {"storage": "sqlite", "workers": 1, "trials": 0, "optuna_ms": None, "tuner_ms": None, "ratio": None},
-        {"storage": "sqlite", "workers": 1, "trials": 3, "optuna_ms": None, "tuner_ms": 12.0, "ratio": None},
+        {"storage": "sqlite", "workers": 1, "trials": 0, **none},
+        {"storage": "sqlite", "workers": 1, "trials": 3, **none, "tuner_ms": 12.0, "tuner_cpu_ms": 4.5},
     ]
     overhead.plot([plain, mine, plain, measured], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
@@ -97,6 +102,21 @@ def test_a_side_whose_workers_fail_is_recorded_with_its_error_and_the_run_goes_o
         [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--sleep-ms", "-1"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2 and "--sleep-ms must be 0 or more (got -1)" in refused.stderr
+
+
+def test_the_host_cpu_of_a_window_counts_the_work_done_in_it():
+    """CPU burnt by this process inside the window is counted, none is outside the samples."""
+    with overhead.HostCPU(interval_s=0.05) as host:
+        time.sleep(0.2)
+        started = time.time()
+        burnt = time.process_time()
+        while time.process_time() - burnt < 0.5:
+            pass
+        ended = time.time()
+        time.sleep(0.2)
+    assert host.busy_between(started, ended) >= 0.45
+    assert host.busy_between(host.samples[0][0] - 1, ended) is None
+    assert host.busy_between(started, host.samples[-1][0] + 1) is None
 
 
 def test_throughput_times_both_loops_at_every_batch_size(tmp_path: Path):
