@@ -35,26 +35,26 @@ _SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 _PARAMS = models.TrialParamModel.__table__
 
 
-def _constant(value: Any, column: sqlalchemy.Column) -> sqlalchemy.BindParameter:
+def _constant(value: Any, type_: sqlalchemy.types.TypeEngine) -> sqlalchemy.BindParameter:
     """A value written into the statement rather than sent as a parameter: a plan made for any
     parameters (see ``_NEXT_WAITING``) then knows it, and its statistics say how few trials wait."""
-    return sqlalchemy.bindparam(None, value, type_=column.type, literal_execute=True)
+    return sqlalchemy.bindparam(None, value, type_=type_, literal_execute=True)
 
 
 # 1 for a retry, else 0. A count rather than EXISTS: PostgreSQL may answer an EXISTS for many
 # rows by hashing every row of the attributes table, where a count is looked up in the index.
 _RETRIES = (
     sqlalchemy.select(sqlalchemy.func.count())
-    .where(_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _SYSTEM_ATTRS.c.key == _constant(RETRY_HISTORY, _SYSTEM_ATTRS.c.key))
+    .where(_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _SYSTEM_ATTRS.c.key == _constant(RETRY_HISTORY, _SYSTEM_ATTRS.c.key.type))
     .scalar_subquery()
 )
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert, "mysql": mysql.insert}
 # The trial a claim takes, found and locked by one query: the next WAITING one, retries first.
 _CLAIMED = (
     sqlalchemy.select(_TRIALS.c.trial_id, _TRIALS.c.number)
-    .where(_TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.state == _constant(TrialState.WAITING, _TRIALS.c.state))
+    .where(_TRIALS.c.study_id == sqlalchemy.bindparam("study_id"), _TRIALS.c.state == _constant(TrialState.WAITING, _TRIALS.c.state.type))
     .order_by(_RETRIES.desc(), _TRIALS.c.number)
-    .limit(_constant(1, _TRIALS.c.number))
+    .limit(_constant(1, sqlalchemy.Integer()))
     .with_for_update(skip_locked=True)
     .subquery("claimed")
 )
