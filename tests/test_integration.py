@@ -13,7 +13,11 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import small_spec, start_tuner, tuner
+from tuner.cli import errors
+from tuner.launch import follow
+from tuner.spec import parse_spec
 from tuner.storages import sqlalchemy_url
+from tuner.study import create_study
 
 RECORDS = (
     "effective_batch_size", "micro_batch_size", "accumulation_steps", "lr_used", "epochs_completed",
@@ -113,6 +117,18 @@ def test_run_prints_progress_and_best_table(tmp_path, write_spec, sqlite_url):
     assert len(csv_out.strip().splitlines()) == 5
     table = tuner("trials", "--study", "progress", "--storage", sqlite_url).stdout
     assert "COMPLETE" in table
+
+
+def test_a_long_worker_line_stays_one_line_in_a_pipe(sqlite_url, capsys):
+    """``tuner run`` piped to a file or ``grep``: its workers' lines are relayed whole."""
+    spec = parse_spec(small_spec("piped"))
+    study = create_study(spec, sqlite_url)
+    line = "trial 0 complete: val_accuracy=0.9722 | " + " ".join(f"record_{k}=0.125" for k in range(8))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", f"print({line!r})"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert follow(study, spec, [worker], errors, poll_s=0.05) == [0]
+    assert f"[w0] {line}" in capsys.readouterr().err.splitlines()
 
 
 def test_time_budget_stops_workers(tmp_path, write_spec, sqlite_url):

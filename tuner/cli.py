@@ -32,7 +32,9 @@ app = typer.Typer(
 )
 # Piped output keeps whole table rows instead of folding them to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
-errors = Console(stderr=True)
+# The workers' relayed lines and the progress: a line stays one line, which rich would fold at
+# 80 columns in a log file or a pipe into grep.
+errors = Console(stderr=True, soft_wrap=True)
 
 StorageOption = Annotated[
     Optional[str],
