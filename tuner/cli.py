@@ -137,8 +137,10 @@ def worker(
     gpus: GpusOption = None,
     workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
-    """Pull trials from a study until its budget is met, then exit 0; with --gpus, start one
-    such worker process per GPU (--workers-per-gpu each) and wait for them."""
+    """Pull trials from a study until its budget is met, then exit 0.
+
+    With --gpus, start one such worker process per GPU (--workers-per-gpu each) and wait for them.
+    """
     from tuner.progress import log_output
     from tuner.worker import WorkerOptions, run_worker
 
@@ -270,8 +272,10 @@ def best(
         typer.Option("--within", help="The fastest trial (by train_time_s) whose metric is within this percentage of the best, e.g. 1%."),
     ] = None,
 ) -> None:
-    """The best trial (for several objectives: the Pareto front); with --within, the fastest
-    trial that is nearly as good."""
+    """The best trial; for several objectives, the Pareto front.
+
+    With --within, the fastest trial that is nearly as good.
+    """
     if output not in ("table", "json"):
         raise BadInputError(f"--format must be table or json, not {output!r}.")
     if within is not None:
@@ -413,9 +417,12 @@ def probe(
         Optional[Path], typer.Option("--write", help="Write the spec with the recommended ranges here (implies --suggest).")
     ] = None,
 ) -> None:
-    """The largest micro-batch that fits on the device and samples/s at each size tried, stored
-    in the study (when it exists) so that its workers start trials there; then the gradient noise
-    scale over a short training run."""
+    """The largest micro-batch that fits on the device, then the gradient noise scale.
+
+    Reports samples/s at each micro-batch size tried and stores the largest that fits in the study
+    (when it exists), so that its workers start trials there; then measures the gradient noise
+    scale over a short training run.
+    """
     from tuner.spec import load_spec
     from tuner.train.memory import resolve_device
 

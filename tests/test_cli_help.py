@@ -1,0 +1,18 @@
+"""The command's help as a user reads it."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import tuner
+
+
+def test_every_command_is_summed_up_on_one_line():
+    """A summary wrapped by hand in a docstring would come out broken mid-sentence in the list."""
+    result = tuner("--help", env={"COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    panel = result.stdout.split("Commands")[1].split("╰")[0]
+    rows = [line.strip("│ ") for line in panel.splitlines()[1:]]
+    names = [re.match(r"[a-z]+(?=\s{2})", row) for row in rows]
+    assert all(names), [row for row, name in zip(rows, names) if not name]
+    assert {"run", "worker", "best", "probe", "status"} <= {name.group() for name in names}
