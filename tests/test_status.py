@@ -75,6 +75,15 @@ def test_status_command_prints_them(known_study: optuna.Study, sqlite_url: str):
     assert "gpu-box:4242: epoch 2/3" in rows["live workers"]
 
 
+def test_status_of_a_finished_study_says_its_budget_is_met(sqlite_url: str):
+    study = create_study(parse_spec(small_spec("finished", budget={"n_trials": 2})), sqlite_url)
+    _finish(study, 3, 3, TrialState.COMPLETE)
+    _finish(study, 3, 3, TrialState.COMPLETE)
+    result = tuner("status", "--study", "finished", "--storage", sqlite_url, env={"COLUMNS": "120"})
+    assert re.search(r"ETA\s+│\s+budget met", result.stdout), result.stdout
+    assert re.search(r"trials per hour\s+│\s+\d+\s", result.stdout), result.stdout
+
+
 def test_status_shows_heartbeats_and_trials_waiting_to_resume(sqlite_url: str):
     spec = parse_spec(small_spec("resume", budget={"n_trials": 2}))
     study = create_study(spec, sqlite_url)

@@ -158,8 +158,8 @@ def _cells(status: StudyStatus) -> dict[str, str]:
         "best": (format_value(status.best_value) or "-") if status.pareto_size is None else f"{status.pareto_size} on the Pareto front",
         "epochs trained": f"{status.epochs_trained} of {status.epochs_unpruned} without pruning",
         "saved by pruning": "-" if savings is None else f"{savings:.0f}%",
-        "trials per hour": "-" if pace is None else f"{pace:.1f}",
-        "ETA": _duration(status.eta_s),
+        "trials per hour": "-" if pace is None else f"{pace:.0f}" if pace >= 100 else f"{pace:.1f}",
+        "ETA": "budget met" if budget.exhausted else _duration(status.eta_s),
         "live workers": "\n".join(
             f"trial {t.number} on {t.worker or '?'}" + (f" ({t.device})" if t.device else "")
             + f": epoch {t.epochs_completed}/{t.epochs or '?'}"
