@@ -4,6 +4,7 @@ plain Optuna reading (and adding to) the same study."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def _check_study(url: str, name: str, n_trials: int) -> optuna.Study:
         assert trial.user_attrs["micro_batch_size"] * trial.user_attrs["accumulation_steps"] >= trial.params["batch_size"]
         assert len(trial.user_attrs["history"]) == trial.user_attrs["epochs_completed"]
     pruned = [t for t in finished if t.state == TrialState.PRUNED]
-    assert all(t.user_attrs["stop_reason"] == "pruned" for t in pruned)
+    for trial in pruned:
+        assert trial.user_attrs["stop_reason"] == "pruned"
+        assert re.fullmatch(rf"at epoch {trial.user_attrs['epochs_completed']} with val_accuracy=[\d.]+", trial.user_attrs["stop_detail"])
     return study
 
 

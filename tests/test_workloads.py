@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 from optuna.trial import TrialState
 
@@ -39,11 +41,16 @@ def test_sklearn_mlp_prunes_like_torch(sqlite_url):
     assert study.best_value > 0.8
 
 
-def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url):
+def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url, caplog):
     spec = small_spec("nan", workload="user_workloads:diverges_on_large_lr", budget={"n_trials": 8})
     spec["sampler"] = {"name": "random", "seed": 2}
-    study = _run(spec, sqlite_url)
+    with caplog.at_level(logging.INFO, logger="tuner"):
+        study = _run(spec, sqlite_url)
     diverged = [t for t in study.trials if t.user_attrs.get("stop_reason") == "diverged"]
     assert diverged and all(t.state == TrialState.PRUNED for t in diverged)
     assert all(t.params["lr"] > 0.01 for t in diverged)
+    # The worker's line for such a trial says why, as its record does.
+    for trial in diverged:
+        assert trial.user_attrs["stop_detail"] == "val_accuracy is nan at epoch 1"
+        assert f"trial {trial.number} diverged: val_accuracy is nan at epoch 1 |" in caplog.text
     assert len([t for t in study.trials if t.state.is_finished()]) == 8

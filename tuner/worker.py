@@ -382,7 +382,7 @@ def _log_trial(
 ) -> None:
     shown = ", ".join(
         f"{o.metric}={v:.4g}" for o, v in zip(spec.all_objectives, values or [])
-    ) or f"after {reporter.epochs_done} epoch(s)"
+    ) or reporter.records.get("stop_detail") or f"after {reporter.epochs_done} epoch(s)"
     logger.info(
         "trial %d %s: %s | batch_size=%d %s=%.3g epochs=%d",
         trial.number, outcome, shown, hp.batch_size, lr_param_name(spec.search.lr), hp.base_lr, hp.epochs,

@@ -159,4 +159,4 @@ class Reporter:
         metric = self.objectives[0].metric
         value = self.history[-1][metric]
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {metric}={value:.4g}")
+            raise optuna.TrialPruned(f"at epoch {epoch} with {metric}={value:.4g}")
