@@ -146,3 +146,18 @@ def test_time_budget_stops_workers(tmp_path, write_spec, sqlite_url):
     assert len(finished) == len(study.trials)
     span = max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
     assert span.total_seconds() < 2 + 2 * 0.3 * 2 + 1
+
+
+def test_run_on_a_study_whose_budget_is_met_starts_no_workers(write_spec, sqlite_url):
+    spec = small_spec("met", budget={"n_trials": 2})
+    study = create_study(parse_spec(spec), sqlite_url)
+    for accuracy in (0.5, 0.75):
+        trial = study.ask()
+        study.tell(trial, accuracy)
+    result = tuner("run", str(write_spec(spec)), "--storage", sqlite_url, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    # One line: no worker's, nor Optuna's "Using an existing study".
+    assert result.stderr.splitlines() == [
+        "study 'met' has met its budget (2 of 2 trials finished; raise it with --n-trials); no workers started"
+    ]
+    assert "best trial of 'met': #1" in result.stdout

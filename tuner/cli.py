@@ -100,7 +100,7 @@ def run(
     from tuner.launch import follow, start_workers
     from tuner.spec import load_spec
     from tuner.storages import storage_url
-    from tuner.study import create_study
+    from tuner.study import budget_state, create_study
 
     spec = load_spec(spec_path)
     if n_trials is not None:
@@ -113,12 +113,23 @@ def run(
     environments = _gpu_environments(gpus, workers_per_gpu, device) if gpus is not None else None
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)
-    processes = start_workers(
-        created.study_name, url, len(environments) if environments else workers,
-        device="cuda" if environments else device, environments=environments,
-        checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
-    )
-    codes = follow(created, spec, processes, errors)
+    budget = budget_state(created, spec)
+    if budget.exhausted:
+        # Workers would import torch only to find nothing to do.
+        met = (
+            f"{budget.finished} of {budget.n_trials} trials finished; raise it with --n-trials"
+            if budget.n_trials is not None and budget.finished >= budget.n_trials
+            else f"its {spec.budget.timeout_s:g} s have passed"
+        )
+        errors.print(f"study {created.study_name!r} has met its budget ({met}); no workers started", highlight=False)
+        codes = []
+    else:
+        processes = start_workers(
+            created.study_name, url, len(environments) if environments else workers,
+            device="cuda" if environments else device, environments=environments,
+            checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+        )
+        codes = follow(created, spec, processes, errors)
     _print_best(created.study_name, url, "table")
     if any(codes):
         raise TunerError(f"{sum(1 for c in codes if c)} of {len(codes)} workers exited with an error.")
@@ -558,6 +569,8 @@ def main() -> None:
 
     # Heartbeats and the retry callback are marked experimental; the user cannot act on that.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Optuna's own notes ("Using an existing study ...") repeat what the commands print.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         app()
     except TunerError as error:
