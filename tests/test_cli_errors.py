@@ -16,7 +16,19 @@ def _assert_bad_input(result, *fragments: str) -> None:
 
 def test_unknown_workload(write_spec, sqlite_url):
     spec = write_spec(small_spec("x", workload="resnet_on_the_moon"))
-    _assert_bad_input(tuner("create", str(spec), "--storage", sqlite_url), "Unknown workload 'resnet_on_the_moon'", "digits_mlp")
+    _assert_bad_input(
+        tuner("create", str(spec), "--storage", sqlite_url),
+        "spec field 'workload'", "Unknown workload 'resnet_on_the_moon'", "digits_mlp",
+    )
+
+
+@pytest.mark.parametrize(
+    ("bounds", "expected"),
+    [({}, "set lower, upper or both"), ({"lower": 0.9, "upper": 0.1}, "lower (0.9) must not be above upper (0.1)")],
+)
+def test_threshold_pruner_needs_sound_bounds(write_spec, sqlite_url, bounds, expected):
+    spec = write_spec(small_spec("x", pruner={"name": "threshold", **bounds}))
+    _assert_bad_input(tuner("create", str(spec), "--storage", sqlite_url), "spec field 'pruner.threshold'", expected)
 
 
 def test_wrong_type(write_spec, sqlite_url):

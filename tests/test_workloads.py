@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 
 import tuner
@@ -54,3 +58,20 @@ def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url, caplog):
         assert trial.user_attrs["stop_detail"] == "val_accuracy is nan at epoch 1"
         assert f"trial {trial.number} diverged: val_accuracy is nan at epoch 1 |" in caplog.text
     assert len([t for t in study.trials if t.state.is_finished()]) == 8
+
+
+def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):
+    """``python -m tuner`` puts that folder on the path; the installed script must too."""
+    (tmp_path / "my_training.py").write_text(
+        "def train(hp, report):\n"
+        "    report(1, {'val_accuracy': 0.5})\n"
+        "    return {'val_accuracy': 0.5}\n"
+    )
+    spec = small_spec("own-module", workload="my_training:train", budget={"n_trials": 1})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    script = Path(sys.executable).parent / "tuner"
+    result = subprocess.run(
+        [str(script), "create", "spec.yaml", "--storage", sqlite_url],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr

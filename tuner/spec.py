@@ -181,6 +181,14 @@ class ThresholdPrunerSpec(_Strict):
     upper: float | None = None
     n_warmup_steps: int = Field(default=0, ge=0)
 
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> "ThresholdPrunerSpec":
+        if self.lower is None and self.upper is None:
+            raise ValueError("set lower, upper or both: the metric values that stop a trial")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"lower ({self.lower}) must not be above upper ({self.upper})")
+        return self
+
 
 class NoPrunerSpec(_Strict):
     name: Literal["none"]

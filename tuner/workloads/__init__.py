@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any
 
 from tuner.errors import BadInputError, SpecError, WorkloadError
@@ -26,6 +28,10 @@ __all__ = [
 
 def _import(reference: str) -> Any:
     module_name, _, attribute = reference.partition(":")
+    # As under ``python -m``: the ``tuner`` script alone would leave the folder it runs from,
+    # where a user's module usually lies, off the path.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -85,7 +91,10 @@ def load_torch_workload(reference: str, purpose: str) -> Workload:
 def check_workload(spec: Any) -> None:
     """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
     that asks a training function for what only tuner's loop measures."""
-    workload = load_workload(spec.workload)
+    try:
+        workload = load_workload(spec.workload)
+    except WorkloadError as error:
+        raise SpecError(f"spec field 'workload': {error}") from None
     samples = train_size(workload)
     schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
     if samples is None and (spec.measure_noise_scale or "adaptive" in schedules):
