@@ -104,7 +104,11 @@ def test_plain_optuna_beside_tuner(tmp_path, write_spec, sqlite_url):
     assert len(study.trials) == 5
     listed = tuner("trials", "--study", "beside", "--storage", sqlite_url, "--format", "json")
     assert listed.returncode == 0, listed.stderr
-    assert len(json.loads(listed.stdout)) == 5
+    listed_trials = json.loads(listed.stdout)
+    assert [t["trial"] for t in listed_trials] == [0, 1, 2, 3, 4]
+    # tuner's trials with every record, as ``tuner best`` gives one; Optuna's with what it has.
+    assert all({"history", "worker", "epochs_completed"} <= set(t["user_attrs"]) for t in listed_trials[:3])
+    assert all(t["user_attrs"] == {} and set(t["params"]) == {"lr"} for t in listed_trials[3:])
 
 
 def test_run_prints_progress_and_best_table(tmp_path, write_spec, sqlite_url):
@@ -116,7 +120,8 @@ def test_run_prints_progress_and_best_table(tmp_path, write_spec, sqlite_url):
     assert "best trial of 'progress'" in result.stdout
     csv_out = tuner("trials", "--study", "progress", "--storage", sqlite_url, "--format", "csv").stdout
     header = csv_out.splitlines()[0].split(",")
-    assert {"number", "state", "val_accuracy", "batch_size", "lr", "epochs"} <= set(header)
+    assert {"number", "state", "val_accuracy", "batch_size", "lr", "epochs", "worker", "device"} <= set(header)
+    assert "history" not in header
     assert len(csv_out.strip().splitlines()) == 5
     table = tuner("trials", "--study", "progress", "--storage", sqlite_url).stdout
     assert "COMPLETE" in table

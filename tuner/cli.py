@@ -325,19 +325,21 @@ def train_once(
 @app.command()
 def trials(study: StudyOption, storage: StorageOption = None, output: FormatOption = "table") -> None:
     """Every trial with its state, parameters and records."""
-    from tuner.report import format_value, trial_rows
+    from tuner.report import format_value, listed_trials, trial_record, trial_rows
     from tuner.study import load_study
 
     if output not in ("table", "csv", "json"):
         raise BadInputError(f"--format must be table, csv or json, not {output!r}.")
     loaded, _ = load_study(study, storage)
-    rows = trial_rows(loaded)
+    if output == "json":
+        # The objects of ``tuner best --format json``, every record included.
+        print(json.dumps([trial_record(loaded, trial) for trial in listed_trials(loaded)]))
+        return
+    rows = trial_rows(loaded, every_record=output == "csv")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     if output == "table":
         columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
-    if output == "json":
-        print(json.dumps(rows))
-    elif output == "csv":
+    if output == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

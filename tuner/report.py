@@ -80,18 +80,28 @@ def trial_record(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     return record
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One flat row per trial (not the unclaimed budget slots), for tables and CSV."""
+def listed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Every trial but the unclaimed budget slots."""
+    return [trial for trial in study.get_trials(deepcopy=False) if trial.state != TrialState.WAITING]
+
+
+def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str, Any]]:
+    """One flat row per listed trial: the table's few records, or for CSV every record that is
+    a single value (the per-epoch ones, such as ``history``, are in the JSON)."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.WAITING:
-            continue
+    for trial in listed_trials(study):
         row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
         names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
         for name, value in zip(names, trial.values or [None] * len(names)):
             row[name] = value
         row.update(used_params(trial))
-        row.update({key: trial.user_attrs.get(key) for key in TABLE_RECORDS})
+        if every_record:
+            row.update({
+                key: value for key, value in sorted(trial.user_attrs.items())
+                if key != "error" and not isinstance(value, (list, dict))
+            })
+        else:
+            row.update({key: trial.user_attrs.get(key) for key in TABLE_RECORDS})
         error = trial.user_attrs.get("error")
         row["error"] = error.splitlines()[0] if error else None
         row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
