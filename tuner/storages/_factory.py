@@ -17,7 +17,7 @@ from tuner.storages._journal import JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._reconnect import first_line
 from tuner.storages._sqlite import begin_at_first_write, begin_sqlite
-from tuner.storages._urls import mask_url, sqlalchemy_url, storage_url
+from tuner.storages._urls import check_credentials, mask_url, sqlalchemy_url, storage_url
 
 _logger = logging.getLogger("tuner.storages")
 
@@ -105,6 +105,7 @@ def _index_trials_by_state(engine: sqlalchemy.engine.Engine) -> None:
 def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.storages.BaseStorage:
     """Open the storage a URL names; raise StorageError with the masked URL when it cannot."""
     url = storage_url(url)
+    check_credentials(url)
     if url.endswith(".log") or url.startswith("journal://"):
         path = url.removeprefix("journal://")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.stor
     if url.startswith("grpc://"):
         host, _, port = url.removeprefix("grpc://").partition(":")
         if not port.isdigit():
-            raise StorageError(f"Storage URL {url!r} must be grpc://HOST:PORT.")
+            raise StorageError(f"Storage URL {mask_url(url)!r} must be grpc://HOST:PORT.")
         return GrpcStorageProxy(host=host, port=int(port))
     if "://" not in url:
         raise StorageError(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from tuner.errors import StorageError
 
 DEFAULT_STORAGE = "sqlite:///tuner.db"
 
@@ -18,15 +17,32 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get("TUNER_STORAGE") or DEFAULT_STORAGE
 
 
+def _credentials(url: str) -> tuple[int, str]:
+    """Where the address begins (after any ``scheme://``) and what stands before its last ``@``.
+
+    Read by hand, not by a URL parser: a parser splits at the first ``@``, so a password that
+    holds one, or a URL missing its ``://``, would leave part of a password where it is printed.
+    """
+    start = url.index("://") + 3 if "://" in url else 0
+    credentials, at, _ = url[start:].split("?", 1)[0].rpartition("@")
+    return start, credentials if at else ""
+
+
 def mask_url(url: str) -> str:
     """The URL as it may be printed: any password replaced by ``***``."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    start, credentials = _credentials(url)
+    if ":" not in credentials:
         return url
+    user = credentials.split(":", 1)[0]
+    return f"{url[:start]}{user}:***{url[start + len(credentials):]}"
+
+
+def check_credentials(url: str) -> None:
+    """Refuse an ``@`` inside a user or password, which drivers read as the end of it."""
+    if "@" in _credentials(url)[1]:
+        raise StorageError(
+            f"Storage URL {mask_url(url)!r} has an '@' in its user or password; write it as %40."
+        )
 
 
 def beside_storage(url: str, name: str) -> Path:
