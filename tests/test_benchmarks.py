@@ -1,5 +1,5 @@
-"""The three benchmark scripts, run small from the repository as a user runs them, and the
-arithmetic their tables rest on."""
+"""The three benchmark scripts of README's tables (search, overhead, throughput), run small from
+the repository as a user runs them, and the arithmetic their tables rest on."""
 
 from __future__ import annotations
 
