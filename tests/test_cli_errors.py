@@ -82,7 +82,8 @@ def test_different_spec_under_the_same_name_shows_the_difference(write_spec, sql
     changed = small_spec("same")
     changed["search"]["epochs"]["high"] = 9
     result = tuner("create", str(write_spec(changed)), "--storage", sqlite_url)
-    _assert_bad_input(result, "exists with a different spec", "+    high: 9", "-    high: 3")
+    _assert_bad_input(result, "exists with a different spec", "  search.epochs.high: 3 stored, 9 given")
+    assert "search.epochs.low" not in result.stderr
 
 
 def test_unavailable_device(write_spec, sqlite_url):

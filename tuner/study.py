@@ -8,14 +8,14 @@ RUNNING transition, and a worker that finds no slot, and cannot make one, is don
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
@@ -110,11 +110,25 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _fields(spec: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Each leaf of a spec with its dotted path, as spec errors name fields."""
+    for key, value in spec.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _fields(value, f"{path}.")
+        else:
+            yield path, value
+
+
 def _spec_diff(stored: dict, wanted: dict) -> str:
-    old = yaml.safe_dump(stored, sort_keys=True).splitlines()
-    new = yaml.safe_dump(wanted, sort_keys=True).splitlines()
-    lines = difflib.unified_diff(old, new, "stored", "given", lineterm="", n=0)
-    return "\n".join(line for line in lines if not line.startswith("@@"))
+    """One line a changed field: a diff of the YAML would show ``high: 9`` without saying whose."""
+    old, new = dict(_fields(stored)), dict(_fields(wanted))
+    unset = "(not set)"
+    return "\n".join(
+        f"  {path}: {old.get(path, unset)} stored, {new.get(path, unset)} given"
+        for path in sorted(old.keys() | new.keys())
+        if old.get(path, unset) != new.get(path, unset)
+    )
 
 
 def stored_spec(storage: optuna.storages.BaseStorage, study_name: str) -> StudySpec | None:
@@ -177,10 +191,12 @@ def create_study(
         save_study_note(study, spec)
     else:
         stored_dict = stored.to_dict()
-        if {**stored_dict, "budget": None} != {**wanted, "budget": None}:
+        # The budget may change (see _check_budget_holds); nothing else may.
+        fixed_stored, fixed_wanted = {**stored_dict, "budget": None}, {**wanted, "budget": None}
+        if fixed_stored != fixed_wanted:
             raise SpecError(
                 f"Study {spec.name!r} exists with a different spec; use another name or the "
-                f"stored spec. Difference:\n{_spec_diff(stored_dict, wanted)}"
+                f"stored spec. Difference:\n{_spec_diff(fixed_stored, fixed_wanted)}"
             )
         if stored_dict["budget"] != wanted["budget"]:
             _check_budget_holds(study, spec)
