@@ -47,6 +47,38 @@ def test_low_above_high(write_spec, sqlite_url):
     _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", sqlite_url), "search.lr", "must not be above high")
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "spec.yaml is empty"),
+        (b"name: x\nworkload: [a\n", 'in "SPEC", line 2'),
+        (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "spec.yaml is not a text file"),
+        (b"- a\n- b\n", "must be a mapping of fields (key: value), not ['a', 'b']"),
+    ],
+)
+def test_a_spec_file_that_is_not_a_spec(tmp_path, sqlite_url, content, expected):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    _assert_bad_input(tuner("create", str(path), "--storage", sqlite_url), expected.replace("SPEC", str(path)))
+
+
+def test_a_folder_given_as_the_spec(tmp_path, sqlite_url):
+    _assert_bad_input(tuner("create", str(tmp_path), "--storage", sqlite_url), "is a folder; name a YAML file in it")
+
+
+def test_a_misshapen_field_is_named_without_pydantic_words(write_spec, sqlite_url):
+    spec = small_spec("x", pruner={"name": "bogus"})
+    spec["search"]["batch_size"] = 32
+    result = tuner("create", str(write_spec(spec)), "--storage", sqlite_url)
+    _assert_bad_input(
+        result,
+        "spec field 'pruner.name': must be one of 'median', 'percentile'",
+        "(got 'bogus')",
+        "spec field 'search.batch_size': must be a mapping of fields (key: value) (got 32)",
+    )
+    assert "BatchSizeSpace" not in result.stderr and "tag" not in result.stderr
+
+
 def test_missing_spec_file(tmp_path, sqlite_url):
     _assert_bad_input(tuner("run", str(tmp_path / "nope.yaml"), "--storage", sqlite_url), "does not exist")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import small_spec
-from tuner.errors import SpecError, WorkloadError
+from tuner.errors import SpecError
 from tuner.spec import BatchSizeSpace, load_spec, parse_spec
 from tuner.study import create_study
 
@@ -77,7 +77,7 @@ def test_batch_range_must_fit_the_data(sqlite_url):
 
 
 def test_unknown_workload(sqlite_url):
-    with pytest.raises(WorkloadError, match="Unknown workload 'imagenet'.*digits_cnn"):
+    with pytest.raises(SpecError, match="spec field 'workload': Unknown workload 'imagenet'.*digits_cnn"):
         create_study(parse_spec(small_spec("w", workload="imagenet")), sqlite_url)
-    with pytest.raises(WorkloadError, match="no 'missing'"):
+    with pytest.raises(SpecError, match="spec field 'workload': .*no 'missing'"):
         create_study(parse_spec(small_spec("w", workload="user_workloads:missing")), sqlite_url)

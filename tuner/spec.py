@@ -261,6 +261,12 @@ def _describe(error: dict[str, Any]) -> str:
         return f"spec field '{path}' is not a known field"
     if error["type"] == "missing":
         return f"spec field '{path}' is required"
+    if error["type"] == "union_tag_invalid":  # a pruner's name, say
+        context = error["ctx"]
+        return f"spec field '{path}.name': must be one of {context['expected_tags']} (got {context['tag']!r})"
+    if error["type"] == "model_type":
+        # Pydantic would name the model class, which the user never sees.
+        message = "must be a mapping of fields (key: value)"
     where = f"spec field '{path}'" if path else "spec"
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
@@ -272,8 +278,10 @@ M = TypeVar("M", bound=BaseModel)
 
 def parse_model(model: type[M], data: Any, *, source: str) -> M:
     """Validate plain data as ``model``; raise SpecError naming each bad field."""
+    if data is None:
+        raise SpecError(f"{source} is empty.")
     if not isinstance(data, dict):
-        raise SpecError(f"{source} must be a mapping of fields, not {type(data).__name__}.")
+        raise SpecError(f"{source} must be a mapping of fields (key: value), not {data!r:.60}.")
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -284,12 +292,18 @@ def parse_model(model: type[M], data: Any, *, source: str) -> M:
 def load_model(model: type[M], path: str | Path) -> M:
     """Read a YAML file (``yaml.safe_load``) and validate it as ``model``."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"Spec file {str(path)!r} is a folder; name a YAML file in it.")
     if not path.is_file():
         raise SpecError(f"Spec file {str(path)!r} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text())
+        # From the open file, so that YAML's error marks name it.
+        with path.open(encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
     except yaml.YAMLError as error:
         raise SpecError(f"{path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not a text file (UTF-8 YAML).") from None
     return parse_model(model, data, source=str(path))
 
 
