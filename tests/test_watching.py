@@ -146,3 +146,42 @@ def test_train_refuses_a_bad_fragment(write_spec):
     result = tuner("train", str(write_spec({"workload": "digits_mlp", "hyperparameters": {"batch_size": "x"}})))
     assert result.returncode == 2
     assert "hyperparameters.batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def _fixed(workload: str = "digits_mlp", **hyperparameters: object) -> dict:
+    """A fragment as ``tuner best --export`` writes it, one short epoch."""
+    return {
+        "workload": workload,
+        "objective": {"metric": "val_accuracy", "direction": "maximize"},
+        "hyperparameters": {"batch_size": 32, "lr": 0.01, "epochs": 1, "base_lr": 0.01, **hyperparameters},
+    }
+
+
+@pytest.mark.parametrize(("field", "value", "shown"), [
+    ("batch_size", -4, "greater than or equal to 1"),
+    ("batch_size", 100000, "1437 training samples"),
+    ("epochs", 0, "greater than or equal to 1"),
+    ("optimizer", "lion", "allowed: sgd, adamw, adam"),
+    ("lr", -1, "greater than 0"),
+    ("momentum", 1.5, "less than 1"),
+    ("weight_decay", -0.1, "greater than or equal to 0"),
+    ("seed", -1, "greater than or equal to 0"),
+])
+def test_train_refuses_out_of_range_hyperparameters(write_spec, tmp_path: Path, field: str, value: object, shown: str):
+    model = tmp_path / "model.pt"
+    result = tuner("train", str(write_spec(_fixed(**{field: value}))), "--out", str(model), "--device", "cpu")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"hyperparameters.{field}" in result.stderr and shown in result.stderr
+    assert "Traceback" not in result.stderr and not model.exists()
+
+
+def test_train_refuses_an_unwritable_out_before_training(write_spec, tmp_path: Path):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "m.pt"
+    # Validation that takes ten minutes: only a check before training returns within the timeout.
+    result = tuner(
+        "train", str(write_spec(_fixed("user_workloads:slow_blobs"))), "--out", str(out), "--device", "cpu",
+        env={"SLOW_EVAL_S": "600"}, timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert str(out) in result.stderr and "Traceback" not in result.stderr

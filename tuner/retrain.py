@@ -3,6 +3,7 @@ fragment, and ``tuner train`` trains the workload once with them and saves the m
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import evaluated_weights, train
 from tuner.train.reporter import Reporter
-from tuner.workloads import Workload, load_workload
+from tuner.workloads import Workload, check_batch_size, load_spec_workload
 
 
 class FixedSpec(BaseModel):
@@ -70,19 +71,35 @@ def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.p
     ``optuna.trial.FixedTrial`` stands in for a trial: it records and never prunes, so the
     same reporter and loop as in a study run unchanged.
     """
-    workload = load_workload(fixed.workload)
+    workload = load_spec_workload(fixed)
     hp = fixed.hyperparameters
+    check_batch_size(workload, hp.batch_size, field="hyperparameters.batch_size", name=fixed.workload)
     reporter = Reporter(optuna.trial.FixedTrial({}, hp.seed), [fixed.objective])
     if not isinstance(workload, Workload):
         return dict(workload(hp, reporter) or reporter.history[-1]), None
+    check_writable(out)
     checkpoint = Checkpoint()
     metrics = train(
         workload, hp, reporter, device=memory.resolve_device(device), checkpoint=checkpoint,
         precision=fixed.precision, ema_decay=fixed.ema_decay,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(evaluated_weights(checkpoint.load()), out)  # type: ignore[arg-type]
     return metrics, out
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a model path that cannot be written before training, not after it: creating its
+    folder and a scratch file there is the one test that also holds for root and read-only mounts."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as error:
+        raise BadInputError(
+            f"--out {str(out)!r}: folder {str(out.parent)!r} cannot be created or written ({error.strerror or error})."
+        ) from None
+    if out.is_dir():
+        raise BadInputError(f"--out {str(out)!r} is a folder; give a file such as {str(out / 'model.pt')!r}.")
 
 
 def load_fixed_spec(path: Path) -> FixedSpec:

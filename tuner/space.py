@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import optuna
+from pydantic import AfterValidator, Field
 
-from tuner.spec import LearningRateSpace, SearchSpace
+from tuner.spec import LearningRateSpace, ScheduleName, SearchSpace, known_optimizer
 
 
 @dataclass(frozen=True)
@@ -19,12 +21,12 @@ class BatchSchedule:
     the rate by ``(batch / starting batch) ** lr_exponent``, the spec's scaling rule.
     """
 
-    name: str = "constant"
-    ramp_factor: int = 2
-    ramp_at: tuple[float, ...] = (0.5, 0.75)
-    low: int = 1
-    high: int | None = None
-    lr_exponent: float = 0.0
+    name: ScheduleName = "constant"
+    ramp_factor: Annotated[int, Field(ge=2)] = 2
+    ramp_at: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.5, 0.75)
+    low: Annotated[int, Field(ge=1)] = 1
+    high: Annotated[int | None, Field(ge=1)] = None
+    lr_exponent: Annotated[float, Field(ge=0)] = 0.0
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,19 @@ class Hyperparameters:
 
     ``batch_size`` is the effective batch size (samples per optimizer step); how many samples go
     through the device at once is a hardware fact decided by the training loop, not searched.
+
+    The bounds are checked where pydantic reads the fields, as ``tuner train`` reads an exported
+    fragment; a trial's values come from a validated search space.
     """
 
-    batch_size: int
-    lr: float
-    epochs: int
-    base_lr: float
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1)]
+    lr: Annotated[float, Field(gt=0)]
+    epochs: Annotated[int, Field(ge=1)]
+    base_lr: Annotated[float, Field(gt=0)]
+    optimizer: Annotated[str, AfterValidator(known_optimizer)] = "adamw"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    seed: Annotated[int, Field(ge=0)] = 0
     schedule: BatchSchedule = field(default_factory=BatchSchedule)
 
     def to_dict(self) -> dict[str, float | int | str]:

@@ -79,6 +79,18 @@ class FloatSpace(_Range):
         return self
 
 
+ScheduleName = Literal["constant", "ramp", "adaptive"]
+# The optimizers that ``tuner.train.loop.make_optimizer`` builds.
+OPTIMIZERS = ("sgd", "adamw", "adam")
+
+
+def known_optimizer(name: str) -> str:
+    """Refuse an optimizer the loop does not build: it would train with AdamW instead."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer; allowed: {', '.join(OPTIMIZERS)}")
+    return name
+
+
 class ChoiceSpace(_Strict):
     choices: list[str] = Field(min_length=1)
 
@@ -88,7 +100,7 @@ class BatchScheduleSpace(_Strict):
     searches them. ``ramp`` multiplies the batch by ``ramp_factor`` at each fraction of the epochs
     in ``ramp_at``; ``adaptive`` follows the measured gradient noise scale."""
 
-    choices: list[Literal["constant", "ramp", "adaptive"]] = Field(default=["constant"], min_length=1)
+    choices: list[ScheduleName] = Field(default=["constant"], min_length=1)
     ramp_factor: int = Field(default=2, ge=2)
     ramp_at: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default=[0.5, 0.75], min_length=1)
 
@@ -111,9 +123,6 @@ class SearchSpace(_Strict):
                     f"optimizer.choices has {sorted(unknown)}; allowed: {', '.join(OPTIMIZERS)}"
                 )
         return self
-
-
-OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 class Objective(_Strict):
@@ -257,7 +266,8 @@ class StudySpec(_Strict):
 def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
+    # A dataclass such as ``Hyperparameters`` reports an unknown key as an unexpected argument.
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"spec field '{path}' is not a known field"
     if error["type"] == "missing":
         return f"spec field '{path}' is required"

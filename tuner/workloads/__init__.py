@@ -21,8 +21,8 @@ BUNDLED: dict[str, str] = {
 }
 
 __all__ = [
-    "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_workload",
-    "load_torch_workload", "load_workload",
+    "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_batch_size", "check_workload",
+    "load_spec_workload", "load_torch_workload", "load_workload",
 ]
 
 
@@ -88,13 +88,28 @@ def load_torch_workload(reference: str, purpose: str) -> Workload:
     return workload
 
 
+def load_spec_workload(spec: Any) -> Workload | TrainingFunction:
+    """A spec's workload; one that does not load is bad input in spec field 'workload'."""
+    try:
+        return load_workload(spec.workload)
+    except WorkloadError as error:
+        raise SpecError(f"spec field 'workload': {error}") from None
+
+
+def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, field: str, name: str) -> None:
+    """Refuse a batch larger than a torch workload's training set: no step could be that big."""
+    samples = train_size(workload)
+    if samples is not None and batch_size > samples:
+        raise SpecError(
+            f"spec field '{field}' ({batch_size}) is larger than "
+            f"the {samples} training samples of workload {name!r}; use at most {samples}."
+        )
+
+
 def check_workload(spec: Any) -> None:
     """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
     that asks a training function for what only tuner's loop measures."""
-    try:
-        workload = load_workload(spec.workload)
-    except WorkloadError as error:
-        raise SpecError(f"spec field 'workload': {error}") from None
+    workload = load_spec_workload(spec)
     samples = train_size(workload)
     schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
     if samples is None and (spec.measure_noise_scale or "adaptive" in schedules):
@@ -103,8 +118,4 @@ def check_workload(spec: Any) -> None:
             f"spec field '{field}': measuring the noise scale needs tuner's training loop, and "
             f"workload {spec.workload!r} is a training function with its own loop."
         )
-    if samples is not None and spec.search.batch_size.high > samples:
-        raise SpecError(
-            f"spec field 'search.batch_size.high' ({spec.search.batch_size.high}) is larger than "
-            f"the {samples} training samples of workload {spec.workload!r}; use at most {samples}."
-        )
+    check_batch_size(workload, spec.search.batch_size.high, field="search.batch_size.high", name=spec.workload)
