@@ -102,9 +102,23 @@ def test_bad_storage_url_masks_password(url, expected):
     assert "hunter2" not in result.stderr + result.stdout
 
 
-def test_unknown_study_lists_the_known_ones(write_spec, sqlite_url):
+def test_unknown_study_names_the_storage_and_lists_the_known_ones(write_spec, sqlite_url):
     assert tuner("create", str(write_spec(small_spec("known-one"))), "--storage", sqlite_url).returncode == 0
-    _assert_bad_input(tuner("best", "--study", "unknown", "--storage", sqlite_url), "No study named 'unknown'", "known-one")
+    # The storage that TUNER_STORAGE chose unseen is named.
+    _assert_bad_input(
+        tuner("best", "--study", "unknown", env={"TUNER_STORAGE": sqlite_url}),
+        f"No study named 'unknown' in storage {sqlite_url!r}", "known-one",
+    )
+
+
+@pytest.mark.parametrize("command", [("best", "--study", "nope"), ("status",)])
+@pytest.mark.parametrize("where", ["sqlite:///{}/typo.db", "sqlite:///{}/nodir/x.db", "journal://{}/nodir/j.log"])
+def test_reading_a_storage_file_that_is_not_there_creates_nothing(tmp_path, command, where):
+    """A mistyped path would otherwise leave an empty database behind and answer as if no study
+    had been made yet."""
+    url = where.format(tmp_path)
+    _assert_bad_input(tuner(*command, "--storage", url), f"{url}: no such file", "`tuner create` or `tuner run`")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_different_spec_under_the_same_name_shows_the_difference(write_spec, sqlite_url):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -16,6 +19,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
+from conftest import small_spec, tuner
 from tuner.storages import _rdb_reads
 from tuner.spec import Objective
 from tuner.storages import PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
@@ -43,6 +47,42 @@ def test_a_connection_killed_mid_query_is_reconnected(postgres_url):
     admin.dispose()
     assert killed, "the fault was never injected"
     assert [trial.state for trial in trials] == [optuna.trial.TrialState.WAITING]
+
+
+@pytest.fixture
+def read_only() -> Iterator[Callable[[Path], None]]:
+    """Make a file that this process cannot write: by its mode, or for root, whom modes do not
+    stop, by the immutable attribute (taken off again after the test)."""
+    immutable: list[Path] = []
+
+    def make(path: Path) -> None:
+        if os.geteuid() != 0:
+            path.chmod(0o444)
+        elif shutil.which("chattr") and subprocess.run(["chattr", "+i", path], capture_output=True).returncode == 0:
+            immutable.append(path)
+        try:
+            path.open("r+b").close()
+        except PermissionError:
+            return
+        pytest.skip(f"cannot make {path} read-only here")
+
+    yield make
+    for path in immutable:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
+def test_a_read_only_sqlite_file_fails_at_once_instead_of_being_retried(tmp_path, write_spec, read_only):
+    """A file that cannot be written stays so: waiting out TUNER_DB_RETRY_S as for a lost
+    connection only delays the error."""
+    url = f"sqlite:///{tmp_path / 'read-only.db'}"
+    make_storage(url).engine.dispose()
+    read_only(tmp_path / "read-only.db")
+    started = time.monotonic()
+    result = tuner("create", str(write_spec(small_spec("refused"))), "--storage", url, env={"TUNER_DB_RETRY_S": "60"})
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2, result.stderr
+    assert f"Storage {url!r} is read-only: attempt to write a readonly database" in result.stderr
+    assert "retrying" not in result.stderr
 
 
 CLAIMS = {

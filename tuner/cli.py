@@ -370,7 +370,7 @@ def status(
     from tuner.storages import make_storage
     from tuner.study import load_study
 
-    opened = make_storage(storage)
+    opened = make_storage(storage, create=False)
     names = [study] if study else sorted(optuna.get_all_study_names(opened))
     loaded = [load_study(name, opened) for name in names]
 

@@ -42,7 +42,7 @@ def serve(
     request being handled at that moment would swallow.
     """
     url = storage_url(storage)
-    app = optuna_dashboard.wsgi(make_storage(url), artifact_store=artifact_store(artifact_dir or default_artifact_dir(url)))
+    app = optuna_dashboard.wsgi(make_storage(url, create=False), artifact_store=artifact_store(artifact_dir or default_artifact_dir(url)))
     try:
         server = make_server(host, port, app, handler_class=_QuietHandler)
     except OSError as error:

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
 from tuner.spec import StudySpec, parse_spec
-from tuner.storages import make_storage, slot_counts, slot_holders, slot_maker
+from tuner.storages import make_storage, slot_counts, slot_holders, slot_maker, storage_name
 
 logger = logging.getLogger("tuner.study")
 
@@ -269,13 +269,14 @@ def load_study(
     *,
     seed_offset: int = 0,
 ) -> tuple[optuna.Study, StudySpec]:
-    """Load a study made by ``create_study`` with the sampler and pruner of its stored spec."""
+    """Load a study made by ``create_study`` with the sampler and pruner of its stored spec; a
+    storage opened here from a URL is not created, since the study would not be in it."""
     if not isinstance(storage, optuna.storages.BaseStorage):
-        storage = make_storage(storage)
+        storage = make_storage(storage, create=False)
     names = optuna.get_all_study_names(storage)
     if study_name not in names:
         known = ", ".join(sorted(names)) or "none"
-        raise StudyNotFoundError(f"No study named {study_name!r} in the storage; studies there: {known}.")
+        raise StudyNotFoundError(f"No study named {study_name!r} in {storage_name(storage)}; studies there: {known}.")
     spec = stored_spec(storage, study_name)
     if spec is None:
         raise BadInputError(f"Study {study_name!r} was not made by tuner (it has no stored spec).")

@@ -7,7 +7,7 @@ gRPC client sends them in one round trip to ``tuner proxy`` (``_grpc``). Budget 
 claimed through the atomic WAITING -> RUNNING transition (``_slots``, ``_trials``).
 """
 
-from tuner.storages._factory import make_storage
+from tuner.storages._factory import make_storage, storage_name
 from tuner.storages._grpc import (
     CLAIM_METHOD,
     SLOT_COUNTS_METHOD,
@@ -66,5 +66,6 @@ __all__ = [
     "slot_holders",
     "slot_maker",
     "sqlalchemy_url",
+    "storage_name",
     "storage_url",
 ]

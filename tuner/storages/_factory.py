@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
+from urllib.parse import urlparse
 
 import optuna
 import sqlalchemy
@@ -15,7 +17,7 @@ from tuner.errors import StorageError
 from tuner.storages._grpc import GrpcStorageProxy
 from tuner.storages._journal import JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
-from tuner.storages._reconnect import first_line
+from tuner.storages._reconnect import first_line, permanent_error
 from tuner.storages._sqlite import begin_at_first_write, begin_sqlite
 from tuner.storages._urls import check_credentials, mask_url, sqlalchemy_url, storage_url
 
@@ -26,6 +28,8 @@ _logger = logging.getLogger("tuner.storages")
 _TRIALS_BY_STATE_NAME = "ix_tuner_trials_study_id_state"
 _TRIALS_BY_STATE = sqlalchemy.text(f"CREATE INDEX IF NOT EXISTS {_TRIALS_BY_STATE_NAME} ON trials (study_id, state)")
 
+_opened_from: weakref.WeakKeyDictionary[optuna.storages.BaseStorage, str] = weakref.WeakKeyDictionary()
+
 
 def _heartbeat_settings() -> tuple[int, int]:
     interval = int(os.environ.get("TUNER_HEARTBEAT_INTERVAL", "10"))
@@ -33,7 +37,24 @@ def _heartbeat_settings() -> tuple[int, int]:
     return interval, grace
 
 
-def _open_rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
+def _storage_file(url: str, path: Path, create: bool) -> None:
+    """Make the folder of a storage file that may be created; else the file must be there, since
+    SQLite and the journal would create it, empty, where a name was mistyped."""
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.exists():
+        raise StorageError(f"{mask_url(url)}: no such file; studies are created by `tuner create` or `tuner run`.")
+
+
+def _sqlite_path(database: str, query: dict) -> Path | None:
+    """The file of a SQLite URL's database, None for one in memory; with ``uri=true`` the
+    database is a ``file:`` URI (``sqlite:///file:ro.db?mode=ro&uri=true``)."""
+    if query.get("uri") == "true":
+        database = "" if query.get("mode") == "memory" else urlparse(database).path
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storages.RDBStorage:
     full_url = sqlalchemy_url(url)
     try:
         parsed = make_url(full_url)
@@ -47,8 +68,9 @@ def _open_rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
         # driver's own transaction handling is switched off so that begin_sqlite and
         # begin_at_first_write can begin transactions themselves (see there).
         engine_kwargs["connect_args"] = {"timeout": 60, "isolation_level": None}
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_path(parsed.database or "", dict(parsed.query))
+        if path is not None:
+            _storage_file(url, path, create)
     else:
         engine_kwargs["pool_size"] = 2
         engine_kwargs["max_overflow"] = 2
@@ -63,20 +85,24 @@ def _open_rdb_storage(url: str, max_retries: int) -> optuna.storages.RDBStorage:
                 max_retry=max_retries, inherit_intermediate_values=True
             ),
         )
+        if parsed.get_backend_name() == "sqlite":
+            with storage.engine.connect() as connection:
+                # WAL lets readers (dashboard, status) work while a worker writes.
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
     except ModuleNotFoundError as error:
         raise StorageError(
             f"Storage URL {mask_url(url)!r} needs the Python package {error.name!r}."
         ) from None
     except (SQLAlchemyError, OSError) as error:
+        permanent = permanent_error(error, url)
+        if permanent is not None:
+            raise permanent from None
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         password = parsed.password
         if password:
             reason = reason.replace(str(password), "***")
         raise StorageError(f"Cannot open storage {mask_url(url)!r}: {reason}") from None
     if parsed.get_backend_name() == "sqlite":
-        with storage.engine.connect() as connection:
-            # WAL lets readers (dashboard, status) work while a worker writes.
-            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
         sqlalchemy.event.listen(storage.engine, "begin", begin_sqlite)
         sqlalchemy.event.listen(storage.engine, "before_cursor_execute", begin_at_first_write)
     _index_trials_by_state(storage.engine)
@@ -102,13 +128,32 @@ def _index_trials_by_state(engine: sqlalchemy.engine.Engine) -> None:
         _logger.debug("trials not indexed by state: %s", first_line(str(error)))
 
 
-def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.storages.BaseStorage:
-    """Open the storage a URL names; raise StorageError with the masked URL when it cannot."""
+def make_storage(
+    url: str | None = None, *, max_retries: int = 2, create: bool = True
+) -> optuna.storages.BaseStorage:
+    """Open the storage a URL names; raise StorageError with the masked URL when it cannot.
+
+    Without ``create``, a SQLite or journal file that is not there is an error rather than made:
+    commands that only read must not leave an empty storage behind.
+    """
     url = storage_url(url)
     check_credentials(url)
+    storage = _open_storage(url, max_retries, create)
+    _opened_from[storage] = url
+    return storage
+
+
+def storage_name(storage: optuna.storages.BaseStorage) -> str:
+    """The storage as messages name it: with the masked URL ``make_storage`` opened it from,
+    which ``TUNER_STORAGE`` may have chosen unseen."""
+    url = _opened_from.get(storage)
+    return "the storage" if url is None else f"storage {mask_url(url)!r}"
+
+
+def _open_storage(url: str, max_retries: int, create: bool) -> optuna.storages.BaseStorage:
     if url.endswith(".log") or url.startswith("journal://"):
         path = url.removeprefix("journal://")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _storage_file(url, Path(path), create)
         return JournalStorage(optuna.storages.journal.JournalFileBackend(path, lock_obj=PromptJournalFileLock(path)))
     if url.startswith("redis://"):
         try:
@@ -126,4 +171,4 @@ def make_storage(url: str | None = None, *, max_retries: int = 2) -> optuna.stor
             f"Storage URL {mask_url(url)!r} is not a URL; use sqlite:///PATH, postgresql://..., "
             "mysql://..., a path ending in .log, redis://... or grpc://HOST:PORT."
         )
-    return _open_rdb_storage(url, max_retries)
+    return _open_rdb_storage(url, max_retries, create)

@@ -146,7 +146,8 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
     A restart of the server, a dropped link or a locked SQLite file fails a call with an
     operational error; each call is retried with exponential back-off until
     ``TUNER_DB_RETRY_S`` seconds (default 120) have passed, then a ``StorageError`` says so. A
-    failed call's transaction was rolled back, so retrying it cannot count anything twice.
+    failed call's transaction was rolled back, so retrying it cannot count anything twice. A
+    SQLite file that is read-only, corrupt or full fails at once (``permanent_error``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

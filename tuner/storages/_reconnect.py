@@ -8,7 +8,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -20,7 +20,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
-from tuner.errors import StorageError
+from tuner.errors import StorageError, TunerError
 from tuner.storages._urls import mask_url
 
 _logger = logging.getLogger("tuner.storages")
@@ -28,8 +28,21 @@ _logger = logging.getLogger("tuner.storages")
 _retrying = threading.local()
 
 
-def is_connection_error(error: BaseException) -> bool:
-    """Whether the error, or one it came from, is a lost connection.
+# SQLite results that no retry cures, by the name of the result code (an extended code, such as
+# SQLITE_READONLY_DIRECTORY, begins with its primary's), with what each says of the database and
+# whose it is to fix: the user's (exit 2) but for a full disk (exit 1). A locked or busy database
+# clears when its writer commits, and an I/O error or a file that cannot be opened may be a
+# network file system coming back: those are retried.
+_PERMANENT_SQLITE = {
+    "SQLITE_READONLY": (StorageError, "is read-only"),
+    "SQLITE_NOTADB": (StorageError, "is not a SQLite database"),
+    "SQLITE_CORRUPT": (StorageError, "is corrupt"),
+    "SQLITE_FULL": (TunerError, "is on a full disk"),
+}
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and those it came from, each once.
 
     Optuna wraps a failed commit in ``StorageInternalError``, and where it falls back to a
     second query after a first one failed, the lost connection shows only as the second
@@ -39,12 +52,27 @@ def is_connection_error(error: BaseException) -> bool:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (OperationalError, InterfaceError, PendingRollbackError)) or (
-            isinstance(current, DBAPIError) and current.connection_invalidated
-        ):
-            return True
+        yield current
         current = current.__cause__ or current.__context__
-    return False
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether the error, or one it came from, is a lost connection."""
+    return any(
+        isinstance(current, (OperationalError, InterfaceError, PendingRollbackError))
+        or (isinstance(current, DBAPIError) and current.connection_invalidated)
+        for current in _chain(error)
+    )
+
+
+def permanent_error(error: BaseException, url: str) -> TunerError | None:
+    """The error to fail with at once where the database refused for good, else None."""
+    for current in _chain(error):
+        name = getattr(current, "sqlite_errorname", "")
+        for prefix, (kind, what) in _PERMANENT_SQLITE.items():
+            if name.startswith(prefix):
+                return kind(f"Storage {mask_url(url)!r} {what}: {current}.")
+    return None
 
 
 def first_line(message: str) -> str:
@@ -66,6 +94,9 @@ def with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
                 try:
                     return method(self, *args, **kwargs)
                 except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+                    permanent = permanent_error(error, str(self.url))
+                    if permanent is not None:
+                        raise permanent from None
                     if not is_connection_error(error):
                         raise
                     reason = first_line(str(error.__cause__ or error))
