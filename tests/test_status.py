@@ -101,3 +101,12 @@ def test_status_shows_heartbeats_and_trials_waiting_to_resume(sqlite_url: str):
     result = tuner("status", "--study", "resume", "--storage", sqlite_url, env={"COLUMNS": "160"})
     assert "trial 2 (retry of 0)" in result.stdout
     assert re.search(r"\(cuda:0\): epoch 0/\?, heartbeat \d+ s ago", result.stdout)
+
+
+def test_status_of_a_storage_without_studies_says_so(tmp_path):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="gone", storage=url)
+    optuna.delete_study(study_name="gone", storage=url)
+    result = tuner("status", "--storage", url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"no studies in storage '{url}'; `tuner create` or `tuner run` makes one"

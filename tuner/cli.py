@@ -367,11 +367,14 @@ def status(
     from rich.live import Live
 
     from tuner.status import status_table, study_status
-    from tuner.storages import make_storage
+    from tuner.storages import make_storage, storage_name
     from tuner.study import load_study
 
     opened = make_storage(storage, create=False)
     names = [study] if study else sorted(optuna.get_all_study_names(opened))
+    if not names:
+        console.print(f"no studies in {storage_name(opened)}; `tuner create` or `tuner run` makes one")
+        return
     loaded = [load_study(name, opened) for name in names]
 
     def table() -> Table:
