@@ -167,7 +167,8 @@ def worker(
         run_worker(study, storage, options)
 
 
-FormatOption = Annotated[str, typer.Option("--format", help="table, json (best) or table, csv, json (trials).")]
+BestFormatOption = Annotated[str, typer.Option("--format", help="table or json.")]
+TrialsFormatOption = Annotated[str, typer.Option("--format", help="table, csv or json.")]
 
 
 def _print_best(study_name: str, storage: str | None, output: str) -> None:
@@ -274,7 +275,7 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
 def best(
     study: StudyOption,
     storage: StorageOption = None,
-    output: FormatOption = "table",
+    output: BestFormatOption = "table",
     export: Annotated[
         Optional[Path], typer.Option("--export", help="Also write the best trial as a spec fragment for 'tuner train'.")
     ] = None,
@@ -323,7 +324,7 @@ def train_once(
 
 
 @app.command()
-def trials(study: StudyOption, storage: StorageOption = None, output: FormatOption = "table") -> None:
+def trials(study: StudyOption, storage: StorageOption = None, output: TrialsFormatOption = "table") -> None:
     """Every trial with its state, parameters and records."""
     from tuner.report import format_value, listed_trials, trial_record, trial_rows
     from tuner.study import load_study
@@ -411,7 +412,7 @@ def report(
 def dashboard(
     storage: StorageOption = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; other machines need 0.0.0.0.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to serve on.")] = 8080,
     artifact_dir: ArtifactOption = None,
 ) -> None:
     """optuna-dashboard on the storage and the workers' artifact store, until Ctrl-C."""
