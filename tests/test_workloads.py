@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from optuna.trial import TrialState
 
 import tuner
 from conftest import small_spec
+from tuner.errors import SpecError
 
 
 def _run(spec: dict, url: str) -> optuna.Study:
@@ -75,3 +77,14 @@ def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sq
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_an_objective_the_workload_does_not_report_stops_the_worker_at_its_first_trial(sqlite_url):
+    spec = small_spec("no-such-metric", workload="user_workloads:own_loop", objective={"metric": "val_acc"})
+    with pytest.raises(SpecError, match=r"spec field 'objective.metric': 'val_acc' is not among .*val_accuracy"):
+        _run(spec, sqlite_url)
+    study = optuna.load_study(study_name="no-such-metric", storage=sqlite_url)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "'val_acc' is not among" in failed[0].user_attrs["error"]
+    # The rest of the budget is left for a corrected spec, not burned on the same failure.
+    assert all(t.state == TrialState.WAITING for t in study.trials if t.number != failed[0].number)

@@ -49,7 +49,7 @@ from tuner.study import BudgetState, add_waiting_trials, budget_state, load_stud
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
-from tuner.train.reporter import Diverged, OutOfMemory, Reporter, WorkerStopped
+from tuner.train.reporter import Diverged, MissingMetric, OutOfMemory, Reporter, WorkerStopped
 from tuner.workloads import Workload, load_workload
 
 logger = logging.getLogger("tuner.worker")
@@ -269,7 +269,12 @@ def _run_trial(
     started = time.perf_counter()
     # The heartbeat runs until the trial is told: a slow final write must not look like death.
     with get_heartbeat_thread(trial._trial_id, study._storage):
-        state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
+        try:
+            state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
+        except MissingMetric as error:
+            reporter.records["error"] = str(error)
+            _finish(study, spec, trial, TrialState.FAIL, None, "failed", reporter, options)
+            raise
         reporter.records["duration_s"] = time.perf_counter() - started
         if outcome == "worker_stopped":
             reporter.write_records()
@@ -333,6 +338,8 @@ def _train(
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
         reporter.records.update(stop_reason=reason, stop_detail=str(stopped))
         return TrialState.PRUNED, None, reason
+    except MissingMetric:
+        raise
     except WorkerStopped:
         reporter.records["stop_reason"] = "worker_stopped"
         return TrialState.FAIL, None, "worker_stopped"

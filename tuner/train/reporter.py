@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 
+from tuner.errors import SpecError
 from tuner.spec import Objective
 from tuner.storages import record_epochs, show_value
 
@@ -35,6 +36,11 @@ class Diverged(optuna.TrialPruned):
 
 class OutOfMemory(optuna.TrialPruned):
     """Even a micro-batch of one sample did not fit: ``stop_reason: out_of_memory``."""
+
+
+class MissingMetric(SpecError):
+    """The spec's objective names a metric the workload does not report: no trial can finish,
+    so the worker stops rather than fail the whole budget one trial at a time."""
 
 
 class WorkerStopped(Exception):
@@ -110,9 +116,10 @@ class Reporter:
         metrics = {"train_time_s": time.perf_counter() - self.started, **metrics}
         missing = [o.metric for o in self.objectives if o.metric not in metrics]
         if missing:
-            raise KeyError(
-                f"objective metric {missing[0]!r} is not among the reported metrics "
-                f"{sorted(metrics)}"
+            field = "objective.metric" if len(self.objectives) == 1 else "objectives"
+            raise MissingMetric(
+                f"spec field '{field}': {missing[0]!r} is not among the metrics the workload "
+                f"reports: {', '.join(sorted(metrics))}."
             )
         metrics = {name: float(value) for name, value in metrics.items()}
         for name, value in metrics.items():
