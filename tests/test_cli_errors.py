@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from conftest import small_spec, tuner
+from tuner.spec import parse_spec
+from tuner.study import create_study
 
 
 def _assert_bad_input(result, *fragments: str) -> None:
@@ -139,3 +142,37 @@ def test_unavailable_device(write_spec, sqlite_url):
 def test_debug_shows_the_traceback(tmp_path, sqlite_url):
     result = tuner("--debug", "run", str(tmp_path / "nope.yaml"), "--storage", sqlite_url)
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_a_file_that_is_not_a_journal(tmp_path):
+    (tmp_path / "notes.log").write_text("name: x\n")
+    _assert_bad_input(
+        tuner("status", "--storage", str(tmp_path / "notes.log")),
+        "notes.log is not an Optuna journal file: its first line is not a JSON record",
+    )
+
+
+def test_a_grpc_proxy_that_does_not_answer():
+    result = tuner("status", "--storage", "grpc://127.0.0.1:9")
+    _assert_bad_input(result, "Nothing answers at 'grpc://127.0.0.1:9' within 10 s; is `tuner proxy` running there?")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_workload_module_that_fails_as_it_is_imported(tmp_path, sqlite_url):
+    (tmp_path / "broken_module.py").write_text("raise RuntimeError('boom at import')\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(small_spec("x", workload="broken_module:train")))
+    _assert_bad_input(
+        tuner("create", str(spec), "--storage", sqlite_url, cwd=tmp_path),
+        "spec field 'workload': Workload 'broken_module:train' does not load: RuntimeError: boom at import",
+    )
+
+
+def test_report_into_a_path_that_is_a_file(tmp_path, sqlite_url):
+    study = create_study(parse_spec(small_spec("reported", budget={"n_trials": 1})), sqlite_url)
+    study.tell(study.ask(), 0.5)
+    (tmp_path / "taken").write_text("")
+    _assert_bad_input(
+        tuner("report", "--study", "reported", "--storage", sqlite_url, "--out", str(tmp_path / "taken")),
+        "cannot be made a folder: File exists",
+    )

@@ -23,7 +23,7 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-from tuner.errors import TunerError  # noqa: E402
+from tuner.errors import BadInputError, TunerError  # noqa: E402
 from tuner.report import best_trials, format_value, used_params  # noqa: E402
 from tuner.spec import StudySpec  # noqa: E402
 
@@ -160,7 +160,10 @@ def write_report(study: optuna.Study, spec: StudySpec, out: Path) -> list[Path]:
     """Write every plot as PNG and ``index.html``; return the paths written."""
     if not best_trials(study):
         raise TunerError(f"Study {study.study_name!r} has no completed trial to report on yet.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(f"--out {str(out)!r} cannot be made a folder: {error.strerror or error}.") from None
     written = []
     sections = []
     for name, (caption, figure) in report_figures(study, spec).items():

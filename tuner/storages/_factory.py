@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import weakref
@@ -27,6 +28,9 @@ _logger = logging.getLogger("tuner.storages")
 # too) would create it. MySQL has no IF NOT EXISTS for an index (MariaDB has) and goes without.
 _TRIALS_BY_STATE_NAME = "ix_tuner_trials_study_id_state"
 _TRIALS_BY_STATE = sqlalchemy.text(f"CREATE INDEX IF NOT EXISTS {_TRIALS_BY_STATE_NAME} ON trials (study_id, state)")
+
+# Long enough for a proxy started beside its workers to come up; a wrong address fails soon.
+GRPC_READY_S = 10.0
 
 _opened_from: weakref.WeakKeyDictionary[optuna.storages.BaseStorage, str] = weakref.WeakKeyDictionary()
 
@@ -150,10 +154,24 @@ def storage_name(storage: optuna.storages.BaseStorage) -> str:
     return "the storage" if url is None else f"storage {mask_url(url)!r}"
 
 
+def _check_journal(url: str, path: Path) -> None:
+    """Refuse a file that is not a journal before Optuna reads it as one and fails on a line."""
+    if not path.is_file():
+        return
+    with path.open("rb") as journal:
+        first = journal.readline()
+    try:
+        if first:
+            json.loads(first)
+    except ValueError:
+        raise StorageError(f"{mask_url(url)} is not an Optuna journal file: its first line is not a JSON record.") from None
+
+
 def _open_storage(url: str, max_retries: int, create: bool) -> optuna.storages.BaseStorage:
     if url.endswith(".log") or url.startswith("journal://"):
         path = url.removeprefix("journal://")
         _storage_file(url, Path(path), create)
+        _check_journal(url, Path(path))
         return JournalStorage(optuna.storages.journal.JournalFileBackend(path, lock_obj=PromptJournalFileLock(path)))
     if url.startswith("redis://"):
         try:
@@ -165,7 +183,14 @@ def _open_storage(url: str, max_retries: int, create: bool) -> optuna.storages.B
         host, _, port = url.removeprefix("grpc://").partition(":")
         if not port.isdigit():
             raise StorageError(f"Storage URL {mask_url(url)!r} must be grpc://HOST:PORT.")
-        return GrpcStorageProxy(host=host, port=int(port))
+        proxy = GrpcStorageProxy(host=host, port=int(port))
+        try:
+            proxy.wait_server_ready(timeout=GRPC_READY_S)
+        except ConnectionError:
+            raise StorageError(
+                f"Nothing answers at {mask_url(url)!r} within {GRPC_READY_S:g} s; is `tuner proxy` running there?"
+            ) from None
+        return proxy
     if "://" not in url:
         raise StorageError(
             f"Storage URL {mask_url(url)!r} is not a URL; use sqlite:///PATH, postgresql://..., "

@@ -36,6 +36,8 @@ def _import(reference: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise WorkloadError(f"Workload {reference!r} does not load: {error}.") from None
+    except Exception as error:  # the module's own code failed as it ran
+        raise WorkloadError(f"Workload {reference!r} does not load: {type(error).__name__}: {error}.") from None
     try:
         return getattr(module, attribute)
     except AttributeError:
