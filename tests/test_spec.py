@@ -59,8 +59,15 @@ def test_batch_scale_allowed_values():
 
 def test_unknown_optimizer_is_refused():
     spec = small_spec("bad")
-    spec["search"]["optimizer"] = {"choices": ["lion"]}
-    with pytest.raises(SpecError, match="allowed: sgd, adamw, adam"):
+    spec["search"]["optimizer"] = {"choices": ["adam", "lion"]}
+    with pytest.raises(SpecError, match=r"spec field 'search\.optimizer\.choices\.1': unknown optimizer; allowed: sgd, adamw, adam \(got 'lion'\)"):
+        parse_spec(spec)
+
+
+def test_momentum_stays_below_one():
+    spec = small_spec("bad")
+    spec["search"]["momentum"] = {"low": 0.5, "high": 1.5}
+    with pytest.raises(SpecError, match=r"spec field 'search\.momentum\.high': Input should be less than 1 \(got 1\.5\)"):
         parse_spec(spec)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuner.errors import SpecError
 
@@ -91,8 +91,14 @@ def known_optimizer(name: str) -> str:
     return name
 
 
-class ChoiceSpace(_Strict):
-    choices: list[str] = Field(min_length=1)
+class OptimizerSpace(_Strict):
+    choices: list[Annotated[str, AfterValidator(known_optimizer)]] = Field(min_length=1)
+
+
+class MomentumSpace(FloatSpace):
+    """At a momentum of 1 an update never forgets a gradient: training cannot settle."""
+
+    high: float = Field(ge=0, lt=1)
 
 
 class BatchScheduleSpace(_Strict):
@@ -109,20 +115,10 @@ class SearchSpace(_Strict):
     batch_size: BatchSizeSpace
     lr: LearningRateSpace
     epochs: EpochsSpace
-    optimizer: ChoiceSpace | None = None
+    optimizer: OptimizerSpace | None = None
     weight_decay: FloatSpace | None = None
-    momentum: FloatSpace | None = None
+    momentum: MomentumSpace | None = None
     batch_schedule: BatchScheduleSpace | None = None
-
-    @model_validator(mode="after")
-    def _known_optimizers(self) -> "SearchSpace":
-        if self.optimizer is not None:
-            unknown = set(self.optimizer.choices) - set(OPTIMIZERS)
-            if unknown:
-                raise ValueError(
-                    f"optimizer.choices has {sorted(unknown)}; allowed: {', '.join(OPTIMIZERS)}"
-                )
-        return self
 
 
 class Objective(_Strict):
