@@ -57,6 +57,7 @@ def test_low_above_high(write_spec, sqlite_url):
         (b"name: x\nworkload: [a\n", 'in "SPEC", line 2'),
         (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "spec.yaml is not a text file"),
         (b"- a\n- b\n", "must be a mapping of fields (key: value), not ['a', 'b']"),
+        (b"name: x\nworkload: digits_mlp\nworkload: digits_cnn\n", "found the key 'workload' twice\n  in \"SPEC\", line 3"),
     ],
 )
 def test_a_spec_file_that_is_not_a_spec(tmp_path, sqlite_url, content, expected):

@@ -295,8 +295,22 @@ def parse_model(model: type[M], data: Any, *, source: str) -> M:
         raise SpecError(f"{source} is invalid: {details}.") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, where YAML would keep
+    the last without a word and a spec's mistake would pass unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_model(model: type[M], path: str | Path) -> M:
-    """Read a YAML file (``yaml.safe_load``) and validate it as ``model``."""
+    """Read a YAML file (safe, a key given twice refused) and validate it as ``model``."""
     path = Path(path)
     if path.is_dir():
         raise SpecError(f"Spec file {str(path)!r} is a folder; name a YAML file in it.")
@@ -305,7 +319,7 @@ def load_model(model: type[M], path: str | Path) -> M:
     try:
         # From the open file, so that YAML's error marks name it.
         with path.open(encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
         raise SpecError(f"{path} is not valid YAML: {error}") from None
     except UnicodeDecodeError:
@@ -319,5 +333,5 @@ def parse_spec(data: Any, *, source: str = "spec") -> StudySpec:
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    """Read a YAML spec file (``yaml.safe_load``) and validate it."""
+    """Read a YAML spec file and validate it."""
     return load_model(StudySpec, path)
