@@ -4,6 +4,8 @@ the same launching function show the ``CUDA_VISIBLE_DEVICES`` they were given.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,12 +59,22 @@ def test_without_cuda_gpus_all_exits_2_and_auto_is_cpu() -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
-def test_each_launched_worker_sees_its_own_gpu(sqlite_url: str) -> None:
+def test_each_launched_worker_sees_its_own_gpu_and_the_given_folders_and_threads(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """``tuner worker --gpus`` hands its own folders and threads on to each worker it starts."""
     study = create_study(parse_spec(small_spec("launch", budget={"n_trials": 1})), sqlite_url)
     study.tell(study.ask(), 0.5)  # the budget is met: the workers start, report and exit
     environments = gpu_environments("0,1", device_count=2)
-    processes = start_workers("launch", sqlite_url, 2, device="cpu", environments=environments)
+    processes = start_workers(
+        "launch", sqlite_url, 2, device="cpu", environments=environments, threads=3,
+        checkpoint_dir=tmp_path / "checkpoints", artifact_dir=tmp_path / "artifacts",
+    )
     outputs = [process.communicate(timeout=120)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0]
-    for output, expected in zip(outputs, ["0", "1"]):
+    for process, output, expected in zip(processes, outputs, ["0", "1"]):
         assert f"CUDA_VISIBLE_DEVICES={expected}\n" in output, output
+        given = dict(zip(process.args[4::2], process.args[5::2]))
+        assert given["--threads"] == "3"
+        assert given["--checkpoint-dir"] == str(tmp_path / "checkpoints")
+        assert given["--artifact-dir"] == str(tmp_path / "artifacts")

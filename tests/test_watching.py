@@ -59,6 +59,18 @@ def test_learning_curve_png_can_be_left_out(tmp_path: Path, write_spec, sqlite_u
     assert [meta.filename for meta in metas] == ["trial-0-curve.json"]
 
 
+def test_run_writes_learning_curves_to_the_given_artifact_dir(tmp_path: Path, write_spec, sqlite_url):
+    """The folder that ``tuner dashboard --artifact-dir`` is given, not the default beside the storage."""
+    shared = tmp_path / "shared" / "artifacts"
+    spec = write_spec(small_spec("elsewhere", budget={"n_trials": 1}))
+    result = tuner("run", str(spec), "--storage", sqlite_url, "--artifact-dir", str(shared), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="elsewhere", storage=sqlite_url)
+    [meta] = get_all_artifact_meta(study.trials[0], storage=study._storage)
+    assert json.loads((shared / meta.artifact_id).read_text()) == study.trials[0].user_attrs["history"]
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_run_logs_each_trials_first_and_last_epoch(finished_study: dict):
     for trial in _load(finished_study).get_trials(states=(TrialState.COMPLETE,)):
         epochs = trial.params["epochs"]

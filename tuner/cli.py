@@ -92,6 +92,7 @@ def run(
     device: DeviceOption = "auto",
     n_trials: Annotated[Optional[int], typer.Option("--n-trials", min=1, help="Override budget.n_trials.")] = None,
     checkpoint_dir: CheckpointOption = None,
+    artifact_dir: ArtifactOption = None,
     keep_checkpoints: KeepOption = False,
     gpus: GpusOption = None,
     workers_per_gpu: WorkersPerGpuOption = 1,
@@ -127,7 +128,7 @@ def run(
         processes = start_workers(
             created.study_name, url, len(environments) if environments else workers,
             device="cuda" if environments else device, environments=environments,
-            checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+            checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
         )
         codes = follow(created, spec, processes, errors)
     _print_best(created.study_name, url, "table")
@@ -157,7 +158,7 @@ def worker(
 
     if gpus is not None:
         environments = _gpu_environments(gpus, workers_per_gpu, device)
-        _work_on_gpus(study, storage, environments, checkpoint_dir, keep_checkpoints)
+        _work_on_gpus(study, storage, environments, threads, checkpoint_dir, artifact_dir, keep_checkpoints)
         return
     options = WorkerOptions(
         device=device, checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir,
@@ -535,7 +536,9 @@ def _work_on_gpus(
     study_name: str,
     storage: str | None,
     environments: list[dict[str, str]],
+    threads: int | None,
     checkpoint_dir: Path | None,
+    artifact_dir: Path | None,
     keep_checkpoints: bool,
 ) -> None:
     from tuner.launch import follow, start_workers
@@ -545,8 +548,8 @@ def _work_on_gpus(
     url = storage_url(storage)
     loaded, spec = load_study(study_name, url)
     processes = start_workers(
-        study_name, url, len(environments), device="cuda", environments=environments,
-        checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+        study_name, url, len(environments), device="cuda", environments=environments, threads=threads,
+        checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
     )
     codes = follow(loaded, spec, processes, errors)
     if any(codes):

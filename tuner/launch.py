@@ -28,6 +28,7 @@ def worker_command(
     threads: int | None = None,
     worker_index: int | None = None,
     checkpoint_dir: Path | None = None,
+    artifact_dir: Path | None = None,
     keep_checkpoints: bool = False,
 ) -> list[str]:
     """The ``tuner worker`` command line of one local worker process."""
@@ -38,6 +39,8 @@ def worker_command(
         command += ["--worker-index", str(worker_index)]
     if checkpoint_dir is not None:
         command += ["--checkpoint-dir", str(checkpoint_dir)]
+    if artifact_dir is not None:
+        command += ["--artifact-dir", str(artifact_dir)]
     if keep_checkpoints:
         command.append("--keep-checkpoints")
     return command
@@ -50,13 +53,15 @@ def start_workers(
     *,
     device: str = "auto",
     environments: Sequence[dict[str, str]] | None = None,
+    threads: int | None = None,
     checkpoint_dir: Path | None = None,
+    artifact_dir: Path | None = None,
     keep_checkpoints: bool = False,
 ) -> list[subprocess.Popen[str]]:
     """Start ``count`` workers; the storage URL travels in the environment, not on the command
-    line, so a password does not show in the process list. CPU threads are shared out so that
-    the workers do not oversubscribe the cores."""
-    threads = max(1, (os.cpu_count() or 1) // count)
+    line, so a password does not show in the process list. Without ``threads`` each, the CPU
+    threads are shared out so that the workers do not oversubscribe the cores."""
+    threads = threads or max(1, (os.cpu_count() or 1) // count)
     processes = []
     for index in range(count):
         env = {**os.environ, "TUNER_STORAGE": storage_url, "PYTHONUNBUFFERED": "1"}
@@ -64,7 +69,7 @@ def start_workers(
             env.update(environments[index])
         command = worker_command(
             study_name, device=device, threads=threads, worker_index=index,
-            checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+            checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
         )
         processes.append(
             # A session of its own: a Ctrl-C reaches the workers once, forwarded by ``follow``.
