@@ -6,8 +6,8 @@ ARG TORCH=cu128
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 1000 tuner \
-    && mkdir -p /app /checkpoints \
-    && chown tuner /app /checkpoints
+    && mkdir -p /app /checkpoints /artifacts \
+    && chown tuner /app /checkpoints /artifacts
 WORKDIR /app
 
 RUN python -m pip install --no-cache-dir "torch==2.13.0" --index-url "https://download.pytorch.org/whl/${TORCH}"

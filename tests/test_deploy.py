@@ -68,7 +68,9 @@ def _containers(doc: dict) -> list[dict]:
 
 def _slurm_command() -> list[str]:
     line = next(line for line in SLURM.read_text().splitlines() if line.startswith("srun "))
-    values = {"study": "demo", "SLURM_CPUS_PER_TASK": "8", "checkpoints": "/shared/checkpoints"}
+    values = {
+        "study": "demo", "SLURM_CPUS_PER_TASK": "8", "checkpoints": "/shared/checkpoints", "artifacts": "/shared/artifacts",
+    }
     return shlex.split(string.Template(line).substitute(values))[1:]
 
 
@@ -110,7 +112,9 @@ def test_compose_services_are_wired_as_documented():
     assert "healthcheck" in postgres
     assert any(volume.split(":")[0] in _compose()["volumes"] for volume in postgres["volumes"])
     assert services["dashboard"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert services["dashboard"]["command"][1:] == ["dashboard", "--host", "0.0.0.0", "--port", "8080"]
+    assert services["dashboard"]["command"][1:] == [
+        "dashboard", "--host", "0.0.0.0", "--port", "8080", "--artifact-dir", "/artifacts",
+    ]
     assert services["create"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("worker", "worker-cpu"):
         assert services[name]["depends_on"]["create"]["condition"] == "service_completed_successfully"
@@ -174,6 +178,65 @@ def test_kubernetes_manifests():
     assert ("PersistentVolumeClaim", claim) in docs
 
 
+def _artifact_dir(argv: list[str]) -> str | None:
+    return argv[argv.index("--artifact-dir") + 1] if "--artifact-dir" in argv else None
+
+
+def _readme_block(heading: str) -> str:
+    """The first bash block under ``heading`` in README's "Many machines"."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Many machines"):]
+    return re.search(r"```bash\n(.*?)```", section[section.index(heading):], re.S).group(1)
+
+
+def test_compose_workers_and_dashboard_share_the_artifact_volume():
+    """The dashboard lists a trial's learning curve only where it reads the folder the workers write."""
+    compose = _compose()
+    services = {
+        name: service for name, service in compose["services"].items()
+        if service.get("command", [""])[0] == "tuner" and service["command"][1] in ("worker", "dashboard")
+    }
+    assert set(services) == {"dashboard", "worker", "worker-cpu"}
+    shared = {}
+    for name, service in services.items():
+        folder = _artifact_dir(service["command"])
+        mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+        assert mounted.get(folder) in compose["volumes"], f"{name}: --artifact-dir {folder} is no named volume"
+        shared[name] = (folder, mounted[folder])
+    assert len(set(shared.values())) == 1, shared
+
+
+def test_kubernetes_workers_and_dashboard_share_the_artifact_claim():
+    docs = _kubernetes()
+    access = {doc["metadata"]["name"]: doc["spec"]["accessModes"] for doc in docs if doc["kind"] == "PersistentVolumeClaim"}
+    shared = {}
+    for doc in docs:
+        for container in _containers(doc):
+            if container["command"][1] not in ("worker", "dashboard"):
+                continue
+            folder = _artifact_dir(container["command"])
+            mounts = {mount["mountPath"]: mount["name"] for mount in container.get("volumeMounts", [])}
+            volumes = {volume["name"]: volume for volume in doc["spec"]["template"]["spec"].get("volumes", [])}
+            assert folder in mounts, f"{doc['metadata']['name']}: no volume at --artifact-dir {folder}"
+            shared[doc["metadata"]["name"]] = (folder, volumes[mounts[folder]]["persistentVolumeClaim"]["claimName"])
+    assert set(shared) == {"tuner-worker", "tuner-dashboard"}
+    assert len(set(shared.values())) == 1, shared
+    claim = shared["tuner-dashboard"][1]
+    assert access.get(claim) == ["ReadWriteMany"], "pods on several nodes mount the artifact claim"
+
+
+def test_slurm_workers_and_the_dashboard_share_the_artifact_folder():
+    """Every task writes to $TUNER_ARTIFACTS, which README puts beside the checkpoints on the shared
+    filesystem and gives the dashboard."""
+    assert re.search(r"^artifacts=\$\{TUNER_ARTIFACTS:-[^}]+\}$", SLURM.read_text(), re.M)
+    assert _artifact_dir(_slurm_command()) == "/shared/artifacts"
+    block = _readme_block("### Slurm")
+    exported = dict(re.findall(r"^export (\w+)=(\S+)", block, re.M))
+    assert Path(exported["TUNER_ARTIFACTS"]).parent == Path(exported["TUNER_CHECKPOINTS"]).parent
+    dashboard = next(shlex.split(line.split("#")[0]) for line in block.splitlines() if line.startswith("tuner dashboard"))
+    assert _artifact_dir(dashboard) == "$TUNER_ARTIFACTS"
+
+
 def test_slurm_script_is_a_job_array_with_one_gpu_per_task():
     text = SLURM.read_text()
     assert re.search(r"^#SBATCH --array=", text, re.M)
@@ -198,9 +261,7 @@ def _pip_installs(commands: list[str]) -> list[str]:
 
 def test_dockerfile_installs_as_the_readme_says():
     docker = _pip_installs([value for key, value in _dockerfile_instructions() if key == "RUN"])
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Many machines"):]
-    block = re.search(r"```bash\n(.*?)```", section[section.index("### Install"):], re.S).group(1)
+    block = _readme_block("### Install")
     lines = [line.split("#")[0] for line in block.splitlines()]
     assert docker == _pip_installs(lines)
     arg = next(value for key, value in _dockerfile_instructions() if key == "ARG")
@@ -222,7 +283,9 @@ def test_compose_create_and_cpu_worker_run_against_sqlite(tmp_path: Path):
     spec["search"]["epochs"] = {"low": 1, "high": 1}
     (app_dir / "studies").mkdir(parents=True)
     (app_dir / spec_name).write_text(yaml.safe_dump(spec))
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    # Not in tmp_path itself: the default artifact folder beside it would be the container's /artifacts.
+    (tmp_path / "db").mkdir()
+    storage = f"sqlite:///{tmp_path / 'db' / 'study.db'}"
     for name in ("create", "worker-cpu"):
         argv = [_interpolate(arg, env) for arg in services[name]["command"]]
         argv = [str(tmp_path / arg.lstrip("/")) if arg.startswith("/") else arg for arg in argv]
@@ -233,6 +296,7 @@ def test_compose_create_and_cpu_worker_run_against_sqlite(tmp_path: Path):
         assert result.returncode == 0, f"{name}: {result.stderr}"
     trials = optuna.load_study(study_name=spec["name"], storage=storage).trials
     assert len(trials) == 1 and trials[0].state.is_finished()
+    assert any((tmp_path / "artifacts").iterdir()), "the worker's learning curve is not in its --artifact-dir"
 
 
 def test_container_workers_get_distinct_sampler_seeds(monkeypatch):
