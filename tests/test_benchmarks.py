@@ -1,5 +1,5 @@
 """The three benchmark scripts of README's tables (search, overhead, throughput), run small from
-the repository as a user runs them, and the arithmetic their tables rest on."""
+the repository as a user runs them, and the arithmetic their tables rest on (recovery's too)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import overhead  # noqa: E402
+import recovery  # noqa: E402
 import search_efficiency  # noqa: E402
 import throughput  # noqa: E402
 
@@ -36,6 +39,42 @@ def test_an_accuracy_stored_in_float32_reaches_a_target_equal_to_it():
     assert search_efficiency.reach(events, target, budget=10) == (5, 1.5)
     assert search_efficiency.reach(events, target, budget=4) == (None, None)
     assert search_efficiency.reach(events, target + 1 / 114, budget=10) == (None, None)
+
+
+def _trial(number: int, state: TrialState, epochs: int, history: list[int] | None = None, **attrs: int) -> FrozenTrial:
+    """A trial as the storage holds it: values for epochs 1..``epochs``, ``retry_history`` where a retry."""
+    trial = optuna.trial.create_trial(
+        state=state,
+        value=0.9 if state == TrialState.COMPLETE else None,
+        intermediate_values={epoch: 0.5 for epoch in range(1, epochs + 1)},
+        user_attrs=attrs,
+        system_attrs={"retry_history": history} if history else {},
+    )
+    trial.number = number
+    return trial
+
+
+def test_recovery_counts_an_epoch_twice_only_where_the_storage_shows_it_reported_before_the_kill():
+    fail, done = TrialState.FAIL, TrialState.COMPLETE
+    trials = [
+        # Its stored epochs lag the checkpoint that its retry resumed from: no epoch shows twice,
+        # where the stored ``epochs_completed`` (1) less the resume (3) made -2.
+        _trial(0, fail, 2, epochs_completed=1),
+        _trial(1, done, 6, [0], retried_from=0, resumed_from_epoch=3, epochs_completed=6),
+        # Epoch 4 was stored before the kill, and the checkpoint held 3.
+        _trial(2, fail, 4),
+        _trial(3, done, 6, [2], retried_from=2, resumed_from_epoch=3, epochs_completed=6),
+        # A retry pruned at epoch 4 trained only epoch 4 again of the 5 stored.
+        _trial(4, fail, 5),
+        _trial(5, TrialState.PRUNED, 4, [4], retried_from=4, resumed_from_epoch=3, epochs_completed=4),
+        # A retry handed back, its retry killed (with the records it inherited) and that one's retry.
+        _trial(6, fail, 2),
+        _trial(7, fail, 3, [6], retried_from=6, resumed_from_epoch=2, epochs_completed=3),
+        _trial(8, fail, 4, [6, 7], retried_from=6, resumed_from_epoch=2, epochs_completed=3),
+        _trial(9, done, 6, [6, 7, 8], retried_from=8, resumed_from_epoch=3, epochs_completed=6),
+    ]
+    assert recovery.epochs_trained_twice(trials) == recovery.Redone(epochs=3, unmeasured=1)
+    assert recovery.epochs_trained_twice(trials[:2]) == (0, 0)
 
 
 def test_search_efficiency_runs_each_method_to_the_same_budget(tmp_path: Path):
