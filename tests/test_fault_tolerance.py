@@ -5,17 +5,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import torch
 from optuna.trial import TrialState
 
 from conftest import small_spec, start_tuner, tuner
 from tuner.space import Hyperparameters
-from tuner.spec import Objective
+from tuner.spec import Objective, parse_spec
 from tuner.storages import sqlalchemy_url
+from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
 from user_workloads import slow_blobs
@@ -108,6 +112,54 @@ def test_sigterm_hands_the_trial_back(tmp_path, write_spec, sqlite_url, monkeypa
     output, _ = second.communicate(timeout=120)
     assert second.returncode == 0, output
     _assert_resumed(sqlite_url, "term", checkpoints, monkeypatch, "worker_stopped")
+
+
+@contextmanager
+def _sigint_ignored(ignored: bool) -> Iterator[None]:
+    """What a script's ``cmd &`` does: the processes started meanwhile inherit SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.getsignal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ignored", [False, True], ids=["terminal", "script-background"])
+def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignored):
+    """The workers are still importing torch when the Ctrl-C comes: they stop, not fail or run on."""
+    spec = small_spec("early", workload="paced_workload:paced", budget={"n_trials": 4})
+    with _sigint_ignored(ignored):
+        run = start_tuner("run", str(write_spec(spec)), "--workers", "2", "--storage", sqlite_url)
+    parent = psutil.Process(run.pid)
+    _wait_for(lambda: len(parent.children()) == 2, what="two workers")
+    workers = parent.children()
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=40)
+    assert run.returncode == 130, output
+    assert "interrupted: 0 of 4 trials finished; run the same command again to resume" in output
+    assert not any(worker.is_running() for worker in workers)
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlite_url):
+    spec = small_spec("midrun", workload="paced_workload:paced", budget={"n_trials": 1}, pruner={"name": "none"})
+    spec["search"]["epochs"] = {"low": 3, "high": 3}
+    create_study(parse_spec(spec), sqlite_url)
+    args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
+    run = start_tuner(*args)
+    _wait_for(lambda: _epochs_done(sqlite_url, "midrun") >= 1, what="an epoch")
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=30)
+    assert run.returncode == 130, output
+    assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output
+    study = optuna.load_study(study_name="midrun", storage=sqlite_url)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[0].user_attrs["stop_reason"] == "worker_stopped"
+    again = tuner(*args)
+    assert again.returncode == 0, again.stderr
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].user_attrs["retried_from"] == 0
 
 
 def _pg_cluster() -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""The ``tuner`` command: parses, calls the modules, prints. Exit 0 success, 2 bad input, 1 else."""
+"""The ``tuner`` command: parses, calls the modules, prints. Exit 0 success, 2 bad input, 128 +
+the signal after a Ctrl-C or SIGTERM (130, 143), 1 else."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import optuna
     import torch
 
+    from tuner.launch import Finished
     from tuner.spec import StudySpec
     from tuner.train.memory import MicroBatchLimits
     from tuner.train.probe import ProbeResult
@@ -98,7 +100,7 @@ def run(
     workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
     """Create or load the study, run local workers until the budget is met, print the best trial."""
-    from tuner.launch import follow, start_workers
+    from tuner.launch import Finished, run_workers
     from tuner.spec import load_spec
     from tuner.storages import storage_url
     from tuner.study import budget_state, create_study
@@ -123,17 +125,15 @@ def run(
             else f"its {spec.budget.timeout_s:g} s have passed"
         )
         errors.print(f"study {created.study_name!r} has met its budget ({met}); no workers started", highlight=False)
-        codes = []
+        finished = Finished(codes=[])
     else:
-        processes = start_workers(
-            created.study_name, url, len(environments) if environments else workers,
+        finished = run_workers(
+            created, spec, url, len(environments) if environments else workers, errors,
             device="cuda" if environments else device, environments=environments,
             checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
         )
-        codes = follow(created, spec, processes, errors)
     _print_best(created.study_name, url, "table")
-    if any(codes):
-        raise TunerError(f"{sum(1 for c in codes if c)} of {len(codes)} workers exited with an error.")
+    _exit_as_workers_did(created, spec, finished)
 
 
 @app.command()
@@ -541,19 +541,37 @@ def _work_on_gpus(
     artifact_dir: Path | None,
     keep_checkpoints: bool,
 ) -> None:
-    from tuner.launch import follow, start_workers
+    from tuner.launch import run_workers
     from tuner.storages import storage_url
     from tuner.study import load_study
 
     url = storage_url(storage)
     loaded, spec = load_study(study_name, url)
-    processes = start_workers(
-        study_name, url, len(environments), device="cuda", environments=environments, threads=threads,
+    finished = run_workers(
+        loaded, spec, url, len(environments), errors, device="cuda", environments=environments, threads=threads,
         checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
     )
-    codes = follow(loaded, spec, processes, errors)
-    if any(codes):
-        raise TunerError(f"{sum(1 for c in codes if c)} of {len(codes)} workers exited with an error.")
+    _exit_as_workers_did(loaded, spec, finished)
+
+
+def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finished) -> None:
+    """After a stop signal, say how far the study got and that the same command resumes it, and
+    exit 128 + the signal as a shell does (130 for Ctrl-C), since the budget is not met; else
+    exit 1 where a worker failed."""
+    from tuner.study import budget_state
+
+    failed = sum(1 for code in finished.codes if code)
+    failures = f"{failed} of {len(finished.codes)} workers exited with an error"
+    if finished.stopped_by is not None:
+        state = budget_state(study, spec)
+        done = f"{state.finished} of {state.n_trials}" if state.n_trials is not None else str(state.finished)
+        also = f"; {failures}" if failed else ""
+        errors.print(
+            f"interrupted: {done} trials finished{also}; run the same command again to resume", highlight=False
+        )
+        raise typer.Exit(128 + finished.stopped_by)
+    if failed:
+        raise TunerError(f"{failures}.")
 
 
 @app.command()

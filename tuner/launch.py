@@ -8,8 +8,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -19,6 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tuner.errors import BadInputError
 from tuner.spec import StudySpec
 from tuner.study import budget_state
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def worker_command(
@@ -60,25 +65,40 @@ def start_workers(
 ) -> list[subprocess.Popen[str]]:
     """Start ``count`` workers; the storage URL travels in the environment, not on the command
     line, so a password does not show in the process list. Without ``threads`` each, the CPU
-    threads are shared out so that the workers do not oversubscribe the cores."""
+    threads are shared out so that the workers do not oversubscribe the cores. A worker starts
+    with SIGINT and SIGTERM held until its stop handler is in place (``run_worker``): one sent
+    while it imports torch would otherwise kill it, or be lost where the signals are ignored (a
+    script's ``&``)."""
     threads = threads or max(1, (os.cpu_count() or 1) // count)
     processes = []
-    for index in range(count):
-        env = {**os.environ, "TUNER_STORAGE": storage_url, "PYTHONUNBUFFERED": "1"}
-        if environments:
-            env.update(environments[index])
-        command = worker_command(
-            study_name, device=device, threads=threads, worker_index=index,
-            checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
-        )
-        processes.append(
-            # A session of its own: a Ctrl-C reaches the workers once, forwarded by ``follow``.
-            subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                start_new_session=True,
+    with _stop_signals_held():
+        for index in range(count):
+            env = {**os.environ, "TUNER_STORAGE": storage_url, "PYTHONUNBUFFERED": "1"}
+            if environments:
+                env.update(environments[index])
+            command = worker_command(
+                study_name, device=device, threads=threads, worker_index=index,
+                checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
             )
-        )
+            processes.append(
+                # A session of its own: a Ctrl-C reaches the workers once, forwarded by ``run_workers``.
+                subprocess.Popen(
+                    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    start_new_session=True,
+                )
+            )
     return processes
+
+
+@contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait, pending, until the block ends; a process started meanwhile
+    inherits the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def gpu_environments(
@@ -124,6 +144,42 @@ def _summary(study: optuna.Study, spec: StudySpec) -> tuple[int, str]:
     return state.finished, text
 
 
+@dataclass
+class Finished:
+    """How a run of local workers ended: their exit codes, and the first stop signal this
+    process got (Ctrl-C or SIGTERM), if any."""
+
+    codes: list[int]
+    stopped_by: signal.Signals | None = None
+
+
+def run_workers(
+    study: optuna.Study, spec: StudySpec, storage_url: str, count: int, console: Console, **options: Any
+) -> Finished:
+    """Start ``count`` workers (``options`` as ``start_workers`` takes them) and follow them
+    until they exit. Each SIGINT or SIGTERM to this process is forwarded to the live workers: the
+    first stops them after their current epoch, a second abandons it. The signals are held from
+    before the first worker starts until the handler knows them all, so none is missed."""
+    received: list[signal.Signals] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum))
+        console.print(f"{received[-1].name}: stopping workers after their current epoch")
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    with _stop_signals_held():
+        processes = start_workers(study.study_name, storage_url, count, **options)
+        previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        codes = follow(study, spec, processes, console)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return Finished(codes, received[0] if received else None)
+
+
 def follow(
     study: optuna.Study,
     spec: StudySpec,
@@ -139,19 +195,7 @@ def follow(
     ]
     for relay in relays:
         relay.start()
-
-    def forward(signum: int, frame: object) -> None:
-        console.print(f"{signal.Signals(signum).name}: stopping workers after their current epoch")
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        _show_progress(study, spec, processes, console, poll_s)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    _show_progress(study, spec, processes, console, poll_s)
     for relay in relays:
         relay.join(timeout=5)
     return [p.wait() for p in processes]

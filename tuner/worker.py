@@ -186,6 +186,9 @@ def run_worker(
     options = replace(options, artifact_dir=options.artifact_dir or default_artifact_dir(url))
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # ``tuner run`` starts its workers with these held: one that came while this worker started
+    # is delivered now, to the handler, and it stops before claiming a trial.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
     summary = WorkerSummary()
     consecutive_failures = 0
     heartbeat = is_heartbeat_enabled(study._storage)
