@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from typer.testing import CliRunner
 
-from conftest import small_spec
+from conftest import small_spec, tuner
 from tuner.cli import app
 from tuner.errors import BadInputError, SpecError
 from tuner.report import fastest_within
@@ -95,3 +95,15 @@ def test_best_within_on_the_command_line(sqlite_url: str, tmp_path) -> None:
     assert answer["trial"] == expected.number
     table = CliRunner().invoke(app, ["best", "--study", "within", "--storage", sqlite_url, "--within", "50%"])
     assert f"fastest trial within 50% of the best val_accuracy: #{expected.number}" in table.stdout
+
+
+@pytest.mark.parametrize("objectives", [None, TRADEOFF], ids=["one objective", "two objectives"])
+@pytest.mark.parametrize("output", ["table", "json"])
+def test_best_of_a_study_without_a_complete_trial_is_an_error_in_either_format(sqlite_url, objectives, output):
+    spec = _spec("empty", objectives=objectives) if objectives else small_spec("empty", budget={"n_trials": 2})
+    study = create_study(parse_spec(spec), sqlite_url)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+    result = tuner("best", "--study", "empty", "--storage", sqlite_url, "--format", output)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.strip() == "error: Study 'empty' has no completed trial yet."
+    assert result.stdout == ""

@@ -132,7 +132,7 @@ def run(
             device="cuda" if environments else device, environments=environments,
             checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
         )
-    _print_best(created.study_name, url, "table")
+    _print_best(created.study_name, url, "table", required=False)
     _exit_as_workers_did(created, spec, finished)
 
 
@@ -172,7 +172,9 @@ BestFormatOption = Annotated[str, typer.Option("--format", help="table or json."
 TrialsFormatOption = Annotated[str, typer.Option("--format", help="table, csv or json.")]
 
 
-def _print_best(study_name: str, storage: str | None, output: str) -> None:
+def _print_best(study_name: str, storage: str | None, output: str, *, required: bool = True) -> None:
+    """The best trial or Pareto front; a study without one is an error where one was asked for
+    (``tuner best``), a line where a run merely ended without one."""
     from tuner.report import best_trials, trial_record
     from tuner.study import load_study
 
@@ -180,16 +182,12 @@ def _print_best(study_name: str, storage: str | None, output: str) -> None:
     trials = best_trials(study)
     records = [trial_record(study, trial) for trial in trials]
     several = len(study.directions) > 1
-    if output == "json":
-        if several:
-            console.print_json(json.dumps({"study": study.study_name, "pareto_front": records}))
-        elif records:
-            print(json.dumps(records[0]))
-        else:
-            raise TunerError(f"Study {study_name!r} has no completed trial yet.")
-        return
     if not records:
+        if required:
+            raise TunerError(f"Study {study_name!r} has no completed trial yet.")
         console.print(f"study {study_name!r} has no completed trial yet")
+    elif output == "json":
+        print(json.dumps({"study": study.study_name, "pareto_front": records} if several else records[0]))
     elif several:
         console.print(_pareto_table(study, records))
     else:
