@@ -92,36 +92,28 @@ def _spec(name: str, n_trials: int) -> dict:
     }
 
 
-def _start(name: str, url: str, index: int, checkpoints: Path) -> subprocess.Popen:
+def _start(name: str, url: str, index: int, checkpoints: Path) -> tuple[subprocess.Popen, float]:
     env = {**os.environ, "TUNER_STORAGE": url}
     command = worker_command(name, device="cpu", threads=1, worker_index=index, checkpoint_dir=checkpoints)
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _pids_holding_trials(study: optuna.Study) -> set[int]:
-    """Process ids of the workers of this host that run a trial (its ``worker`` record,
-    host:pid, is written as the trial is claimed)."""
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    return {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running if "worker" in t.user_attrs}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, time.perf_counter()
 
 
 def _run(url: str, name: str, workers: int, n_trials: int, checkpoints: Path, kill_every: float | None, seed: int) -> dict:
-    study = create_study(parse_spec(_spec(name, n_trials)), url)
+    create_study(parse_spec(_spec(name, n_trials)), url)
     rng = random.Random(seed)
     started = time.perf_counter()
     processes = [_start(name, url, index, checkpoints) for index in range(workers)]
     kills = 0
     next_kill = started + kill_every if kill_every else float("inf")
-    while any(process.poll() is None for process in processes):
+    while any(process.poll() is None for process, _ in processes):
         now = time.perf_counter()
-        # Only a worker that holds a trial is worth killing: one still importing torch loses
-        # nothing, and on a busy host killing those could starve the study.
-        holding = _pids_holding_trials(study) if now >= next_kill else set()
-        ripe = [process for process in processes if process.poll() is None and process.pid in holding]
-        if ripe:
+        # Only a worker that has had time to start is worth killing: it holds a trial.
+        ripe = [entry for entry in processes if entry[0].poll() is None and now - entry[1] > 5.0]
+        if now >= next_kill and ripe:
             victim = rng.choice(ripe)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
+            victim[0].send_signal(signal.SIGKILL)
+            victim[0].wait()
             kills += 1
             processes.remove(victim)
             processes.append(_start(name, url, workers + kills, checkpoints))
