@@ -94,6 +94,8 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         ("nonsense", "is not a URL"),
         ("mysql://bob:hunter2@127.0.0.1:1/db", "Cannot open storage"),
         # A driver splits at the first '@' and would name the password's tail as the host.
+        # A one-letter password is masked where it stands alone, not inside the driver's words.
+        ("postgresql://alice:p@127.0.0.1:1/db", "port 1 failed"),
         ("postgresql://alice:s3@cret@127.0.0.1:1/db", "'postgresql://alice:***@127.0.0.1:1/db' has an '@' in its user or password; write it as %40"),
         ("postgresql//alice:s3cret@127.0.0.1:1/db", "'postgresql//alice:***@127.0.0.1:1/db' is not a URL"),
         ("grpc://alice:s3cret@127.0.0.1:1", "'grpc://alice:***@127.0.0.1:1' must be grpc://HOST:PORT"),
@@ -115,7 +117,7 @@ def test_unknown_study_names_the_storage_and_lists_the_known_ones(write_spec, sq
     )
 
 
-@pytest.mark.parametrize("command", [("best", "--study", "nope"), ("status",)])
+@pytest.mark.parametrize("command", [("best", "--study", "nope"), ("status",), ("worker", "--study", "nope")])
 @pytest.mark.parametrize("where", ["sqlite:///{}/typo.db", "sqlite:///{}/nodir/x.db", "journal://{}/nodir/j.log"])
 def test_reading_a_storage_file_that_is_not_there_creates_nothing(tmp_path, command, where):
     """A mistyped path would otherwise leave an empty database behind and answer as if no study

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import weakref
 from pathlib import Path
 from urllib.parse import urlparse
@@ -104,7 +105,8 @@ def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storag
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         password = parsed.password
         if password:
-            reason = reason.replace(str(password), "***")
+            # Only where it stands alone: a short password would otherwise eat into the words.
+            reason = re.sub(rf"(?<!\w){re.escape(str(password))}(?!\w)", "***", reason)
         raise StorageError(f"Cannot open storage {mask_url(url)!r}: {reason}") from None
     if parsed.get_backend_name() == "sqlite":
         sqlalchemy.event.listen(storage.engine, "begin", begin_sqlite)
