@@ -40,7 +40,6 @@ from tuner.storages import (
     beside_storage,
     cache_claimed_trial,
     claim_next_waiting_trial,
-    make_storage,
     one_write,
     set_user_attrs,
     storage_url,
@@ -169,8 +168,7 @@ def run_worker(
     """Pull trials of ``study_name`` until its budget is met; return what this worker ran."""
     options = options or WorkerOptions()
     url = storage_url(storage)
-    # A worker serves a study that exists: a mistyped file name must not become an empty database.
-    study, spec = load_study(study_name, make_storage(url, create=False), seed_offset=seed_offset(options.worker_index))
+    study, spec = load_study(study_name, url, seed_offset=seed_offset(options.worker_index))
     workload = load_workload(spec.workload)
     device = memory.resolve_device(options.device)
     logger.info(
