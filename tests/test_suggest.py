@@ -57,6 +57,9 @@ def test_probe_suggest_writes_a_spec_with_the_ranges(write_spec, sqlite_url: str
     result = CliRunner().invoke(app, ["probe", str(spec), "--storage", sqlite_url, "--device", "cpu", "--write", str(new)])
     assert result.exit_code == 0, result.output
     assert "gradient noise scale" in result.stdout and "suggested effective batch" in result.stdout
+    # No study was created there, so the probe's answer is not stored and no file is left.
+    assert "not stored: no study 'digits' yet" in result.stdout
+    assert not (tmp_path / "study.db").exists()
     written = load_spec(new)
     assert written.name == "digits-suggested"
     batch, lr = written.search.batch_size, written.search.lr

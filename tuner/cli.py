@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tuner.errors import BadInputError, TunerError
+from tuner.errors import BadInputError, StorageMissingError, TunerError
 
 if TYPE_CHECKING:
     import optuna
@@ -485,6 +485,12 @@ def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, devi
     from tuner.train.memory import resolve_device
     from tuner.train.probe import probe_spec, share
 
+    # Opened before the probe, so that an unreachable database fails before minutes of it; a
+    # missing file only means there is no study to store the answer in yet.
+    try:
+        opened = make_storage(storage, create=False)
+    except StorageMissingError:
+        opened = None
     result = probe_spec(spec, resolve_device(device))
     table = Table(title=f"{spec.workload} on {result.device} ({result.device_name}, {result.precision})")
     for column in ("micro-batch", "fits", "peak memory MB", "samples/s"):
@@ -505,8 +511,7 @@ def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, devi
             f"{result.smallest_failed}; workers use {result.micro_batch_size} "
             f"({result.margin:.0%} safety margin)"
         )
-    opened = make_storage(storage)
-    if study_name not in optuna.get_all_study_names(opened):
+    if opened is None or study_name not in optuna.get_all_study_names(opened):
         console.print(f"not stored: no study {study_name!r} yet (tuner create SPEC --probe stores it)")
         return result
     share(result, optuna.load_study(study_name=study_name, storage=opened), spec.workload)

@@ -21,6 +21,10 @@ class StorageError(BadInputError):
     """A storage URL is malformed or its database cannot be reached."""
 
 
+class StorageMissingError(StorageError):
+    """A SQLite or journal file that a command must not create is not there."""
+
+
 class StudyNotFoundError(BadInputError):
     """No study of that name is in the storage."""
 

@@ -15,7 +15,7 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from tuner.errors import StorageError
+from tuner.errors import StorageError, StorageMissingError
 from tuner.storages._grpc import GrpcStorageProxy
 from tuner.storages._journal import JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
@@ -48,7 +48,7 @@ def _storage_file(url: str, path: Path, create: bool) -> None:
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.exists():
-        raise StorageError(f"{mask_url(url)}: no such file; studies are created by `tuner create` or `tuner run`.")
+        raise StorageMissingError(f"{mask_url(url)}: no such file; studies are created by `tuner create` or `tuner run`.")
 
 
 def _sqlite_path(database: str, query: dict) -> Path | None:
