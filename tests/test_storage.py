@@ -85,6 +85,50 @@ def test_a_read_only_sqlite_file_fails_at_once_instead_of_being_retried(tmp_path
     assert "retrying" not in result.stderr
 
 
+# Each raised by the server itself: a trigger that fails the study's insert as PostgreSQL fails
+# a write it has no disk for, and a database that takes no writes, as a hot standby does.
+POSTGRES_REFUSALS = {
+    "disk_full": (
+        """CREATE FUNCTION no_space() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+               RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device'
+               USING ERRCODE = 'disk_full'; END $$;
+           CREATE TRIGGER no_space BEFORE INSERT ON studies FOR EACH ROW EXECUTE FUNCTION no_space()""",
+        1, "is on a full disk: could not extend file",
+    ),
+    "read_only": (
+        "ALTER DATABASE {database} SET default_transaction_read_only = on",
+        2, "is read-only: cannot execute INSERT in a read-only transaction",
+    ),
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("refusal", POSTGRES_REFUSALS)
+def test_a_postgres_server_that_refuses_writes_for_good_fails_at_once(postgres_url, write_spec, refusal):
+    """A full disk and a read-only server stay so past TUNER_DB_RETRY_S: retried as a lost
+    connection, they would only delay the error and then call the storage lost."""
+    import psycopg
+
+    statement, exit_code, message = POSTGRES_REFUSALS[refusal]
+    database = f"{postgres_url.rsplit('/', 1)[1]}_{refusal}"
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{database}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    try:
+        make_storage(url).engine.dispose()
+        with psycopg.connect(url, autocommit=True) as owner:
+            owner.execute(statement.format(database=database))
+        started = time.monotonic()
+        result = tuner("create", str(write_spec(small_spec("refused"))), "--storage", url, env={"TUNER_DB_RETRY_S": "60"})
+        assert time.monotonic() - started < 30
+        assert result.returncode == exit_code, result.stderr
+        assert f"Storage {sqlalchemy_url(url)!r} {message}" in result.stderr
+        assert "retrying" not in result.stderr
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
 CLAIMS = {
     "optuna": lambda storage, trial_id: storage.set_trial_state_values(trial_id, TrialState.RUNNING),
     "tuner": lambda storage, trial_id: storage.claim_next_waiting_trial(

@@ -40,6 +40,14 @@ _PERMANENT_SQLITE = {
     "SQLITE_FULL": (TunerError, "is on a full disk"),
 }
 
+# PostgreSQL's SQLSTATEs of the same kind: a full disk, and a server that takes no writes (a
+# hot standby, or default_transaction_read_only); psycopg raises the first as an
+# OperationalError, which would otherwise be retried as a lost connection.
+_PERMANENT_POSTGRES = {
+    "53100": (TunerError, "is on a full disk"),
+    "25006": (StorageError, "is read-only"),
+}
+
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
     """The error and those it came from, each once.
@@ -72,6 +80,9 @@ def permanent_error(error: BaseException, url: str) -> TunerError | None:
         for prefix, (kind, what) in _PERMANENT_SQLITE.items():
             if name.startswith(prefix):
                 return kind(f"Storage {mask_url(url)!r} {what}: {current}.")
+        if getattr(current, "sqlstate", None) in _PERMANENT_POSTGRES:
+            kind, what = _PERMANENT_POSTGRES[current.sqlstate]
+            return kind(f"Storage {mask_url(url)!r} {what}: {first_line(str(current))}.")
     return None
 
 
