@@ -140,6 +140,34 @@ def test_report_of_two_objectives_has_a_pareto_front(write_spec, sqlite_url: str
     })
 
 
+def test_importances_of_several_objectives_rank_what_makes_the_first_one_good():
+    """x alone lifts accuracy into its top tenth, y alone orders the rest: the bars for a
+    maximized accuracy must put x first, where Optuna's evaluator, reading low values as the
+    good ones, would rank y."""
+    import random
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import report_figures
+    from tuner.spec import parse_spec
+
+    rng = random.Random(0)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    distributions = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
+    for _ in range(60):
+        x, y = rng.random(), rng.random()
+        accuracy = 0.9 + 0.1 * x if x > 0.8 else 0.5 * y
+        study.add_trial(create_trial(params={"x": x, "y": y}, distributions=distributions, values=[accuracy, 1 - accuracy]))
+    spec = small_spec("pareto", objectives=[{"metric": "val_accuracy", "direction": "maximize"},
+                                            {"metric": "val_loss", "direction": "minimize"}])
+    del spec["objective"]
+    _, figure = report_figures(study, parse_spec(spec))["param_importances.png"]
+    axes = figure.axes[0]
+    importance = {label.get_text(): bar.get_width() for label, bar in zip(axes.get_yticklabels(), axes.patches)}
+    assert importance["x"] > 0.8 > 0.2 > importance["y"]
+
+
 def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_path: Path):
     fragment = tmp_path / "best.yaml"
     exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))

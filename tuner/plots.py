@@ -8,6 +8,7 @@ records, not parameters, and Optuna plots parameters only.
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from optuna.study import StudyDirection  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
@@ -99,6 +101,19 @@ def time_vs_batch_figure(trials: list[FrozenTrial]) -> Figure:
     return figure
 
 
+def _first_objective_importances(study: optuna.Study, metric: str) -> Any:
+    """The importances for the first of several objectives, good values being its good ones.
+
+    Optuna's default evaluator (PED-ANOVA) takes a target's low values for the good ones, and
+    says so in a warning each time: a maximized objective is handed over negated, so that the
+    bars rank what makes it high, and the warning, answered, is not shown.
+    """
+    sign = -1.0 if study.directions[0] == StudyDirection.MAXIMIZE else 1.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
+        return optuna_plots.plot_param_importances(study, target=lambda t: sign * t.values[0], target_name=metric)
+
+
 def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str, Figure]]:
     """File name -> (caption, figure) of every plot of the report."""
     metrics = [objective.metric for objective in spec.all_objectives]
@@ -111,9 +126,7 @@ def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str,
             lambda: optuna_plots.plot_optimization_history(study, target=target, target_name=metric)
         ))
     figures["param_importances.png"] = ("Parameter importances", _optuna_figure(
-        lambda: optuna_plots.plot_param_importances(study) if single else optuna_plots.plot_param_importances(
-            study, target=lambda t: t.values[0], target_name=metrics[0]
-        )
+        lambda: optuna_plots.plot_param_importances(study) if single else _first_objective_importances(study, metrics[0])
     ))
     if single:
         figures["intermediate_values.png"] = ("Per-epoch curves (intermediate values)", _optuna_figure(
