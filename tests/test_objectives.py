@@ -15,6 +15,7 @@ from conftest import small_spec, tuner
 from tuner.cli import app
 from tuner.errors import BadInputError, SpecError
 from tuner.report import fastest_within
+from tuner.retrain import load_fixed_spec
 from tuner.spec import parse_spec
 from tuner.study import create_study
 from tuner.worker import WorkerOptions, run_worker
@@ -47,6 +48,20 @@ def test_two_objectives_train_to_the_end_and_tell_the_time(sqlite_url: str, tmp_
     assert "Pareto front of 'tradeoff'" in result.stdout and "train_time_s" in result.stdout
     front = {trial.number for trial in study.best_trials}
     assert all(f"#{number}" in result.stdout for number in front)
+
+    # No single best trial to export; --within chooses one, and that is the one written.
+    fragment = tmp_path / "fast.yaml"
+    refused = CliRunner().invoke(app, ["best", "--study", "tradeoff", "--storage", sqlite_url, "--export", str(fragment)])
+    assert isinstance(refused.exception, BadInputError) and "choose one with --within" in str(refused.exception)
+    assert not fragment.exists()
+    arguments = ["best", "--study", "tradeoff", "--storage", sqlite_url, "--within", "50%", "--export", str(fragment)]
+    assert CliRunner().invoke(app, arguments).exit_code == 0
+    fastest = fastest_within(study, 0.5)[1]
+    fixed = load_fixed_spec(fragment)
+    assert fragment.read_text().startswith(f"# Trial {fastest.number} of study 'tradeoff': val_accuracy = ")
+    assert fixed.objective.metric == "val_accuracy"
+    assert fixed.hyperparameters.batch_size == fastest.params["batch_size"]
+    assert fixed.hyperparameters.epochs == fastest.params["epochs"]
 
 
 def test_a_pruner_with_two_objectives_is_named_as_unused(sqlite_url: str, caplog) -> None:

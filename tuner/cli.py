@@ -20,6 +20,7 @@ from tuner.errors import BadInputError, StorageMissingError, TunerError
 if TYPE_CHECKING:
     import optuna
     import torch
+    from optuna.trial import FrozenTrial
 
     from tuner.launch import Finished
     from tuner.spec import StudySpec
@@ -242,7 +243,8 @@ def _parse_percent(text: str) -> float:
     return percent / 100
 
 
-def _print_fastest_within(study_name: str, storage: str | None, text: str, output: str) -> None:
+def _print_fastest_within(study_name: str, storage: str | None, text: str, output: str) -> FrozenTrial:
+    """Print the fastest trial nearly as good as the best, and return it."""
     from tuner.report import fastest_within, format_value, quality_objective, trial_record
     from tuner.study import load_study
 
@@ -258,7 +260,7 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
         record = trial_record(study, fastest)
         record.update(within=tolerance, metric=metric, best_trial=best.number, best_value=best.values[objective])
         print(json.dumps(record))
-        return
+        return fastest
     best_time, fast_time = best.user_attrs["train_time_s"], fastest.user_attrs["train_time_s"]
     console.print(
         f"fastest trial within {text.strip().removesuffix('%')}% of the best {metric}: #{fastest.number} "
@@ -268,6 +270,7 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
         highlight=False,
     )
     console.print(_trial_table(study, trial_record(study, fastest), f"fastest within {text}: #{fastest.number}"))
+    return fastest
 
 
 @app.command()
@@ -276,7 +279,7 @@ def best(
     storage: StorageOption = None,
     output: BestFormatOption = "table",
     export: Annotated[
-        Optional[Path], typer.Option("--export", help="Also write the best trial as a spec fragment for 'tuner train'.")
+        Optional[Path], typer.Option("--export", help="Also write the best trial (with --within, the one found) as a spec fragment for 'tuner train'.")
     ] = None,
     within: Annotated[
         Optional[str],
@@ -289,15 +292,16 @@ def best(
     """
     if output not in ("table", "json"):
         raise BadInputError(f"--format must be table or json, not {output!r}.")
+    chosen = None
     if within is not None:
-        _print_fastest_within(study, storage, within, output)
+        chosen = _print_fastest_within(study, storage, within, output)
     else:
         _print_best(study, storage, output)
     if export is not None:
-        from tuner.retrain import export_best
+        from tuner.retrain import export_trial
         from tuner.study import load_study
 
-        export_best(*load_study(study, storage), export)
+        export_trial(*load_study(study, storage), export, chosen)
         errors.print(f"wrote {export}; retrain with: tuner train {export}", highlight=False)
 
 

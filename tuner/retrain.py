@@ -10,9 +10,11 @@ from typing import Literal
 import optuna
 import torch
 import yaml
+from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import BadInputError, TunerError
+from tuner.report import quality_objective
 from tuner.space import Hyperparameters, suggest
 from tuner.spec import Objective, StudySpec, load_model
 from tuner.train import memory
@@ -34,31 +36,36 @@ class FixedSpec(BaseModel):
     hyperparameters: Hyperparameters
 
 
-def fixed_spec(study: optuna.Study, spec: StudySpec) -> FixedSpec:
-    """The best trial's hyperparameters exactly as it trained: the same space rules, the rate
-    as used, and the trial's seed, so a CPU retrain repeats its curve."""
-    if spec.objective is None:
-        raise BadInputError(
-            f"Study {study.study_name!r} has several objectives; export needs a single best trial."
-        )
-    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not completed:
-        raise TunerError(f"Study {study.study_name!r} has no completed trial yet.")
-    best = study.best_trial
-    origin = best.system_attrs.get("retry_history", [best.number])[0]
-    hp = suggest(optuna.trial.FixedTrial(best.params, best.number), spec.search, seed=origin)
+def fixed_spec(study: optuna.Study, spec: StudySpec, trial: FrozenTrial | None = None) -> FixedSpec:
+    """A complete trial's hyperparameters exactly as it trained: the same space rules, the rate
+    as used, and the trial's seed, so a CPU retrain repeats its curve. Without ``trial``, the
+    best one, which only a single objective defines."""
+    if trial is None:
+        if spec.objective is None:
+            raise BadInputError(
+                f"Study {study.study_name!r} has several objectives, so no single best trial to export; "
+                "choose one with --within, e.g. tuner best --within 1% --export FILE."
+            )
+        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if not completed:
+            raise TunerError(f"Study {study.study_name!r} has no completed trial yet.")
+        trial = study.best_trial
+    origin = trial.system_attrs.get("retry_history", [trial.number])[0]
+    hp = suggest(optuna.trial.FixedTrial(trial.params, trial.number), spec.search, seed=origin)
     return FixedSpec(
-        workload=spec.workload, objective=spec.objective, precision=spec.precision, ema_decay=spec.ema_decay,
-        hyperparameters=hp,
+        workload=spec.workload, objective=spec.all_objectives[quality_objective(study)], precision=spec.precision,
+        ema_decay=spec.ema_decay, hyperparameters=hp,
     )
 
 
-def export_best(study: optuna.Study, spec: StudySpec, path: Path) -> FixedSpec:
-    """Write the best trial as a spec fragment that ``tuner train`` reads."""
-    fixed = fixed_spec(study, spec)
+def export_trial(study: optuna.Study, spec: StudySpec, path: Path, trial: FrozenTrial | None = None) -> FixedSpec:
+    """Write a trial (the best where none is given) as a spec fragment that ``tuner train`` reads."""
+    fixed = fixed_spec(study, spec, trial)
+    chosen = study.best_trial if trial is None else trial
     header = (
-        f"# Best trial {study.best_trial.number} of study {study.study_name!r}: "
-        f"{fixed.objective.metric} = {study.best_value:.6g}.\n# Retrain it with: tuner train {path}\n"
+        f"# {'Best trial' if trial is None else 'Trial'} {chosen.number} of study {study.study_name!r}: "
+        f"{fixed.objective.metric} = {chosen.values[quality_objective(study)]:.6g}.\n"
+        f"# Retrain it with: tuner train {path}\n"
     )
     path.write_text(header + yaml.safe_dump(fixed.model_dump(mode="json"), sort_keys=False))
     return fixed
