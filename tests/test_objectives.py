@@ -64,6 +64,17 @@ def test_two_objectives_train_to_the_end_and_tell_the_time(sqlite_url: str, tmp_
     assert fixed.hyperparameters.epochs == fastest.params["epochs"]
 
 
+def test_a_list_of_one_objective_exports_its_best_trial(sqlite_url: str, tmp_path) -> None:
+    objectives = [{"metric": "val_loss", "direction": "minimize"}]
+    create_study(parse_spec(_spec("listed", objectives=objectives)), sqlite_url)
+    run_worker("listed", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path))
+    fragment = tmp_path / "best.yaml"
+    result = CliRunner().invoke(app, ["best", "--study", "listed", "--storage", sqlite_url, "--export", str(fragment)])
+    assert result.exit_code == 0, result.output
+    best = optuna.load_study(study_name="listed", storage=sqlite_url).best_trial
+    assert fragment.read_text().startswith(f"# Best trial {best.number} of study 'listed': val_loss = ")
+    assert load_fixed_spec(fragment).objective.direction == "minimize"
+
 def test_a_pruner_with_two_objectives_is_named_as_unused(sqlite_url: str, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="tuner.study"):
         create_study(parse_spec(_spec("pruned", objectives=TRADEOFF, pruner={"name": "median"})), sqlite_url)

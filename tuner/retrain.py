@@ -39,9 +39,9 @@ class FixedSpec(BaseModel):
 def fixed_spec(study: optuna.Study, spec: StudySpec, trial: FrozenTrial | None = None) -> FixedSpec:
     """A complete trial's hyperparameters exactly as it trained: the same space rules, the rate
     as used, and the trial's seed, so a CPU retrain repeats its curve. Without ``trial``, the
-    best one, which only a single objective defines."""
+    best one, which only a single objective defines (``objectives:`` may list just one)."""
     if trial is None:
-        if spec.objective is None:
+        if len(spec.all_objectives) > 1:
             raise BadInputError(
                 f"Study {study.study_name!r} has several objectives, so no single best trial to export; "
                 "choose one with --within, e.g. tuner best --within 1% --export FILE."
