@@ -111,3 +111,17 @@ def test_workers_running_out_together_build_an_unkept_note_once(sqlite_url, monk
     writer = _stored(sqlite_url, "together-note")[0]
     assert built[0] is next(k.study for k in keepers if k.writer == writer)
     assert "**Budget**: 1 of" in get_note(optuna.load_study(study_name="together-note", storage=sqlite_url))
+
+
+def test_a_long_pareto_front_shows_its_best_trials_first_and_counts_the_rest(sqlite_url):
+    objectives = [{"metric": "val_accuracy", "direction": "maximize"}, {"metric": "train_time_s", "direction": "minimize"}]
+    spec = small_spec("long-front", objectives=objectives, budget={"n_trials": 1})
+    del spec["objective"], spec["pruner"]
+    study = create_study(parse_spec(spec), sqlite_url)
+    for number in range(13):  # each trial more accurate and slower than the last
+        study.add_trial(optuna.trial.create_trial(values=[0.8 + 0.01 * number, 1.0 + number], params={}, distributions={}))
+    best = notes.study_note(study, parse_spec(spec)).split("### Best so far")[1].split("###")[0]
+    shown = [int(line.split("|")[1]) for line in best.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert shown == [trial.number for trial in reversed(complete)][:10]  # the most accurate first
+    assert "3 more on the Pareto front: `tuner best --study long-front`." in best

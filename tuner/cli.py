@@ -211,10 +211,8 @@ def _trial_table(study: optuna.Study, record: dict, title: str) -> Table:
 
 
 def _pareto_table(study: optuna.Study, records: list[dict]) -> Table:
-    """One row per trial of the Pareto front, best first by the quality objective."""
-    from optuna.study import StudyDirection
-
-    from tuner.report import format_value, quality_objective
+    """One row per trial of the Pareto front, in ``best_trials``' order."""
+    from tuner.report import format_value
 
     names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
     params = list(dict.fromkeys(name for record in records for name in record["params"]))
@@ -222,9 +220,7 @@ def _pareto_table(study: optuna.Study, records: list[dict]) -> Table:
     table = Table(title=f"Pareto front of {study.study_name!r}: {len(records)} trials")
     for column in ("trial", *names, *params, *times):
         table.add_column(column, justify="right")
-    objective = quality_objective(study)
-    maximize = study.directions[objective] == StudyDirection.MAXIMIZE
-    for record in sorted(records, key=lambda r: r["values"][objective], reverse=maximize):
+    for record in records:
         table.add_row(
             f"#{record['trial']}", *(format_value(v) for v in record["values"]),
             *(format_value(record["params"].get(name)) for name in params),

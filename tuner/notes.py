@@ -33,6 +33,8 @@ REFRESH_INTERVAL_S = 30.0
 # Workers that stop together name themselves the note's writer within tens of milliseconds of
 # each other (8 workers on 2 cores: 60 ms): each looks again after this long.
 TAKE_OVER_SETTLE_S = 0.25
+# Rows of the Pareto front the note shows, best first by the quality objective.
+BEST_ROWS = 10
 
 
 def _row(*cells: object) -> str:
@@ -83,11 +85,14 @@ def _best_lines(study: optuna.Study, spec: StudySpec) -> list[str]:
         return ["No completed trial yet."]
     metrics = [objective.metric for objective in spec.all_objectives]
     rows = []
-    for trial in best[:10]:
+    for trial in best[:BEST_ROWS]:
         values = ", ".join(f"{m} = {format_value(v)}" for m, v in zip(metrics, trial.values))
         params = ", ".join(f"{k} = {format_value(v)}" for k, v in used_params(trial).items())
         rows.append((trial.number, values, params))
-    return _table(("trial", "value", "parameters (lr as used)"), rows)
+    lines = _table(("trial", "value", "parameters (lr as used)"), rows)
+    if len(best) > BEST_ROWS:
+        lines += ["", f"{len(best) - BEST_ROWS} more on the Pareto front: `tuner best --study {study.study_name}`."]
+    return lines
 
 
 def _batch_range(batch: int, pow2: bool) -> tuple[int, str]:

@@ -16,9 +16,13 @@ TABLE_RECORDS = ("effective_batch_size", "micro_batch_size", "lr_used", "epochs_
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial, or the Pareto front of a study with several objectives."""
+    """The best trial, or the Pareto front of a study with several objectives, best first by
+    the quality objective: Optuna lists the front by trial number, and a view that shows only
+    its first rows (the study note) would leave out the newest, often the best."""
     if len(study.directions) > 1:
-        return list(study.best_trials)
+        objective = quality_objective(study)
+        maximize = study.directions[objective] == StudyDirection.MAXIMIZE
+        return sorted(study.best_trials, key=lambda trial: trial.values[objective], reverse=maximize)
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return [study.best_trial] if completed else []
 
