@@ -125,3 +125,11 @@ def test_a_long_pareto_front_shows_its_best_trials_first_and_counts_the_rest(sql
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert shown == [trial.number for trial in reversed(complete)][:10]  # the most accurate first
     assert "3 more on the Pareto front: `tuner best --study long-front`." in best
+
+
+def test_the_note_of_several_objectives_names_no_pruner(sqlite_url):
+    objectives = [{"metric": "val_accuracy", "direction": "maximize"}, {"metric": "train_time_s", "direction": "minimize"}]
+    spec = small_spec("unpruned", objectives=objectives)
+    del spec["objective"], spec["pruner"]  # the default median, which Optuna cannot apply here
+    study = create_study(parse_spec(spec), sqlite_url)
+    assert "| pruner | none: Optuna prunes single-objective studies only |" in get_note(study)

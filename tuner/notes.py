@@ -60,7 +60,9 @@ def _spec_lines(spec: StudySpec) -> list[str]:
     if search.optimizer is not None:
         rows.append(("optimizer", ", ".join(search.optimizer.choices)))
     sampler = spec.sampler.name + ("" if spec.sampler.seed is None else f" (seed {spec.sampler.seed})")
-    rows += [("sampler", sampler), ("pruner", spec.pruner.name)]
+    # The spec's pruner, the default median included, goes unused with several objectives.
+    pruner = spec.pruner.name if len(spec.all_objectives) == 1 else "none: Optuna prunes single-objective studies only"
+    rows += [("sampler", sampler), ("pruner", pruner)]
     return _table(("searched", "range"), rows)
 
 
