@@ -43,6 +43,14 @@ def test_bad_fields_are_named(change, expected):
     assert expected in str(error.value)
 
 
+@pytest.mark.parametrize("metric", ["val_loss", "train_time_s", "val_error"])
+def test_a_lowered_metric_without_a_direction_is_refused_not_maximized(metric):
+    with pytest.raises(SpecError, match=rf"spec field 'objective': .*would maximize '{metric}'; write direction: minimize"):
+        parse_spec(small_spec("loss", objective={"metric": metric}))
+    assert parse_spec(small_spec("loss", objective={"metric": metric, "direction": "maximize"})).directions == ["maximize"]
+    assert parse_spec(small_spec("acc", objective={"metric": "val_accuracy"})).directions == ["maximize"]
+
+
 def test_low_above_high_names_the_field():
     spec = small_spec("bad")
     spec["search"]["epochs"] = {"low": 5, "high": 2}

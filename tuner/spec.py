@@ -7,6 +7,7 @@ names the field's path (``search.batch_size.scale``) and what it allows.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -121,9 +122,23 @@ class SearchSpace(_Strict):
     batch_schedule: BatchScheduleSpace | None = None
 
 
+# Metric names that are lowered, not raised: left to the default direction, maximize, such a
+# metric would be searched for its worst, and the study would look like it works.
+_LOWER_IS_BETTER = re.compile(r"loss|error|time|mse|mae|perplexity", re.IGNORECASE)
+
+
 class Objective(_Strict):
     metric: str
     direction: Literal["maximize", "minimize"] = "maximize"
+
+    @model_validator(mode="after")
+    def _loss_is_not_maximized_unasked(self) -> "Objective":
+        if "direction" not in self.model_fields_set and _LOWER_IS_BETTER.search(self.metric):
+            raise ValueError(
+                f"direction is not given, and its default, maximize, would maximize {self.metric!r}; "
+                "write direction: minimize (or direction: maximize if that is meant)"
+            )
+        return self
 
 
 class Budget(_Strict):
