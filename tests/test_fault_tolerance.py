@@ -22,6 +22,7 @@ from tuner.storages import sqlalchemy_url
 from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
+from tuner.worker import WorkerOptions, run_worker
 from user_workloads import slow_blobs
 
 EPOCHS = 6
@@ -232,3 +233,19 @@ def test_a_broken_workload_stops_the_worker(sqlite_url, write_spec):
     study = optuna.load_study(study_name="broken", storage=sqlite_url)
     assert len(study.get_trials(states=(TrialState.FAIL,))) == 5
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
+
+
+def test_a_study_made_again_under_its_name_trains_its_trials_afresh(tmp_path, sqlite_url):
+    """Deleting the SQLite file and running the spec again makes a new study: its trial 0 must
+    not resume from the checkpoint that the deleted study's trial 0 left in the same folder."""
+    spec = parse_spec(small_spec("again", budget={"n_trials": 1}, pruner={"name": "none"}))
+    options = WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "checkpoints", keep_checkpoints=True)
+    create_study(spec, sqlite_url)
+    run_worker("again", sqlite_url, options)
+    Path(sqlite_url.removeprefix("sqlite:///")).unlink()
+    create_study(spec, sqlite_url)
+    run_worker("again", sqlite_url, options)
+    (trial,) = optuna.load_study(study_name="again", storage=sqlite_url).trials
+    assert trial.state == TrialState.COMPLETE
+    assert "resumed_from_epoch" not in trial.user_attrs
+    assert len(list((tmp_path / "checkpoints").rglob("trial-0.pt"))) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,9 @@ from tuner.storages import make_storage, slot_counts, slot_holders, slot_maker, 
 logger = logging.getLogger("tuner.study")
 
 SPEC_ATTR = "tuner:spec"
+# A study made again under its name (a deleted SQLite file, a second storage in the same folder)
+# is another study: its trials must not resume the first one's checkpoints.
+UID_ATTR = "tuner:uid"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 TPE_STARTUP_TRIALS = 4
 
@@ -184,6 +188,7 @@ def create_study(
         if spec.budget.n_trials and spec.sampler.first_trial == "centre" and not study.get_trials(deepcopy=False):
             # Before the spec: behind ``tuner proxy`` the budget's slots are made when it is written.
             study.enqueue_trial(centre(spec.search))
+        storage.set_study_system_attr(study_id, UID_ATTR, uuid.uuid4().hex)
         storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
         study.set_metric_names([objective.metric for objective in spec.all_objectives])
         from tuner.notes import save_study_note

@@ -44,7 +44,7 @@ from tuner.storages import (
     set_user_attrs,
     storage_url,
 )
-from tuner.study import BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
+from tuner.study import UID_ATTR, BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
@@ -78,6 +78,14 @@ class WorkerSummary:
 def default_checkpoint_dir(url: str) -> Path:
     """Beside a SQLite or journal file; else ``./checkpoints``."""
     return beside_storage(url, "checkpoints")
+
+
+def study_checkpoint_dir(study: optuna.Study, checkpoint_dir: Path) -> Path:
+    """The study's folder of checkpoints: its name, then its id where it has one (studies made
+    before the id keep the name alone), so that a study made again under the same name never
+    resumes a trial from the other's checkpoint."""
+    uid = study._storage.get_study_system_attrs(study._study_id).get(UID_ATTR)
+    return checkpoint_dir / study.study_name / uid if uid else checkpoint_dir / study.study_name
 
 
 def worker_id() -> str:
@@ -181,7 +189,7 @@ def run_worker(
     # the collector, every full collection walks it again, and the one at exit took each of 8
     # workers about a second of CPU.
     gc.freeze()
-    checkpoint_dir = options.checkpoint_dir or default_checkpoint_dir(url)
+    checkpoint_dir = study_checkpoint_dir(study, options.checkpoint_dir or default_checkpoint_dir(url))
     options = replace(options, artifact_dir=options.artifact_dir or default_artifact_dir(url))
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -267,7 +275,7 @@ def _run_trial(
     )
     if origin != frozen.number:
         reporter.records["retried_from"] = frozen.system_attrs[RETRY_HISTORY][-1]
-    checkpoint = Checkpoint(checkpoint_dir / study.study_name / f"trial-{origin}.pt")
+    checkpoint = Checkpoint(checkpoint_dir / f"trial-{origin}.pt")
     started = time.perf_counter()
     # The heartbeat runs until the trial is told: a slow final write must not look like death.
     with get_heartbeat_thread(trial._trial_id, study._storage):
