@@ -76,6 +76,16 @@ def test_proxy_refuses_a_storage_it_cannot_serve(tmp_path: Path):
     assert not (tmp_path / "study.log").exists()
 
 
+def test_a_second_proxy_on_a_served_port_is_refused(tmp_path: Path, sqlite_url):
+    """gRPC would let the second bind the port too and share the workers' calls between the
+    two proxies' databases; it must fail as any taken port does."""
+    with serve_proxy(sqlite_url) as url:
+        port = url.rpartition(":")[2]
+        result = tuner("proxy", "--storage", f"sqlite:///{tmp_path / 'other.db'}", "--port", port, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"Cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
 def test_study_is_created_and_run_through_the_proxy(sqlite_url, write_spec, tmp_path: Path):
     """Behind the proxy a worker cannot lock the database: the proxy makes the slots, never
     more than the budget, and never the whole budget at once."""

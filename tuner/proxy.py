@@ -16,8 +16,10 @@ from typing import Any
 import grpc
 from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
 from optuna.storages._cached_storage import _CachedStorage
-from optuna.storages._grpc.server import make_server
+from optuna.storages._grpc import servicer as grpc_servicer
+from optuna.storages._grpc.auto_generated import api_pb2_grpc
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import BadInputError
@@ -166,6 +168,16 @@ def _json_handler(
     return grpc.method_handlers_generic_handler(service, {method: handler})
 
 
+def make_server(storage: BaseStorage, host: str, port: int) -> grpc.Server:
+    """Optuna's proxy server (its ``make_server``) without the SO_REUSEPORT that gRPC sets by
+    default: with it a second proxy on a port already served starts without a word, and the
+    kernel splits the workers' calls between the two, and so between their databases."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=THREADS), options=[("grpc.so_reuseport", 0)])
+    api_pb2_grpc.add_StorageServiceServicer_to_server(grpc_servicer.OptunaStorageProxyService(storage), server)
+    server.add_insecure_port(f"{host}:{port}")
+    return server
+
+
 def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13000) -> None:
     """Serve the storage over gRPC until interrupted."""
     url = storage_url(storage)
@@ -183,7 +195,7 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
         signal.signal(stop, signal.default_int_handler)
     try:
         # Optuna's server, as ``run_grpc_proxy_server`` makes it, with tuner's calls beside.
-        server = make_server(cached, host, port, thread_pool=ThreadPoolExecutor(max_workers=THREADS))
+        server = make_server(cached, host, port)
     except RuntimeError as error:  # grpc's "Failed to bind"
         raise BadInputError(f"Cannot listen on {host}:{port}: {error}.") from None
     server.add_generic_rpc_handlers((write_handler(cached), claim_handler(cached), slot_counts_handler(database)))  # type: ignore[arg-type]
