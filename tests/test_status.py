@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import optuna
 import pytest
@@ -42,6 +43,16 @@ def known_study(sqlite_url: str) -> optuna.Study:
     running.set_user_attr("worker", "gpu-box:4242")
     running.set_user_attr("epochs_completed", 2)
     return study
+
+
+def test_a_spent_time_budget_shows_as_spent_not_overrun(sqlite_url: str):
+    spec = parse_spec({**_known_spec(), "budget": {"timeout_s": 1}})
+    study = create_study(spec, sqlite_url)
+    study.ask()
+    time.sleep(1.6)
+    status = study_status(study, spec)
+    assert status.budget.elapsed_s == 1.0 and status.budget.exhausted
+    assert status.eta_s == 0.0
 
 
 def test_status_figures(known_study: optuna.Study):

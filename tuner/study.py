@@ -334,8 +334,11 @@ def budget_state(study: optuna.Study, spec: StudySpec) -> BudgetState:
         for trial in slot_holders(trials):
             counts[trial.state] += 1
         first_start = min((t.datetime_start for t in trials if t.datetime_start is not None), default=None)
-    # Optuna stamps trials with naive local times.
+    # Optuna stamps trials with naive local times. Past the time budget the study is done, and
+    # the clock stops there: status and the note show a budget spent, not overrun.
     elapsed = (datetime.now() - first_start).total_seconds() if first_start else 0.0
+    if spec.budget.timeout_s is not None:
+        elapsed = min(elapsed, spec.budget.timeout_s)
     return BudgetState(
         finished=sum(counts[state] for state in FINISHED),
         running=counts[TrialState.RUNNING],
