@@ -249,3 +249,20 @@ def test_a_study_made_again_under_its_name_trains_its_trials_afresh(tmp_path, sq
     assert trial.state == TrialState.COMPLETE
     assert "resumed_from_epoch" not in trial.user_attrs
     assert len(list((tmp_path / "checkpoints").rglob("trial-0.pt"))) == 2
+
+
+@pytest.mark.parametrize("workload", ["stopped_once_loop", "stopped_once_blobs"])
+def test_a_retry_that_starts_again_records_its_own_epochs_only(tmp_path, sqlite_url, monkeypatch, workload):
+    """A retry without a checkpoint to resume (a training function, or a torch trial whose
+    checkpoint folder the next worker does not share) trains from epoch 1: its history is its
+    own epochs, not its original's followed by its own."""
+    monkeypatch.setenv("STOP_ONCE_FILE", str(tmp_path / "stopped"))
+    spec = small_spec("again", workload=f"user_workloads:{workload}", budget={"n_trials": 1}, pruner={"name": "none"})
+    spec["search"]["epochs"] = {"low": 4, "high": 4}
+    create_study(parse_spec(spec), sqlite_url)
+    run_worker("again", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "here"))
+    run_worker("again", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "elsewhere"))
+    original, retry = optuna.load_study(study_name="again", storage=sqlite_url).trials
+    assert original.user_attrs["stop_reason"] == "worker_stopped" and original.user_attrs["history"]
+    assert retry.state == TrialState.COMPLETE and "resumed_from_epoch" not in retry.user_attrs
+    assert [entry["epoch"] for entry in retry.user_attrs["history"]] == [1, 2, 3, 4]

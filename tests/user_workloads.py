@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import optuna
@@ -52,6 +53,38 @@ class SlowBlobs(Blobs):
 
 def slow_blobs() -> SlowBlobs:
     return SlowBlobs()
+
+
+def _stop_once() -> None:
+    """SIGTERM to this process the first time it is called under a ``STOP_ONCE_FILE`` that
+    does not exist yet: a worker stopped mid-trial, once."""
+    marker = os.environ.get("STOP_ONCE_FILE")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StoppedOnceBlobs(Blobs):
+    """Blobs whose worker is stopped at its first validation (see ``_stop_once``)."""
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        _stop_once()
+        return super().metrics(outputs, targets)
+
+
+def stopped_once_blobs() -> StoppedOnceBlobs:
+    return StoppedOnceBlobs()
+
+
+def stopped_once_loop(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """``own_loop`` whose worker is stopped after its second epoch (see ``_stop_once``)."""
+    loss = 1.0
+    for epoch in range(1, hp.epochs + 1):
+        loss *= 1.0 - min(hp.lr, 0.5)
+        if epoch == 2:
+            _stop_once()
+        report(epoch, {"val_loss": loss, "val_accuracy": 1.0 - loss})
+    return {"val_loss": loss, "val_accuracy": 1.0 - loss}
 
 
 def slow_loop(hp: tuner.Hyperparameters, report) -> dict[str, float]:

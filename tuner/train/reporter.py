@@ -64,7 +64,9 @@ class Reporter:
         self.trial = trial
         self.stop_requested = stop_requested
         self.objectives = objectives
-        self.history: list[dict[str, float]] = list(trial.user_attrs.get("history", []))
+        # Not the history a retry inherits from its original: a torch trial takes its
+        # checkpoint's (``restore``), and one without a checkpoint starts again at epoch 1.
+        self.history: list[dict[str, float]] = []
         self.records: dict[str, Any] = {}
         self.started = time.perf_counter()
         self._unwritten: dict[int, float] = {}
