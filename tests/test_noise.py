@@ -10,13 +10,15 @@ import torch
 
 from conftest import small_spec
 from tuner.errors import SpecError
-from tuner.space import Hyperparameters
+from tuner.space import BatchSchedule, Hyperparameters
 from tuner.spec import Objective, parse_spec
 from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.noise import MicroBatchGradients, NoiseScale
 from tuner.train.reporter import Reporter
+from tuner.train import memory
 from tuner.workloads import load_workload
+from user_workloads import LongSampleBlobs
 
 CPU = torch.device("cpu")
 
@@ -93,6 +95,22 @@ def test_measuring_splits_a_whole_batch_in_two_and_keeps_the_training() -> None:
     assert len(scales) == 3 and all(value is not None and value > 0 for value in scales)
     for a, b in zip(plain.history, measured.history):
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4)
+
+
+def test_an_epoch_restarted_after_out_of_memory_measures_as_if_it_had_started_at_its_micro_batch() -> None:
+    """The step cut short by out-of-memory in mid-epoch is not counted in the restarted
+    epoch's first step: the adaptive schedule picks the batches of a run at that micro-batch."""
+    schedule = BatchSchedule(name="adaptive", low=8, high=256, lr_exponent=0.5)
+    hp = Hyperparameters(batch_size=64, lr=0.05, base_lr=0.05, epochs=4, optimizer="sgd", seed=0, schedule=schedule)
+    # The first epoch's 41st sample: in the second micro-batch (of 32) of its first step.
+    long = int(torch.randperm(256, generator=torch.Generator().manual_seed(hp.seed))[40])
+    restarted, at_16 = _reporter(), _reporter()
+    train(LongSampleBlobs(long), hp, restarted, device=CPU, limits=memory.MicroBatchLimits())
+    train(LongSampleBlobs(long), hp, at_16, device=CPU, micro_batch_size=16)
+    assert restarted.records["oom_retries"] == 1
+    for name in ("gradient_noise_scale", "batch_size_per_epoch"):
+        assert restarted.records[name] == at_16.records[name]
+    assert [e["val_loss"] for e in restarted.history] == [e["val_loss"] for e in at_16.history]
 
 
 def test_a_training_function_cannot_measure_the_noise_scale(sqlite_url: str) -> None:

@@ -55,6 +55,30 @@ def slow_blobs() -> SlowBlobs:
     return SlowBlobs()
 
 
+class _LongSampleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.training and len(inputs) > 16 and bool((inputs[:, 3] > 50).any()):
+            raise torch.OutOfMemoryError("a long sample in a micro-batch of more than 16")
+        return self.net(inputs)
+
+
+class LongSampleBlobs(Blobs):
+    """Blobs with one sample that, as a long sequence padded into a batch would, takes more
+    memory than the others: a training micro-batch of more than 16 that holds it runs out of
+    memory."""
+
+    def __init__(self, long: int) -> None:
+        super().__init__()
+        self.train_data.tensors[0][long, 3] = 100.0
+
+    def model(self, hp: tuner.Hyperparameters) -> nn.Module:
+        return _LongSampleModel()
+
+
 def _stop_once() -> None:
     """SIGTERM to this process the first time it is called under a ``STOP_ONCE_FILE`` that
     does not exist yet: a worker stopped mid-trial, once."""

@@ -244,6 +244,8 @@ def train(
             # Recovered outside the except clause: until it ends, the error's traceback keeps
             # the failed micro-batch's tensors alive.
             optimizer.zero_grad(set_to_none=True)
+            if gradients is not None:
+                gradients.discard()
             memory.free_memory(device)
             oom_retries += 1
             limits.record_failure(micro)

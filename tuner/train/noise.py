@@ -93,6 +93,11 @@ class MicroBatchGradients:
             big = float(sum(previous.square().sum() for previous in self.previous))
             small_batch = len(self.sizes) / sum(1 / size for size in self.sizes)
             noise.update(small, small_batch, big, sum(self.sizes))
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the step so far: one cut short by out-of-memory is restarted from the
+        checkpoint, and its micro-batches would count in its restarted first step."""
         for previous in self.previous:
             previous.zero_()
         self.squared_norms.clear()
