@@ -71,6 +71,19 @@ def test_run_writes_learning_curves_to_the_given_artifact_dir(tmp_path: Path, wr
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.parametrize("url", ["study.log", "journal:///{}/study.journal"])
+def test_checkpoints_and_curves_go_beside_a_journal_file(tmp_path: Path, write_spec, url: str):
+    """Beside the file whatever its name, as for SQLite, not in the folder the command runs from."""
+    (tmp_path / "db").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    url = str(tmp_path / "db" / url) if "{}" not in url else url.format(tmp_path / "db")
+    spec = write_spec(small_spec("journal", budget={"n_trials": 1}))
+    result = tuner("run", str(spec), "--storage", url, "--keep-checkpoints", cwd=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    assert any((tmp_path / "db" / "artifacts").iterdir()) and any((tmp_path / "db" / "checkpoints").iterdir())
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
 def test_run_logs_each_trials_first_and_last_epoch(finished_study: dict):
     for trial in _load(finished_study).get_trials(states=(TrialState.COMPLETE,)):
         epochs = trial.params["epochs"]

@@ -51,7 +51,7 @@ def beside_storage(url: str, name: str) -> Path:
     url = storage_url(url)
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         return Path(url.removeprefix("sqlite:///")).resolve().parent / name
-    if url.endswith(".log"):
+    if url.endswith(".log") or url.startswith("journal://"):
         return Path(url.removeprefix("journal://")).resolve().parent / name
     return Path(name).resolve()
 
