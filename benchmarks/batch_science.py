@@ -12,7 +12,7 @@
 
 Prints a table, writes JSON and a PNG of both parts.
 
-    python benchmarks/batch_science.py            # quick: digits_mlp, about 3 minutes on 2 cores
+    python benchmarks/batch_science.py            # quick: digits_mlp, about a minute on 2 cores
     python benchmarks/batch_science.py --full     # also digits_cnn, more trials and rates
 """
 
