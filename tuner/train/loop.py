@@ -175,6 +175,8 @@ def train(
             "optimizer": optimizer.state_dict(),
             "shuffle": shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
+            # Dropout on a GPU draws from the device's generator, not the CPU's.
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "history": report.history,
             "noise": noise.state_dict(),
             "batch_sizes": list(batch_sizes),
@@ -195,6 +197,8 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         shuffle.set_state(saved["shuffle"])
         torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         noise.load_state_dict(saved["noise"])
         batch_sizes[:] = saved["batch_sizes"]
         noise_scales[:] = saved["noise_scales"]
