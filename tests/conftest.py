@@ -79,6 +79,24 @@ def postgres_url() -> str:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def reporter_stopped_after_two_epochs():
+    """A trial's reporter that interrupts it after its second epoch, as a stopped worker does,
+    leaving that epoch's checkpoint to resume from."""
+    import optuna
+
+    from tuner.spec import Objective
+    from tuner.train.reporter import Reporter
+
+    class StopAfterTwo(Reporter):
+        def decide(self, epoch: int) -> None:
+            super().decide(epoch)
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    trial = optuna.create_study(direction="maximize").ask()
+    return StopAfterTwo(trial, [Objective(metric="val_accuracy", direction="maximize")])
+
+
 def _python_path() -> str:
     """The test workloads' folder, ahead of whatever path the tests themselves were given."""
     return os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))

@@ -6,7 +6,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import small_spec
+from conftest import reporter_stopped_after_two_epochs, small_spec
 from tuner.errors import SpecError
 from tuner.space import BatchSchedule, Hyperparameters, suggest
 from tuner.spec import Objective, parse_spec
@@ -66,15 +66,9 @@ def test_adaptive_training_uses_the_measured_scale_and_resumes_the_same(tmp_path
     assert used[0] == 32 and len(scales) == 4
     assert used[1:] == [max(16, min(round(scale), 256)) for scale in scales[:-1]]
 
-    class StopAfterTwo(Reporter):
-        def decide(self, epoch: int) -> None:
-            if epoch == 2:
-                raise KeyboardInterrupt
-
     checkpoint = Checkpoint(tmp_path / "trial.pt")
-    stopped = StopAfterTwo(optuna.create_study(direction="maximize").ask(), [Objective(metric="val_accuracy")])
     with pytest.raises(KeyboardInterrupt):
-        train(workload, _hp(ADAPTIVE), stopped, device=CPU, checkpoint=checkpoint)
+        train(workload, _hp(ADAPTIVE), reporter_stopped_after_two_epochs(), device=CPU, checkpoint=checkpoint)
     resumed = _reporter()
     train(workload, _hp(ADAPTIVE), resumed, device=CPU, checkpoint=checkpoint)
     assert resumed.records["batch_size_per_epoch"] == used

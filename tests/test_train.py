@@ -7,6 +7,7 @@ import optuna
 import pytest
 import torch
 
+from conftest import reporter_stopped_after_two_epochs
 from tuner.space import Hyperparameters
 from tuner.spec import Objective
 from tuner.train.averaging import WeightAverage
@@ -62,17 +63,10 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, ema_deca
     uninterrupted = _reporter()
     train(workload, _hp(epochs=4), uninterrupted, device=torch.device("cpu"), ema_decay=ema_decay)
 
-    class StopAfterTwo(Reporter):
-        def decide(self, epoch):
-            super().decide(epoch)
-            if epoch == 2:
-                raise KeyboardInterrupt
-
     checkpoint = Checkpoint(tmp_path / "trial.pt")
-    study = optuna.create_study(direction="maximize")
     with pytest.raises(KeyboardInterrupt):
         train(
-            workload, _hp(epochs=4), StopAfterTwo(study.ask(), OBJECTIVE), device=torch.device("cpu"),
+            workload, _hp(epochs=4), reporter_stopped_after_two_epochs(), device=torch.device("cpu"),
             checkpoint=checkpoint, ema_decay=ema_decay,
         )
     resumed = _reporter()

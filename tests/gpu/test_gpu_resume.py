@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import reporter_stopped_after_two_epochs
 from tuner.space import Hyperparameters
 from tuner.spec import Objective
 from tuner.train.checkpoint import Checkpoint
@@ -45,16 +46,9 @@ def test_a_trial_resumed_on_the_gpu_draws_the_dropout_masks_of_an_uninterrupted_
     uninterrupted = _reporter()
     train(dropout_workload(), HP, uninterrupted, device=device)
 
-    class StopAfterTwo(Reporter):
-        def decide(self, epoch):
-            super().decide(epoch)
-            if epoch == 2:
-                raise KeyboardInterrupt
-
     checkpoint = Checkpoint(tmp_path / "trial.pt")
     with pytest.raises(KeyboardInterrupt):
-        train(dropout_workload(), HP, StopAfterTwo(optuna.create_study(direction="maximize").ask(), OBJECTIVE),
-              device=device, checkpoint=checkpoint)
+        train(dropout_workload(), HP, reporter_stopped_after_two_epochs(), device=device, checkpoint=checkpoint)
     resumed = _reporter()
     train(dropout_workload(), HP, resumed, device=device, checkpoint=checkpoint)
     for whole, again in zip(uninterrupted.history, resumed.history, strict=True):
