@@ -51,9 +51,10 @@ def test_two_objectives_train_to_the_end_and_tell_the_time(sqlite_url: str, tmp_
 
     # No single best trial to export; --within chooses one, and that is the one written.
     fragment = tmp_path / "fast.yaml"
-    refused = CliRunner().invoke(app, ["best", "--study", "tradeoff", "--storage", sqlite_url, "--export", str(fragment)])
+    arguments = ["best", "--study", "tradeoff", "--storage", sqlite_url, "--format", "json", "--export", str(fragment)]
+    refused = CliRunner().invoke(app, arguments)
     assert isinstance(refused.exception, BadInputError) and "choose one with --within" in str(refused.exception)
-    assert not fragment.exists()
+    assert not fragment.exists() and refused.stdout == ""
     arguments = ["best", "--study", "tradeoff", "--storage", sqlite_url, "--within", "50%", "--export", str(fragment)]
     assert CliRunner().invoke(app, arguments).exit_code == 0
     fastest = fastest_within(study, 0.5)[1]

@@ -288,17 +288,23 @@ def best(
     """
     if output not in ("table", "json"):
         raise BadInputError(f"--format must be table or json, not {output!r}.")
-    chosen = None
     if within is not None:
-        chosen = _print_fastest_within(study, storage, within, output)
+        _export(study, storage, export, _print_fastest_within(study, storage, within, output))
     else:
+        # Written first: a study with no single best trial to write fails with its one sentence,
+        # not after a table or JSON that a script would take for the answer.
+        _export(study, storage, export, None)
         _print_best(study, storage, output)
-    if export is not None:
-        from tuner.retrain import export_trial
-        from tuner.study import load_study
 
-        export_trial(*load_study(study, storage), export, chosen)
-        errors.print(f"wrote {export}; retrain with: tuner train {export}", highlight=False)
+
+def _export(study_name: str, storage: str | None, export: Path | None, trial: FrozenTrial | None) -> None:
+    if export is None:
+        return
+    from tuner.retrain import export_trial
+    from tuner.study import load_study
+
+    export_trial(*load_study(study_name, storage), export, trial)
+    errors.print(f"wrote {export}; retrain with: tuner train {export}", highlight=False)
 
 
 @app.command(name="train")
