@@ -32,6 +32,7 @@ from tuner.storages import (
     decode_json,
     encode_json,
     encode_trial,
+    journal_file,
     make_storage,
     mask_url,
     storage_url,
@@ -181,7 +182,7 @@ def make_server(storage: BaseStorage, host: str, port: int) -> grpc.Server:
 def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13000) -> None:
     """Serve the storage over gRPC until interrupted."""
     url = storage_url(storage)
-    if url.startswith(("grpc://", "redis://", "journal://")) or url.endswith(".log"):
+    if url.startswith(("grpc://", "redis://")) or journal_file(url) is not None:
         raise BadInputError(
             f"The gRPC proxy serves database storages only, not {mask_url(url)!r}; "
             "use sqlite:///..., postgresql://... or mysql://..."

@@ -33,7 +33,7 @@ from tuner.storages._trials import (
     slot_counts,
     slot_maker,
 )
-from tuner.storages._urls import DEFAULT_STORAGE, beside_storage, mask_url, sqlalchemy_url, storage_url
+from tuner.storages._urls import DEFAULT_STORAGE, beside_storage, journal_file, mask_url, sqlalchemy_url, storage_url
 
 __all__ = [
     "CLAIM_METHOD",
@@ -55,6 +55,7 @@ __all__ = [
     "decode_trial",
     "encode_json",
     "encode_trial",
+    "journal_file",
     "make_storage",
     "mask_url",
     "one_write",

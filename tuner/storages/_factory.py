@@ -21,7 +21,7 @@ from tuner.storages._journal import JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._reconnect import first_line, permanent_error
 from tuner.storages._sqlite import begin_at_first_write, begin_sqlite
-from tuner.storages._urls import check_credentials, mask_url, sqlalchemy_url, storage_url
+from tuner.storages._urls import check_credentials, journal_file, mask_url, sqlalchemy_url, storage_url
 
 _logger = logging.getLogger("tuner.storages")
 
@@ -170,10 +170,11 @@ def _check_journal(url: str, path: Path) -> None:
 
 
 def _open_storage(url: str, max_retries: int, create: bool) -> optuna.storages.BaseStorage:
-    if url.endswith(".log") or url.startswith("journal://"):
-        path = url.removeprefix("journal://")
-        _storage_file(url, Path(path), create)
-        _check_journal(url, Path(path))
+    journal = journal_file(url)
+    if journal is not None:
+        _storage_file(url, journal, create)
+        _check_journal(url, journal)
+        path = str(journal)
         return JournalStorage(optuna.storages.journal.JournalFileBackend(path, lock_obj=PromptJournalFileLock(path)))
     if url.startswith("redis://"):
         try:

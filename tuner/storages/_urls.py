@@ -45,14 +45,22 @@ def check_credentials(url: str) -> None:
         )
 
 
+def journal_file(url: str) -> Path | None:
+    """The file of a journal storage URL (``journal:///PATH`` or a path ending in ``.log``)."""
+    if url.endswith(".log") or url.startswith("journal://"):
+        return Path(url.removeprefix("journal://"))
+    return None
+
+
 def beside_storage(url: str, name: str) -> Path:
     """Folder ``name`` beside a SQLite or journal file, else ``./name``: where a storage's
     checkpoints and artifacts go by default, so that every local reader finds them."""
     url = storage_url(url)
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         return Path(url.removeprefix("sqlite:///")).resolve().parent / name
-    if url.endswith(".log") or url.startswith("journal://"):
-        return Path(url.removeprefix("journal://")).resolve().parent / name
+    journal = journal_file(url)
+    if journal is not None:
+        return journal.resolve().parent / name
     return Path(name).resolve()
 
 
