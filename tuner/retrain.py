@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import BadInputError, TunerError
-from tuner.report import quality_objective
+from tuner.report import best_trials, quality_objective
 from tuner.space import Hyperparameters, suggest
 from tuner.spec import Objective, StudySpec, load_model
 from tuner.train import memory
@@ -36,20 +36,25 @@ class FixedSpec(BaseModel):
     hyperparameters: Hyperparameters
 
 
+def _best_trial(study: optuna.Study, spec: StudySpec) -> FrozenTrial:
+    """The study's best trial, which only a single objective defines (``objectives:`` may list
+    just one)."""
+    if len(spec.all_objectives) > 1:
+        raise BadInputError(
+            f"Study {study.study_name!r} has several objectives, so no single best trial to export; "
+            "choose one with --within, e.g. tuner best --within 1% --export FILE."
+        )
+    best = best_trials(study)
+    if not best:
+        raise TunerError(f"Study {study.study_name!r} has no completed trial yet.")
+    return best[0]
+
+
 def fixed_spec(study: optuna.Study, spec: StudySpec, trial: FrozenTrial | None = None) -> FixedSpec:
-    """A complete trial's hyperparameters exactly as it trained: the same space rules, the rate
-    as used, and the trial's seed, so a CPU retrain repeats its curve. Without ``trial``, the
-    best one, which only a single objective defines (``objectives:`` may list just one)."""
-    if trial is None:
-        if len(spec.all_objectives) > 1:
-            raise BadInputError(
-                f"Study {study.study_name!r} has several objectives, so no single best trial to export; "
-                "choose one with --within, e.g. tuner best --within 1% --export FILE."
-            )
-        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if not completed:
-            raise TunerError(f"Study {study.study_name!r} has no completed trial yet.")
-        trial = study.best_trial
+    """A complete trial's hyperparameters (the best where none is given) exactly as it
+    trained: the same space rules, the rate as used, and the trial's seed, so a CPU retrain
+    repeats its curve."""
+    trial = trial or _best_trial(study, spec)
     origin = trial.system_attrs.get("retry_history", [trial.number])[0]
     hp = suggest(optuna.trial.FixedTrial(trial.params, trial.number), spec.search, seed=origin)
     return FixedSpec(
@@ -60,8 +65,8 @@ def fixed_spec(study: optuna.Study, spec: StudySpec, trial: FrozenTrial | None =
 
 def export_trial(study: optuna.Study, spec: StudySpec, path: Path, trial: FrozenTrial | None = None) -> FixedSpec:
     """Write a trial (the best where none is given) as a spec fragment that ``tuner train`` reads."""
-    fixed = fixed_spec(study, spec, trial)
-    chosen = study.best_trial if trial is None else trial
+    chosen = trial or _best_trial(study, spec)
+    fixed = fixed_spec(study, spec, chosen)
     header = (
         f"# {'Best trial' if trial is None else 'Trial'} {chosen.number} of study {study.study_name!r}: "
         f"{fixed.objective.metric} = {chosen.values[quality_objective(study)]:.6g}.\n"
