@@ -3,6 +3,9 @@ plain Optuna reading (and adding to) the same study."""
 
 from __future__ import annotations
 
+import csv
+import datetime
+import io
 import json
 import re
 import subprocess
@@ -125,6 +128,25 @@ def test_run_prints_progress_and_best_table(tmp_path, write_spec, sqlite_url):
     assert len(csv_out.strip().splitlines()) == 5
     table = tuner("trials", "--study", "progress", "--storage", sqlite_url).stdout
     assert "COMPLETE" in table
+
+
+def test_csv_keeps_the_workers_duration_beside_optunas(sqlite_url):
+    """A record named like a column of the row is not overwritten by it: both durations stay."""
+    study = create_study(parse_spec(small_spec("durations")), sqlite_url)
+    started = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=0, trial_id=0, state=TrialState.COMPLETE, value=0.9, values=None,
+        datetime_start=started, datetime_complete=started + datetime.timedelta(seconds=10),
+        params={"lr": 1e-2},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)},
+        user_attrs={"duration_s": 7.5, "worker": "host:1"}, system_attrs={}, intermediate_values={},
+    ))
+    listed = tuner("trials", "--study", "durations", "--storage", sqlite_url, "--format", "csv")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = csv.DictReader(io.StringIO(listed.stdout))
+    assert float(row["duration_s"]) == 10.0
+    assert float(row["user_attrs.duration_s"]) == 7.5
+    assert row["worker"] == "host:1"
 
 
 def test_a_long_worker_line_stays_one_line_in_a_pipe(sqlite_url, capsys):

@@ -91,7 +91,9 @@ def listed_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str, Any]]:
     """One flat row per listed trial: the table's few records, or for CSV every record that is
-    a single value (the per-epoch ones, such as ``history``, are in the JSON)."""
+    a single value (the per-epoch ones, such as ``history``, are in the JSON). A record named
+    like one of the row's own columns (the worker's ``duration_s`` beside Optuna's) keeps its
+    value under ``user_attrs.NAME``, as its path in the JSON."""
     rows = []
     for trial in listed_trials(study):
         row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
@@ -99,16 +101,19 @@ def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str
         for name, value in zip(names, trial.values or [None] * len(names)):
             row[name] = value
         row.update(used_params(trial))
+        error = trial.user_attrs.get("error")
+        own_columns = {
+            "error": error.splitlines()[0] if error else None,
+            "duration_s": trial.duration.total_seconds() if trial.duration else None,
+        }
+        taken = set(row) | set(own_columns)
         if every_record:
-            row.update({
-                key: value for key, value in sorted(trial.user_attrs.items())
-                if key != "error" and not isinstance(value, (list, dict))
-            })
+            for key, value in sorted(trial.user_attrs.items()):
+                if key != "error" and not isinstance(value, (list, dict)):
+                    row[f"user_attrs.{key}" if key in taken else key] = value
         else:
             row.update({key: trial.user_attrs.get(key) for key in TABLE_RECORDS})
-        error = trial.user_attrs.get("error")
-        row["error"] = error.splitlines()[0] if error else None
-        row["duration_s"] = trial.duration.total_seconds() if trial.duration else None
+        row.update(own_columns)
         rows.append(row)
     return rows
 
