@@ -88,3 +88,11 @@ def test_an_objective_the_workload_does_not_report_stops_the_worker_at_its_first
     assert len(failed) == 1 and "'val_acc' is not among" in failed[0].user_attrs["error"]
     # The rest of the budget is left for a corrected spec, not burned on the same failure.
     assert all(t.state == TrialState.WAITING for t in study.trials if t.number != failed[0].number)
+
+
+@pytest.mark.parametrize(("field", "value"), [("precision", "bf16"), ("ema_decay", 0.99)])
+def test_a_training_function_is_refused_what_only_the_loop_applies(sqlite_url, field, value):
+    spec = tuner.parse_spec(small_spec("own-settings", workload="user_workloads:own_loop", **{field: value}))
+    with pytest.raises(SpecError, match=f"spec field '{field}': .* needs tuner's training loop"):
+        tuner.create_study(spec, sqlite_url)
+    assert optuna.get_all_study_names(sqlite_url) == []

@@ -21,8 +21,8 @@ BUNDLED: dict[str, str] = {
 }
 
 __all__ = [
-    "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_batch_size", "check_workload",
-    "load_spec_workload", "load_torch_workload", "load_workload",
+    "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_batch_size", "check_loop_settings",
+    "check_workload", "load_spec_workload", "load_torch_workload", "load_workload",
 ]
 
 
@@ -110,14 +110,31 @@ def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, 
 
 def check_workload(spec: Any) -> None:
     """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
-    that asks a training function for what only tuner's loop measures."""
+    that asks a training function for what only tuner's loop does."""
     workload = load_spec_workload(spec)
-    samples = train_size(workload)
     schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
-    if samples is None and (spec.measure_noise_scale or "adaptive" in schedules):
+    if train_size(workload) is None and (spec.measure_noise_scale or "adaptive" in schedules):
         field = "measure_noise_scale" if spec.measure_noise_scale else "search.batch_schedule.choices"
         raise SpecError(
             f"spec field '{field}': measuring the noise scale needs tuner's training loop, and "
             f"workload {spec.workload!r} is a training function with its own loop."
         )
+    check_loop_settings(workload, spec)
     check_batch_size(workload, spec.search.batch_size.high, field="search.batch_size.high", name=spec.workload)
+
+
+def check_loop_settings(workload: Workload | TrainingFunction, spec: Any) -> None:
+    """Refuse ``precision`` and ``ema_decay`` for a training function: only tuner's loop applies
+    them, and a function given them would train in fp32 on its last weights without a word."""
+    if train_size(workload) is not None:
+        return
+    if spec.precision != "fp32":
+        field, asked = "precision", f"precision {spec.precision!r}"
+    elif spec.ema_decay:
+        field, asked = "ema_decay", "a moving average of the weights"
+    else:
+        return
+    raise SpecError(
+        f"spec field '{field}': {asked} needs tuner's training loop, and workload {spec.workload!r} "
+        f"is a training function with its own loop; remove the field, or apply it in the function."
+    )
