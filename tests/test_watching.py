@@ -181,6 +181,25 @@ def test_importances_of_several_objectives_rank_what_makes_the_first_one_good():
     assert importance["x"] > 0.8 > 0.2 > importance["y"]
 
 
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_the_batch_lr_plot_shows_the_best_trial_brightest(direction: str):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import batch_lr_figure
+
+    study = optuna.create_study(direction=direction)
+    for value in (0.1, 0.5, 0.9):
+        study.add_trial(create_trial(
+            params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, value=value,
+            user_attrs={"effective_batch_size": 32, "lr_used": 0.01},
+        ))
+    figure = batch_lr_figure(study.trials, "val_loss", study.direction)
+    (points,) = figure.axes[0].collections
+    brightness = points.to_rgba(points.get_array())[:, :3].sum(axis=1)
+    assert study.best_trial.number == int(brightness.argmax())
+
+
 def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_path: Path):
     fragment = tmp_path / "best.yaml"
     exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))

@@ -48,8 +48,9 @@ def _records(trials: list[FrozenTrial], *names: str) -> list[FrozenTrial]:
     return [t for t in trials if all(name in t.user_attrs for name in names)]
 
 
-def batch_lr_figure(trials: list[FrozenTrial], metric: str) -> Figure:
-    """Effective batch size against the rate used, coloured by the metric; pruned trials grey."""
+def batch_lr_figure(trials: list[FrozenTrial], metric: str, direction: StudyDirection) -> Figure:
+    """Effective batch size against the rate used, coloured by the metric, the good end of the
+    scale bright whichever the direction; pruned trials grey."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
     recorded = _records(trials, "effective_batch_size", "lr_used")
@@ -62,7 +63,8 @@ def batch_lr_figure(trials: list[FrozenTrial], metric: str) -> Figure:
         )
     points = axes.scatter(
         [t.user_attrs["effective_batch_size"] for t in complete], [t.user_attrs["lr_used"] for t in complete],
-        c=[t.values[0] for t in complete], cmap="viridis", edgecolors="black", label="complete",
+        c=[t.values[0] for t in complete], cmap="viridis" if direction == StudyDirection.MAXIMIZE else "viridis_r",
+        edgecolors="black", label="complete",
     )
     figure.colorbar(points, ax=axes, label=metric)
     _batch_axis(axes)
@@ -136,7 +138,7 @@ def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str,
         figures["pareto_front.png"] = ("Pareto front", _optuna_figure(
             lambda: optuna_plots.plot_pareto_front(study, target_names=metrics)
         ))
-    figures["batch_size_lr.png"] = ("Batch size x learning rate, coloured by " + metrics[0], batch_lr_figure(trials, metrics[0]))
+    figures["batch_size_lr.png"] = ("Batch size x learning rate, coloured by " + metrics[0], batch_lr_figure(trials, metrics[0], study.directions[0]))
     figures["metric_vs_batch_size.png"] = ("Metric against effective batch size", metric_vs_batch_figure(trials, metrics))
     figures["train_time_vs_batch_size.png"] = ("Training time against effective batch size", time_vs_batch_figure(trials))
     return figures
