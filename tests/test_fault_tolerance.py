@@ -115,6 +115,29 @@ def test_sigterm_hands_the_trial_back(tmp_path, write_spec, sqlite_url, monkeypa
     _assert_resumed(sqlite_url, "term", checkpoints, monkeypatch, "worker_stopped")
 
 
+@pytest.mark.slow
+def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_path, write_spec, sqlite_url, monkeypatch):
+    """A worker paused (or cut off) past the heartbeat grace finds, when it runs again, that its
+    trial was failed and its retry taken by another worker: it leaves the trial to the retry and
+    goes on, where it stopped with an error."""
+    checkpoints = tmp_path / "checkpoints"
+    assert tuner("create", str(write_spec(_fixed_spec("paused"))), "--storage", sqlite_url).returncode == 0
+    args = ("worker", "--study", "paused", "--storage", sqlite_url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+    first = start_tuner(*args)
+    _wait_for(lambda: _epochs_done(sqlite_url, "paused") >= 2, what="two epochs")
+    first.send_signal(signal.SIGSTOP)
+    second = start_tuner(*args)
+    study = optuna.load_study(study_name="paused", storage=sqlite_url)
+    _wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 1 and len(study.trials) == 2, what="the retry")
+    first.send_signal(signal.SIGCONT)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, output
+    assert "trial 0 was failed as stale and retried while this worker ran it" in output
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, output
+    _assert_resumed(sqlite_url, "paused", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
+
+
 @contextmanager
 def _sigint_ignored(ignored: bool) -> Iterator[None]:
     """What a script's ``cmd &`` does: the processes started meanwhile inherit SIGINT ignored."""

@@ -277,20 +277,29 @@ def _run_trial(
         reporter.records["retried_from"] = frozen.system_attrs[RETRY_HISTORY][-1]
     checkpoint = Checkpoint(checkpoint_dir / f"trial-{origin}.pt")
     started = time.perf_counter()
-    # The heartbeat runs until the trial is told: a slow final write must not look like death.
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        try:
-            state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
-        except MissingMetric as error:
-            reporter.records["error"] = str(error)
-            _finish(study, spec, trial, TrialState.FAIL, None, "failed", reporter, options)
-            raise
-        reporter.records["duration_s"] = time.perf_counter() - started
-        if outcome == "worker_stopped":
-            reporter.write_records()
-            _hand_back(study, trial)
-        else:
-            _finish(study, spec, trial, state, values, outcome, reporter, options)
+    try:
+        # The heartbeat runs until the trial is told: a slow final write must not look like death.
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            try:
+                state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
+            except MissingMetric as error:
+                reporter.records["error"] = str(error)
+                _finish(study, spec, trial, TrialState.FAIL, None, "failed", reporter, options)
+                raise
+            reporter.records["duration_s"] = time.perf_counter() - started
+            if outcome == "worker_stopped":
+                reporter.write_records()
+                _hand_back(study, trial)
+            else:
+                _finish(study, spec, trial, state, values, outcome, reporter, options)
+    except UpdateFinishedTrialError:
+        # This worker sent no heartbeat for longer than the grace period (a paused process, a
+        # cut link) and another worker failed the trial and queued its retry, which resumes from
+        # the same checkpoint: the trial and its checkpoint are the retry's now.
+        logger.warning(
+            "trial %d was failed as stale and retried while this worker ran it; left to its retry", trial.number
+        )
+        return "taken_over"
     if outcome != "worker_stopped" and not options.keep_checkpoints:
         checkpoint.remove()
     _log_trial(trial, spec, hp, outcome, values, reporter)
@@ -348,7 +357,7 @@ def _train(
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
         reporter.records.update(stop_reason=reason, stop_detail=str(stopped))
         return TrialState.PRUNED, None, reason
-    except MissingMetric:
+    except (MissingMetric, UpdateFinishedTrialError):
         raise
     except WorkerStopped:
         reporter.records["stop_reason"] = "worker_stopped"
