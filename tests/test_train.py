@@ -103,6 +103,21 @@ def test_resume_after_the_last_epoch_returns_its_metrics(tmp_path):
     assert _curve(again) == _curve(first)
 
 
+def test_resume_after_the_last_epoch_keeps_what_the_loop_recorded(tmp_path):
+    """A worker killed while telling its trial's result leaves the last epoch's checkpoint: the
+    retry trains nothing, yet records the trial's micro-batch, time, throughput and memory."""
+    workload = load_workload("digits_mlp")
+    checkpoint = Checkpoint(tmp_path / "trial.pt")
+    first = _reporter()
+    train(workload, _hp(epochs=2), first, device=torch.device("cpu"), checkpoint=checkpoint, micro_batch_size=32)
+    again = _reporter()
+    train(workload, _hp(epochs=2), again, device=torch.device("cpu"), checkpoint=checkpoint)
+    for name in ("micro_batch_size", "accumulation_steps", "precision", "oom_retries", "train_time_s",
+                 "samples_per_s", "peak_memory_mb"):
+        assert again.records.get(name) == first.records[name], name
+    assert again.records["micro_batch_size"] == 32 and again.records["resumed_from_epoch"] == 2
+
+
 def test_the_average_of_the_weights_is_evaluated_and_kept_while_the_weights_train_unchanged():
     workload = load_workload("digits_mlp")
     cpu = torch.device("cpu")

@@ -28,6 +28,12 @@ from tuner.workloads.base import Workload
 # A data set whose tensors take less than this stays on the device and is sliced by index.
 ON_DEVICE_BYTES = 512 * 2**20
 EVAL_BATCH_SIZE = 1024
+# What the loop records as it trains, kept in each checkpoint: a retry that resumes after the last
+# epoch (its worker died while telling the result) trains nothing that would record them again.
+LOOP_RECORDS = (
+    "micro_batch_size", "accumulation_steps", "precision", "oom_retries", "train_time_s", "samples_per_s",
+    "peak_memory_mb",
+)
 
 
 def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
@@ -181,6 +187,7 @@ def train(
             "noise": noise.state_dict(),
             "batch_sizes": list(batch_sizes),
             "noise_scales": list(noise_scales),
+            "records": {name: report.records[name] for name in LOOP_RECORDS if name in report.records},
         }
 
     def record_schedule() -> None:
@@ -211,7 +218,7 @@ def train(
     else:
         start_epoch = restore(saved)
         report.restore(saved["history"])
-        report.records["resumed_from_epoch"] = start_epoch
+        report.records.update(saved.get("records", {}), resumed_from_epoch=start_epoch)
         record_schedule()
 
     memory.reset_peak_memory(device)
