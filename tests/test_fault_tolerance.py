@@ -116,6 +116,27 @@ def test_sigterm_hands_the_trial_back(tmp_path, write_spec, sqlite_url, monkeypa
 
 
 @pytest.mark.slow
+def test_a_hand_back_does_not_use_up_the_retries_of_a_killed_worker(tmp_path, write_spec, sqlite_url):
+    """With one retry allowed, a trial handed back by a stopped worker and then killed on its next
+    worker is retried: the hand-back was no failure."""
+    spec = _fixed_spec("moved")
+    spec["max_retries"] = 1
+    assert tuner("create", str(write_spec(spec)), "--storage", sqlite_url).returncode == 0
+    args = ("worker", "--study", "moved", "--storage", sqlite_url, "--threads", "1", "--checkpoint-dir", str(tmp_path))
+    study = optuna.load_study(study_name="moved", storage=sqlite_url)
+    for stop, epochs in ((signal.SIGTERM, 1), (signal.SIGKILL, 2)):
+        worker = start_tuner(*args)
+        _wait_for(lambda: _epochs_done(sqlite_url, "moved") >= epochs, what=f"{epochs} epoch(s)")
+        worker.send_signal(stop)
+        worker.wait(timeout=30)
+    last = start_tuner(*args)
+    output, _ = last.communicate(timeout=120)
+    assert last.returncode == 0, output
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[2].system_attrs["retry_history"] == [0, 1]
+
+
+@pytest.mark.slow
 def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_path, write_spec, sqlite_url, monkeypatch):
     """A worker paused (or cut off) past the heartbeat grace finds, when it runs again, that its
     trial was failed and its retry taken by another worker: it leaves the trial to the retry and

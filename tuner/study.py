@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
 from tuner.spec import StudySpec, parse_spec
-from tuner.storages import make_storage, slot_counts, slot_holders, slot_maker, storage_name
+from tuner.storages import RetryStaleTrial, make_storage, slot_counts, slot_holders, slot_maker, storage_name
 
 logger = logging.getLogger("tuner.study")
 
@@ -287,9 +287,7 @@ def load_study(
         raise BadInputError(f"Study {study_name!r} was not made by tuner (it has no stored spec).")
     heartbeat = getattr(storage, "heartbeat_stale_trial_callback", None)
     if heartbeat is not None:
-        storage.heartbeat_stale_trial_callback = optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=spec.max_retries, inherit_intermediate_values=True
-        )
+        storage.heartbeat_stale_trial_callback = RetryStaleTrial(spec.max_retries)
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,

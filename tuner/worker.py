@@ -7,6 +7,7 @@ budget and no trial count gets fresh trials.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import math
@@ -36,6 +37,7 @@ from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
 from tuner.storages import (
+    HAND_BACKS,
     RETRY_HISTORY,
     beside_storage,
     cache_claimed_trial,
@@ -392,9 +394,11 @@ def _train_workload(
 
 
 def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
-    """End a stopped worker's trial and queue a copy that resumes from its checkpoint."""
-    frozen = study.tell(trial, state=TrialState.FAIL)
-    optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, frozen)
+    """End a stopped worker's trial and queue a copy that resumes from its checkpoint; the copy
+    counts the hand-back, which does not use up its retries after a dead worker (``RetryStaleTrial``)."""
+    handed = copy.copy(study.tell(trial, state=TrialState.FAIL))
+    handed.system_attrs = {**handed.system_attrs, HAND_BACKS: handed.system_attrs.get(HAND_BACKS, 0) + 1}
+    optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, handed)
 
 
 def _describe_error(error: BaseException) -> str:

@@ -20,7 +20,7 @@ from tuner.storages._grpc import (
 )
 from tuner.storages._journal import JournalFileSlots, JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
-from tuner.storages._slots import RETRY_HISTORY, claim_order, slot_holders
+from tuner.storages._slots import HAND_BACKS, RETRY_HISTORY, RetryStaleTrial, claim_order, slot_holders
 from tuner.storages._trials import (
     cache_claimed_trial,
     claim_by_racing,
@@ -39,11 +39,13 @@ __all__ = [
     "CLAIM_METHOD",
     "DEFAULT_STORAGE",
     "GrpcStorageProxy",
+    "HAND_BACKS",
     "JournalFileSlots",
     "JournalStorage",
     "PromptJournalFileLock",
     "RETRY_HISTORY",
     "ReconnectingRDBStorage",
+    "RetryStaleTrial",
     "SLOT_COUNTS_METHOD",
     "WRITE_METHOD",
     "beside_storage",

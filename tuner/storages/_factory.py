@@ -20,6 +20,7 @@ from tuner.storages._grpc import GrpcStorageProxy
 from tuner.storages._journal import JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._reconnect import first_line, permanent_error
+from tuner.storages._slots import RetryStaleTrial
 from tuner.storages._sqlite import begin_at_first_write, begin_sqlite
 from tuner.storages._urls import check_credentials, journal_file, mask_url, sqlalchemy_url, storage_url
 
@@ -86,9 +87,7 @@ def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storag
             engine_kwargs=engine_kwargs,
             heartbeat_interval=interval,
             grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=max_retries, inherit_intermediate_values=True
-            ),
+            heartbeat_stale_trial_callback=RetryStaleTrial(max_retries),
         )
         if parsed.get_backend_name() == "sqlite":
             with storage.engine.connect() as connection:

@@ -5,6 +5,23 @@ from __future__ import annotations
 import optuna
 
 RETRY_HISTORY = "retry_history"  # the system attribute Optuna's retry callback writes on a retry
+# On a retry: how many of the trials before it in its retry history were handed back by a stopped
+# worker (SIGTERM, Ctrl-C) rather than failed by a dead one.
+HAND_BACKS = "tuner:hand_backs"
+
+
+class RetryStaleTrial:
+    """Optuna's retry of a heartbeat-stale trial (its intermediate values inherited), at most
+    ``max_retry`` times after a dead worker: the hand-backs in its retry history are no failures,
+    and a trial that SIGTERMs of preemptible machines moved twice still has its retries."""
+
+    def __init__(self, max_retry: int | None) -> None:
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        hand_backs = trial.system_attrs.get(HAND_BACKS, 0)
+        limit = None if self.max_retry is None else self.max_retry + hand_backs
+        optuna.storages.RetryHeartbeatStaleTrialCallback(limit, inherit_intermediate_values=True)(study, trial)
 
 
 def enough_waiting(waiting: int, ahead: int) -> bool:
