@@ -22,7 +22,7 @@ from tuner.storages import sqlalchemy_url
 from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
-from tuner.worker import WorkerOptions, run_worker
+from tuner.worker import WorkerOptions, run_worker, study_checkpoint_dir
 from user_workloads import slow_blobs
 
 EPOCHS = 6
@@ -293,6 +293,18 @@ def test_a_study_made_again_under_its_name_trains_its_trials_afresh(tmp_path, sq
     assert trial.state == TrialState.COMPLETE
     assert "resumed_from_epoch" not in trial.user_attrs
     assert len(list((tmp_path / "checkpoints").rglob("trial-0.pt"))) == 2
+
+
+def test_a_finished_trial_leaves_no_half_written_checkpoint(tmp_path, sqlite_url):
+    """A worker killed while writing a checkpoint leaves its temp file beside it; the trial's end
+    removes it with the checkpoint."""
+    spec = parse_spec(small_spec("half", budget={"n_trials": 1}, pruner={"name": "none"}))
+    folder = study_checkpoint_dir(create_study(spec, sqlite_url), tmp_path / "checkpoints")
+    folder.mkdir(parents=True)
+    (folder / ".trial-0.pt.99999.tmp").write_bytes(b"the first bytes of a checkpoint")
+    run_worker("half", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "checkpoints"))
+    assert optuna.load_study(study_name="half", storage=sqlite_url).trials[0].state == TrialState.COMPLETE
+    assert not list(folder.iterdir())
 
 
 @pytest.mark.parametrize("workload", ["stopped_once_loop", "stopped_once_blobs"])

@@ -45,6 +45,10 @@ class Checkpoint:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
     def remove(self) -> None:
+        """Forget the state; on disk, remove the file and the temp files beside it that writers
+        killed mid-write left, which no one renames or reads."""
         self._in_memory = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            for temporary in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                temporary.unlink(missing_ok=True)
