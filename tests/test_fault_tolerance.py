@@ -159,6 +159,52 @@ def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_pat
     _assert_resumed(sqlite_url, "paused", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_second_signal_while_the_trial_is_handed_back_lets_the_hand_back_finish(tmp_path, write_spec, postgres_url):
+    """The second signal abandons an epoch, not the hand-back: raised inside the trial's end it
+    broke the write off mid-query (a traceback, a reconnect), and between the trial's end and its
+    copy's queuing it would leave the trial uncopied, lost to the budget. A trigger holds the
+    trial's end in the server for seconds, so the signal lands there."""
+    import psycopg
+
+    database = f"{postgres_url.rsplit('/', 1)[1]}_handback"
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{database}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    try:
+        assert tuner("create", str(write_spec(_fixed_spec("handback"))), "--storage", url).returncode == 0
+        with psycopg.connect(url, autocommit=True) as owner:
+            owner.execute("""
+                CREATE FUNCTION slow_end() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$;
+                CREATE TRIGGER slow_end BEFORE UPDATE ON trials FOR EACH ROW
+                    WHEN (NEW.state = 'FAIL' AND OLD.state = 'RUNNING') EXECUTE FUNCTION slow_end()""")
+        worker = start_tuner(
+            "worker", "--study", "handback", "--storage", url, "--threads", "1",
+            "--checkpoint-dir", str(tmp_path / "checkpoints"),
+        )
+        _wait_for(lambda: _epochs_done(url, "handback") >= 1, what="an epoch")
+        worker.send_signal(signal.SIGTERM)
+
+        def ending() -> bool:
+            with psycopg.connect(url, autocommit=True) as watcher:
+                return watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event = 'PgSleep'", (database,)
+                ).fetchone()[0] > 0
+
+        _wait_for(ending, what="the trial's end in the server")
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0, output
+        assert "Traceback" not in output and "storage unreachable" not in output, output
+        study = optuna.load_study(study_name="handback", storage=sqlalchemy_url(url))
+        assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
 @contextmanager
 def _sigint_ignored(ignored: bool) -> Iterator[None]:
     """What a script's ``cmd &`` does: the processes started meanwhile inherit SIGINT ignored."""

@@ -18,6 +18,8 @@ import socket
 import time
 import traceback
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -155,16 +157,27 @@ def _fail_stale_trials(study: optuna.Study) -> None:
 
 class _StopRequest:
     """SIGTERM/SIGINT: finish the current epoch, hand the trial back, exit; a second signal
-    abandons the epoch at once."""
+    abandons the epoch at once, but never the trial's last writes (``telling``)."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.telling = False
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
         logger.warning("worker %s: stop requested (%s)", worker_id(), signal.Signals(signum).name)
-        if self.count > 1:
+        if self.count > 1 and not self.telling:
             raise WorkerStopped("second stop signal")
+
+    @contextmanager
+    def told(self) -> Iterator[None]:
+        """Let the trial's end reach the storage whatever signal comes: broken off there, a
+        handed-back trial could end with no copy queued, lost to the budget."""
+        self.telling = True
+        try:
+            yield
+        finally:
+            self.telling = False
 
     def __bool__(self) -> bool:
         return self.count > 0
@@ -289,11 +302,12 @@ def _run_trial(
                 _finish(study, spec, trial, TrialState.FAIL, None, "failed", reporter, options)
                 raise
             reporter.records["duration_s"] = time.perf_counter() - started
-            if outcome == "worker_stopped":
-                reporter.write_records()
-                _hand_back(study, trial)
-            else:
-                _finish(study, spec, trial, state, values, outcome, reporter, options)
+            with stop.told():
+                if outcome == "worker_stopped":
+                    reporter.write_records()
+                    _hand_back(study, trial)
+                else:
+                    _finish(study, spec, trial, state, values, outcome, reporter, options)
     except UpdateFinishedTrialError:
         # This worker sent no heartbeat for longer than the grace period (a paused process, a
         # cut link) and another worker failed the trial and queued its retry, which resumes from
