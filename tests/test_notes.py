@@ -133,3 +133,15 @@ def test_the_note_of_several_objectives_names_no_pruner(sqlite_url):
     del spec["objective"], spec["pruner"]  # the default median, which Optuna cannot apply here
     study = create_study(parse_spec(spec), sqlite_url)
     assert "| pruner | none: Optuna prunes single-objective studies only |" in get_note(study)
+
+
+def test_the_note_counts_a_retried_trial_once_as_status_does(sqlite_url):
+    """A trial whose worker died fails and is replaced by a retry: the budget counts the retry
+    only, so the note does not call the study's one trial both finished and failed."""
+    spec = parse_spec(small_spec("retried-note", budget={"n_trials": 1}))
+    study = create_study(spec, sqlite_url)
+    lost = study.ask()
+    study.tell(lost, state=optuna.trial.TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[lost.number])
+    study.tell(study.ask(), 0.9)
+    assert "**Budget**: 1 of 1 trials finished; 0 running, 0 pruned, 0 failed." in notes.study_note(study, spec)

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.report import best_trials, format_value, used_params
 from tuner.spec import StudySpec
+from tuner.storages import slot_holders
 from tuner.study import budget_state
 
 if TYPE_CHECKING:
@@ -66,10 +67,13 @@ def _spec_lines(spec: StudySpec) -> list[str]:
     return _table(("searched", "range"), rows)
 
 
-def _budget_line(study: optuna.Study, spec: StudySpec) -> str:
+def _budget_line(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial]) -> str:
+    """The budget and the trials by state, as ``tuner status`` counts them: a failed trial that
+    a retry replaced is not failed for the budget, so it is not counted as one here either."""
     state = budget_state(study, spec)
-    trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED, TrialState.FAIL))
-    pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
+    held = slot_holders(trials)
+    pruned = sum(1 for t in held if t.state == TrialState.PRUNED)
+    failed = sum(1 for t in held if t.state == TrialState.FAIL)
     limits = []
     if state.n_trials is not None:
         limits.append(f"{state.finished} of {state.n_trials} trials finished")
@@ -77,7 +81,7 @@ def _budget_line(study: optuna.Study, spec: StudySpec) -> str:
         limits.append(f"{state.elapsed_s:.0f} s of {state.timeout_s:.0f} s used")
     return (
         f"**Budget**: {', '.join(limits)}; {state.running} running, {pruned} pruned, "
-        f"{len(trials) - pruned} failed."
+        f"{failed} failed."
     )
 
 
@@ -149,7 +153,7 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
         "",
         *_spec_lines(spec),
         "",
-        _budget_line(study, spec),
+        _budget_line(study, spec, trials),
         "",
         "### Best so far",
         "",
