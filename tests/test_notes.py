@@ -145,3 +145,19 @@ def test_the_note_counts_a_retried_trial_once_as_status_does(sqlite_url):
     optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[lost.number])
     study.tell(study.ask(), 0.9)
     assert "**Budget**: 1 of 1 trials finished; 0 running, 0 pruned, 0 failed." in notes.study_note(study, spec)
+
+
+def test_a_writer_stopping_while_trials_run_leaves_the_last_word_to_the_next(sqlite_url):
+    """Past a time budget, or without heartbeats, a worker stops while others still train: the
+    note it writes then must not stay the last, missing the trials that end after it."""
+    create_study(parse_spec(small_spec("running-note")), sqlite_url)
+    a, b = (_keeper(sqlite_url, "running-note", writer) for writer in "ab")
+    running = b.study.ask()
+    a.study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    a.final()
+    assert "1 of 6 trials finished; 1 running" in get_note(a.study)
+    b.study.tell(running, 0.9)
+    b.final()
+    note = get_note(optuna.load_study(study_name="running-note", storage=sqlite_url))
+    assert "2 of 6 trials finished; 0 running" in note
+    assert f"| {running.number} | val_accuracy = 0.9 |" in note

@@ -29,7 +29,7 @@ logger = logging.getLogger("tuner.notes")
 
 SAVED_AT_ATTR = "tuner:note_saved_at"
 SHOWS_FINISHED_ATTR = "tuner:note_shows_finished"  # how many finished trials the note counted
-WRITER_ATTR = "tuner:note_writer"  # the worker that wrote it, or tuner create
+WRITER_ATTR = "tuner:note_writer"  # the worker that wrote it, tuner create, or None: see NoteKeeper.final
 REFRESH_INTERVAL_S = 30.0
 # Workers that stop together name themselves the note's writer within tens of milliseconds of
 # each other (8 workers on 2 cores: 60 ms): each looks again after this long.
@@ -238,14 +238,21 @@ class NoteKeeper:
     def final(self) -> None:
         """The last word as the worker stops, when the note does not show every finished trial:
         its writer's, so that workers stopping together write it once; anyone's where no worker
-        has written it (a short study) or its writer has stopped."""
+        has written it (a short study) or its writer has stopped.
+
+        A writer that stops while other trials still run (its time budget spent, or on a storage
+        without heartbeats, where workers do not wait for each other's trials) then names no
+        writer: the next worker to stop would otherwise find its note fresh and leave it
+        without the trials that ended since, the best one perhaps."""
         stored = self._stored()
-        if stored.get(SHOWS_FINISHED_ATTR, -1) >= budget_state(self.study, self.spec).finished:
-            return
-        if self._mine(stored):
-            self._save()
-        elif self._unkept(stored) or self._age(stored) >= 2 * self.interval_s:
-            self._take_over()
+        state = budget_state(self.study, self.spec)
+        if stored.get(SHOWS_FINISHED_ATTR, -1) < state.finished:
+            if self._mine(stored):
+                self._save()
+            elif self._unkept(stored) or self._age(stored) >= 2 * self.interval_s:
+                self._take_over()
+        if state.running and self._mine(self._stored()):
+            self.study._storage.set_study_system_attr(self.study._study_id, WRITER_ATTR, None)
 
     def _take_over(self) -> None:
         """Name this worker the writer, and write the note if it still is a moment later.
@@ -270,8 +277,8 @@ class NoteKeeper:
 
     @staticmethod
     def _unkept(stored: dict) -> bool:
-        """No worker has written the note yet."""
-        return stored.get(WRITER_ATTR, "tuner create") == "tuner create"
+        """No worker has written the note yet, or its writer stopped while trials ran."""
+        return stored.get(WRITER_ATTR, "tuner create") in (None, "tuner create")
 
     @staticmethod
     def _age(stored: dict) -> float:
