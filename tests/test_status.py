@@ -8,8 +8,10 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from conftest import small_spec, tuner
+from tuner.cli import app
 from tuner.spec import parse_spec
 from tuner.status import study_status
 from tuner.study import create_study
@@ -112,6 +114,28 @@ def test_status_shows_heartbeats_and_trials_waiting_to_resume(sqlite_url: str):
     result = tuner("status", "--study", "resume", "--storage", sqlite_url, env={"COLUMNS": "160"})
     assert "trial 2 (retry of 0)" in result.stdout
     assert re.search(r"\(cuda:0\): epoch 0/\?, heartbeat \d+ s ago", result.stdout)
+
+
+def test_status_watch_shows_a_budget_raised_while_it_watches(sqlite_url: str, monkeypatch):
+    """``tuner create`` with a larger ``n_trials`` extends a finished study: a watch started
+    before must show the new trials left, not the budget it read at its start as met."""
+    spec = {**_known_spec(), "budget": {"n_trials": 2}}
+    study = create_study(parse_spec(spec), sqlite_url)
+    _finish(study, 3, 3, TrialState.COMPLETE)
+    _finish(study, 3, 3, TrialState.COMPLETE)
+    refreshes = []
+
+    def raise_the_budget_then_stop(seconds: float) -> None:
+        refreshes.append(seconds)
+        if len(refreshes) > 1:
+            raise KeyboardInterrupt  # Ctrl-C after one refresh
+        create_study(parse_spec({**spec, "budget": {"n_trials": 5}}), sqlite_url)
+
+    monkeypatch.setattr(time, "sleep", raise_the_budget_then_stop)
+    result = CliRunner().invoke(app, ["status", "--study", "known", "--storage", sqlite_url, "--watch"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"budget\s+│\s+2 used, 3 left", result.stdout), result.stdout
+    assert not re.search(r"ETA\s+│\s+budget met", result.stdout), result.stdout
 
 
 def test_status_of_a_storage_without_studies_says_so(tmp_path):

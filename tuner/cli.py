@@ -381,10 +381,11 @@ def status(
     if not names:
         console.print(f"no studies in {storage_name(opened)}; `tuner create` or `tuner run` makes one")
         return
-    loaded = [load_study(name, opened) for name in names]
 
     def table() -> Table:
-        return status_table([study_status(s, spec, last=last) for s, spec in loaded])
+        # Each study and its stored spec are loaded at every refresh: `tuner create` or `tuner run
+        # --n-trials` may have raised a budget since the last, which --watch would show as met.
+        return status_table([study_status(*load_study(name, opened), last=last) for name in names])
 
     if not watch:
         console.print(table())
