@@ -13,8 +13,11 @@ import yaml
 from optuna.trial import TrialState
 
 import tuner
+import user_workloads
 from conftest import small_spec
 from tuner.errors import SpecError
+from tuner.status import study_status
+from tuner.study import load_study
 
 
 def _run(spec: dict, url: str) -> optuna.Study:
@@ -60,6 +63,22 @@ def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url, caplog):
         assert trial.user_attrs["stop_detail"] == "val_accuracy is nan at epoch 1"
         assert f"trial {trial.number} diverged: val_accuracy is nan at epoch 1 |" in caplog.text
     assert len([t for t in study.trials if t.state.is_finished()]) == 8
+
+
+def test_a_diverged_epoch_counts_as_trained_in_every_cost_record(sqlite_url):
+    """The epoch whose metric turned NaN ran to its end: the trial's epochs agree with its
+    training time, samples/s and batch per epoch, and ``tuner status`` counts it as trained."""
+    spec = small_spec("late-nan", workload="user_workloads:nan_from_second_epoch", budget={"n_trials": 1})
+    spec["search"]["epochs"] = {"low": 3, "high": 3}
+    study = _run(spec, sqlite_url)
+    (trial,) = study.trials
+    records = trial.user_attrs
+    assert records["stop_detail"] == "val_accuracy is nan at epoch 2"
+    assert records["epochs_completed"] == 2 == len(records["batch_size_per_epoch"])
+    samples = len(user_workloads.NanFromSecondEpoch().train_data)
+    assert records["samples_per_s"] == pytest.approx(2 * samples / records["train_time_s"])
+    assert [entry["epoch"] for entry in records["history"]] == [1]
+    assert study_status(*load_study("late-nan", sqlite_url)).epochs_trained == 2
 
 
 def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):

@@ -55,6 +55,23 @@ def slow_blobs() -> SlowBlobs:
     return SlowBlobs()
 
 
+class NanFromSecondEpoch(Blobs):
+    """Blobs whose validation accuracy is NaN from the second evaluation on: a torch trial
+    that diverges after training two epochs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluations = 0
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        self.evaluations += 1
+        return {"val_accuracy": math.nan} if self.evaluations > 1 else super().metrics(outputs, targets)
+
+
+def nan_from_second_epoch() -> NanFromSecondEpoch:
+    return NanFromSecondEpoch()
+
+
 class _LongSampleModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -126,6 +126,9 @@ class Reporter:
         metrics = {name: float(value) for name, value in metrics.items()}
         for name, value in metrics.items():
             if not math.isfinite(value):
+                # The epoch was trained, as the trial's time, samples/s and batch per epoch
+                # count it: only its metrics are left out of the history and the curve.
+                self.records["epochs_completed"] = epoch
                 raise Diverged(f"{name} is {value} at epoch {epoch}")
         self.history.append({"epoch": epoch, **metrics})
         self._log(epoch, metrics)
