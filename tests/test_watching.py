@@ -264,3 +264,21 @@ def test_train_refuses_an_unwritable_out_before_training(write_spec, tmp_path: P
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert str(out) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_counts_failed_trials_among_the_finished(write_spec, sqlite_url: str, tmp_path: Path):
+    """The page's count of finished trials is the budget's, as ``tuner status`` shows it: a trial
+    that failed for good finished too."""
+    spec = small_spec("failing", workload="user_workloads:raises_on_large_batch", budget={"n_trials": 6})
+    spec["sampler"] = {"name": "random", "seed": 1}
+    spec["search"]["batch_size"] = {"low": 32, "high": 128, "scale": "pow2"}
+    run = tuner("run", str(write_spec(spec)), "--storage", sqlite_url)
+    trials = _load({"url": sqlite_url, "name": "failing"}).trials
+    counts = {state: sum(1 for t in trials if t.state == state) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    assert counts[TrialState.FAIL] and counts[TrialState.COMPLETE], run.stdout + run.stderr
+    result = tuner("report", "--study", "failing", "--storage", sqlite_url, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"6 trials finished: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+        f"{counts[TrialState.FAIL]} failed." in (tmp_path / "index.html").read_text()
+    )

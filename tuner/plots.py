@@ -28,6 +28,8 @@ from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 from tuner.errors import BadInputError, TunerError  # noqa: E402
 from tuner.report import best_trials, format_value, used_params  # noqa: E402
 from tuner.spec import StudySpec  # noqa: E402
+from tuner.storages import slot_holders  # noqa: E402
+from tuner.study import FINISHED  # noqa: E402
 
 RECORDS = ("effective_batch_size", "micro_batch_size", "accumulation_steps", "lr_used", "epochs_completed", "train_time_s")
 
@@ -163,6 +165,17 @@ def _best_table(study: optuna.Study, spec: StudySpec) -> str:
     return f"<table><tr>{header}</tr>{body}</table>"
 
 
+def _finished_line(study: optuna.Study) -> str:
+    """The finished trials as the budget and ``tuner status`` count them: failed ones included,
+    except those a retry replaced."""
+    held = slot_holders(study.get_trials(deepcopy=False))
+    counts = {state: sum(1 for t in held if t.state == state) for state in FINISHED}
+    return (
+        f"{sum(counts.values())} trials finished: {counts[TrialState.COMPLETE]} complete, "
+        f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed"
+    )
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -186,10 +199,9 @@ def write_report(study: optuna.Study, spec: StudySpec, out: Path) -> list[Path]:
         plt.close(figure)
         written.append(out / name)
         sections.append(f'<h2>{html.escape(caption)}</h2><img src="{name}" alt="{html.escape(caption)}">')
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     page = PAGE.format(
         title=html.escape(f"tuner report: {study.study_name}"),
-        summary=html.escape(f"Workload {spec.workload}; {len(finished)} trials finished."),
+        summary=html.escape(f"Workload {spec.workload}; {_finished_line(study)}."),
         best_heading="Best trial" if len(spec.all_objectives) == 1 else "Pareto front",
         best=_best_table(study, spec),
         figures="".join(sections),
