@@ -116,6 +116,23 @@ def test_status_shows_heartbeats_and_trials_waiting_to_resume(sqlite_url: str):
     assert re.search(r"\(cuda:0\): epoch 0/\?, heartbeat \d+ s ago", result.stdout)
 
 
+def test_status_tells_a_trial_whose_worker_stopped_beating_from_a_live_one(sqlite_url: str):
+    spec = parse_spec(small_spec("beats", budget={"n_trials": 2}))
+    study = create_study(spec, sqlite_url)
+    gone, live = study.ask(), study.ask()
+    for trial in (gone, live):
+        study._storage.record_heartbeat(trial._trial_id)
+    with study._storage._backend.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE trial_heartbeats SET heartbeat = datetime('now', '-600 seconds') WHERE trial_id = ?",
+            (gone._trial_id,),
+        )
+    assert [t.stale for t in study_status(study, spec).live] == [True, False]
+    result = tuner("status", "--study", "beats", "--storage", sqlite_url, env={"COLUMNS": "200"})
+    assert re.search(rf"trial {gone.number} .*heartbeat 6\d\d s ago: its worker is gone; the next worker retries it", result.stdout)
+    assert re.search(rf"trial {live.number} .*heartbeat \d s ago\s", result.stdout), result.stdout
+
+
 def test_status_watch_shows_a_budget_raised_while_it_watches(sqlite_url: str, monkeypatch):
     """``tuner create`` with a larger ``n_trials`` extends a finished study: a watch started
     before must show the new trials left, not the budget it read at its start as met."""

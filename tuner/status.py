@@ -30,6 +30,9 @@ class LiveTrial:
     epochs_completed: int
     epochs: int | None
     heartbeat_age_s: float | None
+    # Past the grace period: its worker has stopped beating, and the next worker to look fails
+    # and retries the trial.
+    stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,14 @@ class StudyStatus:
         if not self.epochs_unpruned:
             return None
         return 100.0 * (1.0 - self.epochs_trained / self.epochs_unpruned)
+
+
+def _grace_s(study: optuna.Study) -> float | None:
+    """Seconds without a heartbeat after which a trial is stale, as Optuna's RDB storage decides."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(backend, optuna.storages.RDBStorage) or backend.heartbeat_interval is None:
+        return None
+    return backend.grace_period or 2 * backend.heartbeat_interval
 
 
 def _heartbeat_ages(study: optuna.Study) -> dict[int, float]:
@@ -114,6 +125,7 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
     per_hour = _trials_per_hour([t for t in trials if t.state in FINISHED and t.datetime_complete], last)
     single = len(study.directions) == 1
     heartbeats = _heartbeat_ages(study) if states["RUNNING"] else {}
+    grace_s = _grace_s(study)
     has_complete = states["COMPLETE"] > 0
     return StudyStatus(
         study=study.study_name,
@@ -129,6 +141,7 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
             LiveTrial(
                 t.number, t.user_attrs.get("worker"), t.user_attrs.get("device"), _epochs_completed(t),
                 t.params.get("epochs"), heartbeats.get(t._trial_id),
+                stale=grace_s is not None and heartbeats.get(t._trial_id, 0.0) > grace_s,
             )
             for t in trials
             if t.state == TrialState.RUNNING
@@ -164,6 +177,7 @@ def _cells(status: StudyStatus) -> dict[str, str]:
             f"trial {t.number} on {t.worker or '?'}" + (f" ({t.device})" if t.device else "")
             + f": epoch {t.epochs_completed}/{t.epochs or '?'}"
             + ("" if t.heartbeat_age_s is None else f", heartbeat {t.heartbeat_age_s:.0f} s ago")
+            + (": its worker is gone; the next worker retries it" if t.stale else "")
             for t in status.live
         ) or "-",
         "waiting to resume": "\n".join(f"trial {new} (retry of {old})" for new, old in status.resumable) or "-",
