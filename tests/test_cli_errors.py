@@ -99,6 +99,8 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         ("postgresql://alice:s3@cret@127.0.0.1:1/db", "'postgresql://alice:***@127.0.0.1:1/db' has an '@' in its user or password; write it as %40"),
         ("postgresql//alice:s3cret@127.0.0.1:1/db", "'postgresql//alice:***@127.0.0.1:1/db' is not a URL"),
         ("grpc://alice:s3cret@127.0.0.1:1", "'grpc://alice:***@127.0.0.1:1' must be grpc://HOST:PORT"),
+        # A driver that is not installed: Optuna re-raises it as a bare ImportError.
+        ("mysql+mysqldb://bob:hunter2@127.0.0.1:1/db", "'mysql+mysqldb://bob:***@127.0.0.1:1/db' needs the Python package 'MySQLdb'"),
     ],
 )
 def test_bad_storage_url_masks_password(url, expected):

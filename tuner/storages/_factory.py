@@ -93,9 +93,15 @@ def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storag
             with storage.engine.connect() as connection:
                 # WAL lets readers (dashboard, status) work while a worker writes.
                 connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-    except ModuleNotFoundError as error:
+    except ImportError as error:
+        # Optuna re-raises a missing driver (mysql+mysqldb://, postgresql+psycopg2://) as a
+        # bare ImportError; the module that is missing is named by the error it came from.
+        missing = error if isinstance(error, ModuleNotFoundError) else error.__cause__
+        name = getattr(missing, "name", None)
         raise StorageError(
-            f"Storage URL {mask_url(url)!r} needs the Python package {error.name!r}."
+            f"Storage URL {mask_url(url)!r} needs the Python package {name!r}."
+            if name
+            else f"Storage URL {mask_url(url)!r} needs a database driver that does not load: {missing or error}."
         ) from None
     except (SQLAlchemyError, OSError) as error:
         permanent = permanent_error(error, url)
