@@ -100,6 +100,7 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         ("postgresql//alice:s3cret@127.0.0.1:1/db", "'postgresql//alice:***@127.0.0.1:1/db' is not a URL"),
         ("grpc://alice:s3cret@127.0.0.1:1", "'grpc://alice:***@127.0.0.1:1' must be grpc://HOST:PORT"),
         # A driver that is not installed: Optuna re-raises it as a bare ImportError.
+        ("postgresql://alice:s3cret@127.0.0.1:5432x/db", "'postgresql://alice:***@127.0.0.1:5432x/db' is not a valid database URL"),
         ("mysql+mysqldb://bob:hunter2@127.0.0.1:1/db", "'mysql+mysqldb://bob:***@127.0.0.1:1/db' needs the Python package 'MySQLdb'"),
     ],
 )

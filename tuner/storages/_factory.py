@@ -64,7 +64,7 @@ def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storag
     full_url = sqlalchemy_url(url)
     try:
         parsed = make_url(full_url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(f"Storage URL {mask_url(url)!r} is not a valid database URL.") from None
     # No ping before each transaction (Optuna pings on MySQL only): a connection lost since its
     # last use fails its first query, which with_reconnect retries on a fresh one.
