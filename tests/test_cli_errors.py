@@ -130,6 +130,14 @@ def test_reading_a_storage_file_that_is_not_there_creates_nothing(tmp_path, comm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [("status",), ("create", "SPEC")])
+@pytest.mark.parametrize("where", ["journal://{}", "sqlite:///{}"])
+def test_a_storage_file_that_is_a_folder(write_spec, tmp_path, command, where):
+    url = where.format(tmp_path)
+    args = [str(write_spec(small_spec("x"))) if arg == "SPEC" else arg for arg in command]
+    _assert_bad_input(tuner(*args, "--storage", url), f"{url}: '{tmp_path}' is a folder; name a file in it")
+
+
 def test_different_spec_under_the_same_name_shows_the_difference(write_spec, sqlite_url):
     assert tuner("create", str(write_spec(small_spec("same"))), "--storage", sqlite_url).returncode == 0
     again = tuner("create", str(write_spec(small_spec("same"))), "--storage", sqlite_url)

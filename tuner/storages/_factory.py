@@ -45,7 +45,10 @@ def _heartbeat_settings() -> tuple[int, int]:
 
 def _storage_file(url: str, path: Path, create: bool) -> None:
     """Make the folder of a storage file that may be created; else the file must be there, since
-    SQLite and the journal would create it, empty, where a name was mistyped."""
+    SQLite and the journal would create it, empty, where a name was mistyped. A folder is
+    refused by name, where the journal would fail on opening it as a file."""
+    if path.is_dir():
+        raise StorageError(f"{mask_url(url)}: {str(path)!r} is a folder; name a file in it.")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.exists():
