@@ -50,6 +50,15 @@ def test_low_above_high(write_spec, sqlite_url):
     _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", sqlite_url), "search.lr", "must not be above high")
 
 
+@pytest.mark.parametrize("field", ["lr", "weight_decay"])
+def test_an_infinite_bound_is_refused_before_the_study_is_made(write_spec, tmp_path, field):
+    spec = small_spec("x")
+    spec["search"][field] = {"low": 1e-4, "high": float("inf")}
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", url), f"search.{field}.high", "finite number")
+    assert not (tmp_path / "study.db").exists()
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [

@@ -27,7 +27,8 @@ from tuner.workloads import Workload, check_batch_size, check_loop_settings, loa
 class FixedSpec(BaseModel):
     """The fields of a spec that one training run needs, with the hyperparameters fixed."""
 
-    model_config = ConfigDict(extra="forbid")
+    # As in a study's spec: an infinite rate would train to NaN instead of being refused.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workload: str
     objective: Objective

@@ -18,7 +18,9 @@ from tuner.errors import SpecError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity passes ``gt=0``: a learning rate range up to .inf made a centre trial of an
+    # infinite rate and then an overflow in the sampler, after the study was created.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Range(_Strict):
