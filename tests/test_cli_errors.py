@@ -50,6 +50,12 @@ def test_low_above_high(write_spec, sqlite_url):
     _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", sqlite_url), "search.lr", "must not be above high")
 
 
+@pytest.mark.parametrize(("seed", "expected"), [(-1, "greater than or equal to 0"), (2**32, "less than 4294967296")])
+def test_a_seed_outside_numpys_range_is_refused(write_spec, sqlite_url, seed, expected):
+    spec = small_spec("x", sampler={"name": "tpe", "seed": seed})
+    _assert_bad_input(tuner("create", str(write_spec(spec)), "--storage", sqlite_url), "spec field 'sampler.seed'", expected)
+
+
 @pytest.mark.parametrize("field", ["lr", "weight_decay"])
 def test_an_infinite_bound_is_refused_before_the_study_is_made(write_spec, tmp_path, field):
     spec = small_spec("x")

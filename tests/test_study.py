@@ -28,6 +28,14 @@ def test_every_sampler_runs(sampler, sqlite_url):
     assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) + [t.state for t in study.get_trials()].count(TrialState.PRUNED) == 4
 
 
+def test_a_worker_offsets_the_largest_seed_without_leaving_numpys_range(sqlite_url):
+    spec = small_spec("top-seed", workload="user_workloads:own_loop", budget={"n_trials": 1})
+    spec["sampler"] = {"name": "tpe", "seed": 2**32 - 1}
+    study = tuner.create_study(tuner.parse_spec(spec), sqlite_url)
+    tuner.run_worker(study.study_name, sqlite_url, tuner.WorkerOptions(threads=1, worker_index=1))
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
 @pytest.mark.parametrize(
     "pruner",
     [

@@ -156,9 +156,13 @@ class Budget(_Strict):
         return self
 
 
+# NumPy's seeds, which every Optuna sampler takes: the range a sampler's seed must lie in.
+SEED_LIMIT = 2**32
+
+
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "gp", "cmaes", "nsga2", "qmc"] = "tpe"
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     multivariate: bool = True
     n_startup_trials: int | None = Field(default=None, ge=0)
     # "centre": the first trial takes the middle of every range (see tuner.space.centre).

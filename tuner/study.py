@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
-from tuner.spec import StudySpec, parse_spec
+from tuner.spec import SEED_LIMIT, StudySpec, parse_spec
 from tuner.storages import RetryStaleTrial, make_storage, slot_counts, slot_holders, slot_maker, storage_name
 
 logger = logging.getLogger("tuner.study")
@@ -41,7 +41,8 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
     NSGA-II read to steer away from them.
     """
     options = spec.sampler
-    seed = None if options.seed is None else options.seed + seed_offset
+    # Wrapped into NumPy's range: a seed near its top plus a worker's offset would fail there.
+    seed = None if options.seed is None else (options.seed + seed_offset) % SEED_LIMIT
     n_startup = options.n_startup_trials
     name = options.name
     if name == "tpe":
