@@ -98,6 +98,13 @@ def test_a_misshapen_field_is_named_without_pydantic_words(write_spec, sqlite_ur
     assert "BatchSizeSpace" not in result.stderr and "tag" not in result.stderr
 
 
+@pytest.mark.parametrize("pruner", [{}, {"median": {"n_startup_trials": 2}}])
+def test_a_pruner_without_its_name_lists_the_names(write_spec, sqlite_url, pruner):
+    result = tuner("create", str(write_spec(small_spec("x", pruner=pruner))), "--storage", sqlite_url)
+    _assert_bad_input(result, "spec field 'pruner.name' is required: one of 'median', 'percentile', 'sha', 'hyperband'")
+    assert "discriminator" not in result.stderr
+
+
 def test_missing_spec_file(tmp_path, sqlite_url):
     _assert_bad_input(tuner("run", str(tmp_path / "nope.yaml"), "--storage", sqlite_url), "does not exist")
 

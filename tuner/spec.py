@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -234,6 +234,11 @@ PrunerSpec = Annotated[
 ]
 
 
+_PRUNER_NAMES = ", ".join(
+    repr(name) for model in get_args(get_args(PrunerSpec)[0]) for name in get_args(model.model_fields["name"].annotation)
+)
+
+
 class StudySpec(_Strict):
     name: str = Field(min_length=1)
     workload: str = Field(min_length=1)
@@ -291,6 +296,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "union_tag_invalid":  # a pruner's name, say
         context = error["ctx"]
         return f"spec field '{path}.name': must be one of {context['expected_tags']} (got {context['tag']!r})"
+    if error["type"] == "union_tag_not_found":
+        # Pydantic names neither the field nor its values here; the pruner is the one such union.
+        return f"spec field '{path}.name' is required: one of {_PRUNER_NAMES}"
     if error["type"] == "model_type":
         # Pydantic would name the model class, which the user never sees.
         message = "must be a mapping of fields (key: value)"
