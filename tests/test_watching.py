@@ -214,6 +214,17 @@ def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_pat
     assert float(shown.split("│")[2]) == pytest.approx(best, abs=0.02)
 
 
+def test_export_into_a_new_folder_or_onto_a_folder(finished_study: dict, tmp_path: Path):
+    fragment = tmp_path / "new" / "best.yaml"
+    exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))
+    assert exported.returncode == 0, exported.stderr
+    assert "hyperparameters:" in fragment.read_text()
+    refused = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(tmp_path))
+    assert refused.returncode == 2, refused.stderr
+    assert f"--export '{tmp_path}' cannot be written: Is a directory" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_train_refuses_a_bad_fragment(write_spec):
     result = tuner("train", str(write_spec({"workload": "digits_mlp", "hyperparameters": {"batch_size": "x"}})))
     assert result.returncode == 2

@@ -73,7 +73,12 @@ def export_trial(study: optuna.Study, spec: StudySpec, path: Path, trial: Frozen
         f"{fixed.objective.metric} = {chosen.values[quality_objective(study)]:.6g}.\n"
         f"# Retrain it with: tuner train {path}\n"
     )
-    path.write_text(header + yaml.safe_dump(fixed.model_dump(mode="json"), sort_keys=False))
+    # Its folder is made, as for ``tuner train --out`` and ``tuner report --out``.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + yaml.safe_dump(fixed.model_dump(mode="json"), sort_keys=False))
+    except OSError as error:
+        raise BadInputError(f"--export {str(path)!r} cannot be written: {error.strerror or error}.") from None
     return fixed
 
 
