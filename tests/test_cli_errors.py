@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import yaml
 
@@ -169,6 +170,22 @@ def test_different_spec_under_the_same_name_shows_the_difference(write_spec, sql
     result = tuner("create", str(write_spec(changed)), "--storage", sqlite_url)
     _assert_bad_input(result, "exists with a different spec", "  search.epochs.high: 3 stored, 9 given")
     assert "search.epochs.low" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["create", "run"])
+def test_a_study_of_the_name_made_without_tuner_is_not_taken_over(write_spec, sqlite_url, command):
+    foreign = optuna.create_study(study_name="taken", storage=sqlite_url, direction="minimize")
+    foreign.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    result = tuner(command, str(write_spec(small_spec("taken"))), "--storage", sqlite_url)
+    _assert_bad_input(result, f"Study 'taken' in storage {sqlite_url!r} was not made by tuner", "use another name")
+    again = optuna.load_study(study_name="taken", storage=sqlite_url)
+    assert again._storage.get_study_system_attrs(again._study_id) == {} and len(again.trials) == 2
+
+
+def test_an_empty_study_of_the_name_made_without_tuner_is_taken(write_spec, sqlite_url):
+    optuna.create_study(study_name="empty", storage=sqlite_url, direction="maximize")
+    result = tuner("create", str(write_spec(small_spec("empty"))), "--storage", sqlite_url)
+    assert result.returncode == 0, result.stderr
 
 
 def test_unavailable_device(write_spec, sqlite_url):

@@ -186,6 +186,7 @@ def create_study(
     stored = stored_spec(storage, spec.name)
     wanted = spec.to_dict()
     if stored is None:
+        _refuse_a_foreign_study(study, spec, storage)
         if spec.budget.n_trials and spec.sampler.first_trial == "centre" and not study.get_trials(deepcopy=False):
             # Before the spec: behind ``tuner proxy`` the budget's slots are made when it is written.
             study.enqueue_trial(centre(spec.search))
@@ -209,6 +210,20 @@ def create_study(
             storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
     _add_slots(study, spec)
     return study
+
+
+def _refuse_a_foreign_study(study: optuna.Study, spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:
+    """Refuse a study of the name that tuner did not make (plain Optuna's, another tool's) once
+    it has run trials or optimizes other directions: given the spec, its trials would count
+    against the budget and compete for the best. An empty one of the same directions (or one
+    whose creation by tuner stopped before its spec was written) is taken as it is."""
+    directions = [direction.name.lower() for direction in study.directions]
+    ran = any(trial.state != TrialState.WAITING for trial in study.get_trials(deepcopy=False))
+    if ran or directions != spec.directions:
+        raise BadInputError(
+            f"Study {spec.name!r} in {storage_name(storage)} was not made by tuner (it has no stored "
+            "spec) and holds trials or other directions; use another name (--study)."
+        )
 
 
 WAITING_AHEAD = 16
