@@ -221,6 +221,16 @@ def test_a_workload_module_that_fails_as_it_is_imported(tmp_path, sqlite_url):
     )
 
 
+def test_a_workload_factory_that_fails_as_it_is_called(tmp_path, sqlite_url):
+    (tmp_path / "broken_factory.py").write_text("def make():\n    raise FileNotFoundError('data/train.csv')\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(small_spec("x", workload="broken_factory:make")))
+    _assert_bad_input(
+        tuner("create", str(spec), "--storage", sqlite_url, cwd=tmp_path),
+        "spec field 'workload': Workload 'broken_factory:make' does not load: FileNotFoundError: data/train.csv",
+    )
+
+
 def test_report_into_a_path_that_is_a_file(tmp_path, sqlite_url):
     study = create_study(parse_spec(small_spec("reported", budget={"n_trials": 1})), sqlite_url)
     study.tell(study.ask(), 0.5)

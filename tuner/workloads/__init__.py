@@ -71,7 +71,10 @@ def load_workload(reference: str) -> Workload | TrainingFunction:
     if isinstance(target, Workload) or _is_training_function(target):
         return target
     if callable(target):
-        workload = target()
+        try:
+            workload = target()
+        except Exception as error:  # the user's factory failed, as a module that fails on import
+            raise WorkloadError(f"Workload {reference!r} does not load: {type(error).__name__}: {error}.") from None
         if isinstance(workload, Workload):
             return workload
     raise WorkloadError(
