@@ -134,6 +134,14 @@ def test_bad_storage_url_masks_password(url, expected):
     assert "hunter2" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(("name", "value"), [("TUNER_HEARTBEAT_INTERVAL", "10s"), ("TUNER_HEARTBEAT_GRACE", "0")])
+def test_a_heartbeat_setting_that_is_not_whole_seconds(write_spec, sqlite_url, name, value):
+    _assert_bad_input(
+        tuner("create", str(write_spec(small_spec("x"))), "--storage", sqlite_url, env={name: value}),
+        f"{name} must be a whole number of seconds above 0, not {value!r}",
+    )
+
+
 def test_unknown_study_names_the_storage_and_lists_the_known_ones(write_spec, sqlite_url):
     assert tuner("create", str(write_spec(small_spec("known-one"))), "--storage", sqlite_url).returncode == 0
     # The storage that TUNER_STORAGE chose unseen is named.

@@ -15,7 +15,7 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from tuner.errors import StorageError, StorageMissingError
+from tuner.errors import BadInputError, StorageError, StorageMissingError
 from tuner.storages._grpc import GrpcStorageProxy
 from tuner.storages._journal import JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
@@ -37,9 +37,24 @@ GRPC_READY_S = 10.0
 _opened_from: weakref.WeakKeyDictionary[optuna.storages.BaseStorage, str] = weakref.WeakKeyDictionary()
 
 
+def _seconds_setting(name: str, default: int) -> int:
+    """A whole number of seconds above 0 from the environment variable ``name``: anything else
+    is bad input naming the variable, where int() or Optuna would say only 'invalid literal'."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise BadInputError(f"{name} must be a whole number of seconds above 0, not {text!r}.")
+    return seconds
+
+
 def _heartbeat_settings() -> tuple[int, int]:
-    interval = int(os.environ.get("TUNER_HEARTBEAT_INTERVAL", "10"))
-    grace = int(os.environ.get("TUNER_HEARTBEAT_GRACE", str(3 * interval)))
+    interval = _seconds_setting("TUNER_HEARTBEAT_INTERVAL", 10)
+    grace = _seconds_setting("TUNER_HEARTBEAT_GRACE", 3 * interval)
     return interval, grace
 
 
