@@ -196,6 +196,14 @@ def test_an_empty_study_of_the_name_made_without_tuner_is_taken(write_spec, sqli
     assert result.returncode == 0, result.stderr
 
 
+def test_run_exits_as_bad_input_when_its_workers_stop_on_a_metric_the_workload_lacks(write_spec, sqlite_url):
+    spec = small_spec("metric", objective={"metric": "val_acc", "direction": "maximize"}, budget={"n_trials": 1})
+    result = tuner("run", str(write_spec(spec)), "--storage", sqlite_url, "--device", "cpu")
+    _assert_bad_input(
+        result, "'val_acc' is not among the metrics the workload reports", "1 of 1 workers exited with an error"
+    )
+
+
 def test_unavailable_device(write_spec, sqlite_url):
     _assert_bad_input(tuner("run", str(write_spec(small_spec("dev"))), "--device", "cuda", "--storage", sqlite_url), "CUDA is not available")
 

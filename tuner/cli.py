@@ -567,7 +567,7 @@ def _work_on_gpus(
 def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finished) -> None:
     """After a stop signal, say how far the study got and that the same command resumes it, and
     exit 128 + the signal as a shell does (130 for Ctrl-C), since the budget is not met; else
-    exit 1 where a worker failed."""
+    exit 2 where every failed worker stopped on bad input, 1 where another failed."""
     from tuner.study import budget_state
 
     failed = sum(1 for code in finished.codes if code)
@@ -581,7 +581,10 @@ def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finishe
         )
         raise typer.Exit(128 + finished.stopped_by)
     if failed:
-        raise TunerError(f"{failures}.")
+        # Workers that all stopped on bad input (a metric the workload does not report, a lost
+        # database) make the run's own exit 2, as the same error in `tuner worker` does.
+        bad_input = all(code == BadInputError.exit_code for code in finished.codes if code)
+        raise (BadInputError if bad_input else TunerError)(f"{failures}.")
 
 
 @app.command()
