@@ -122,8 +122,8 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         ("postgresql://alice:s3@cret@127.0.0.1:1/db", "'postgresql://alice:***@127.0.0.1:1/db' has an '@' in its user or password; write it as %40"),
         ("postgresql//alice:s3cret@127.0.0.1:1/db", "'postgresql//alice:***@127.0.0.1:1/db' is not a URL"),
         ("grpc://alice:s3cret@127.0.0.1:1", "'grpc://alice:***@127.0.0.1:1' must be grpc://HOST:PORT"),
-        # A driver that is not installed: Optuna re-raises it as a bare ImportError.
         ("postgresql://alice:s3cret@127.0.0.1:5432x/db", "'postgresql://alice:***@127.0.0.1:5432x/db' is not a valid database URL"),
+        # A driver that is not installed: Optuna re-raises it as a bare ImportError.
         ("mysql+mysqldb://bob:hunter2@127.0.0.1:1/db", "'mysql+mysqldb://bob:***@127.0.0.1:1/db' needs the Python package 'MySQLdb'"),
     ],
 )
@@ -132,6 +132,15 @@ def test_bad_storage_url_masks_password(url, expected):
     _assert_bad_input(result, expected)
     assert "cret" not in result.stderr + result.stdout
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///file:x?mode=memory&uri=true"])
+@pytest.mark.parametrize("command", ["create", "run"])
+def test_a_database_in_memory_is_refused(write_spec, url, command):
+    """Each process would open its own empty database and lose it as it exits: the workers of
+    ``tuner run`` would find no study, and a study made by ``tuner create`` would be gone."""
+    result = tuner(command, str(write_spec(small_spec("x"))), "--storage", url)
+    _assert_bad_input(result, f"Storage {url!r} is a database in memory")
 
 
 @pytest.mark.parametrize(("name", "value"), [("TUNER_HEARTBEAT_INTERVAL", "10s"), ("TUNER_HEARTBEAT_GRACE", "0")])

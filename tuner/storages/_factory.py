@@ -93,8 +93,12 @@ def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storag
         # begin_at_first_write can begin transactions themselves (see there).
         engine_kwargs["connect_args"] = {"timeout": 60, "isolation_level": None}
         path = _sqlite_path(parsed.database or "", dict(parsed.query))
-        if path is not None:
-            _storage_file(url, path, create)
+        if path is None:
+            raise StorageError(
+                f"Storage {mask_url(url)!r} is a database in memory: each process (each worker, each "
+                "command) would open its own, empty, and lose it as it exits; name a file, e.g. sqlite:///tuner.db."
+            )
+        _storage_file(url, path, create)
     else:
         engine_kwargs["pool_size"] = 2
         engine_kwargs["max_overflow"] = 2
