@@ -143,6 +143,14 @@ def test_a_database_in_memory_is_refused(write_spec, url, command):
     _assert_bad_input(result, f"Storage {url!r} is a database in memory")
 
 
+@pytest.mark.parametrize("value", ["2m", "-1", "nan"])
+def test_a_database_retry_setting_that_is_not_seconds(write_spec, sqlite_url, value):
+    _assert_bad_input(
+        tuner("create", str(write_spec(small_spec("x"))), "--storage", sqlite_url, env={"TUNER_DB_RETRY_S": value}),
+        f"TUNER_DB_RETRY_S must be a number of seconds, 0 or more, not {value!r}",
+    )
+
+
 @pytest.mark.parametrize(("name", "value"), [("TUNER_HEARTBEAT_INTERVAL", "10s"), ("TUNER_HEARTBEAT_GRACE", "0")])
 def test_a_heartbeat_setting_that_is_not_whole_seconds(write_spec, sqlite_url, name, value):
     _assert_bad_input(

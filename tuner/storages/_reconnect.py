@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -20,7 +21,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
-from tuner.errors import StorageError, TunerError
+from tuner.errors import BadInputError, StorageError, TunerError
 from tuner.storages._urls import mask_url
 
 _logger = logging.getLogger("tuner.storages")
@@ -92,12 +93,26 @@ def first_line(message: str) -> str:
     return lines[0] if lines else message
 
 
+def retry_seconds() -> float:
+    """``TUNER_DB_RETRY_S``: how long a lost database is waited for; read at each call, so that a
+    test or an embedding program may change it. Anything but seconds, 0 or more, is bad input
+    naming the variable, where float() would say only 'could not convert string'."""
+    text = os.environ.get("TUNER_DB_RETRY_S", "120")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:
+        raise BadInputError(f"TUNER_DB_RETRY_S must be a number of seconds, 0 or more, not {text!r}.")
+    return seconds
+
+
 def with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: optuna.storages.RDBStorage, *args: Any, **kwargs: Any) -> Any:
         if getattr(_retrying, "active", False):
             return method(self, *args, **kwargs)
-        deadline = time.monotonic() + float(os.environ.get("TUNER_DB_RETRY_S", "120"))
+        deadline = time.monotonic() + retry_seconds()
         delay = 0.5
         _retrying.active = True
         try:
