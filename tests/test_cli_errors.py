@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from conftest import small_spec, tuner
 from tuner.spec import parse_spec
@@ -223,6 +224,18 @@ def test_run_exits_as_bad_input_when_its_workers_stop_on_a_metric_the_workload_l
 
 def test_unavailable_device(write_spec, sqlite_url):
     _assert_bad_input(tuner("run", str(write_spec(small_spec("dev"))), "--device", "cuda", "--storage", sqlite_url), "CUDA is not available")
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu"])
+def test_a_device_type_the_loop_does_not_train_on_is_refused(write_spec, sqlite_url, device):
+    """torch knows these device types, but every trial on them failed and the worker exited 0
+    having spent the budget on failures."""
+    spec = write_spec(small_spec("dev"))
+    expected = f"Unknown device {device!r}; use auto, cpu, cuda, cuda:K or mps."
+    _assert_bad_input(tuner("run", str(spec), "--device", device, "--storage", sqlite_url), expected)
+    assert tuner("create", str(spec), "--storage", sqlite_url).returncode == 0
+    _assert_bad_input(tuner("worker", "--study", "dev", "--device", device, "--storage", sqlite_url), expected)
+    assert create_study(parse_spec(small_spec("dev")), sqlite_url).get_trials(states=(TrialState.FAIL,)) == []
 
 
 def test_debug_shows_the_traceback(tmp_path, sqlite_url):

@@ -20,7 +20,9 @@ INJECT_OOM_ENV = "TUNER_INJECT_OOM_ABOVE"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is cuda if present, then mps, then cpu; an unavailable device is bad input."""
+    """``auto`` is cuda if present, then mps, then cpu; an unavailable device is bad input, and
+    so is any other device type torch knows (``meta``, ``xpu``, ...): the training loop does not
+    run there, so each trial would fail and the worker would burn the budget on failures."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -30,9 +32,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise BadInputError(
-            f"Unknown device {name!r}; use auto, cpu, cuda, cuda:K or mps."
-        ) from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise BadInputError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:K or mps.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BadInputError(f"Device {name!r} was asked for, but CUDA is not available here.")
