@@ -4,12 +4,15 @@ the same launching function show the ``CUDA_VISIBLE_DEVICES`` they were given.""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
-from conftest import small_spec, tuner
+from conftest import _python_path, small_spec, tuner
 from tuner.errors import BadInputError
 from tuner.launch import gpu_environments, start_workers
 from tuner.spec import parse_spec
@@ -78,3 +81,23 @@ def test_each_launched_worker_sees_its_own_gpu_and_the_given_folders_and_threads
         assert given["--threads"] == "3"
         assert given["--checkpoint-dir"] == str(tmp_path / "checkpoints")
         assert given["--artifact-dir"] == str(tmp_path / "artifacts")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_gpu_workers_of_two_launches_do_not_repeat_each_others_trials(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tuner worker --gpus`` on a second machine (here: a second launch under another host
+    name, after the first) gave its workers the same indices, so the same seeds, and they
+    proposed the trials the first machine's workers had already run."""
+    monkeypatch.setenv("PYTHONPATH", _python_path())
+    spec = small_spec("hosts", workload="user_workloads:own_loop", sampler={"name": "random", "seed": 0})
+    for host, n_trials in (("node-a", 2), ("node-b", 4)):
+        create_study(parse_spec({**spec, "budget": {"n_trials": n_trials}}), sqlite_url)
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        [process] = start_workers("hosts", sqlite_url, 1, device="cpu", threads=1)
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode == 0, output
+    study = optuna.load_study(study_name="hosts", storage=sqlite_url)
+    params = [tuple(sorted(trial.params.items())) for trial in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(params) == 4 and len(set(params)) == 4, params

@@ -132,6 +132,7 @@ def run(
             created, spec, url, len(environments) if environments else workers, errors,
             device="cuda" if environments else device, environments=environments,
             checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
+            first_index=0,
         )
     _print_best(created.study_name, url, "table", required=False)
     _exit_as_workers_did(created, spec, finished)

@@ -62,13 +62,24 @@ def start_workers(
     checkpoint_dir: Path | None = None,
     artifact_dir: Path | None = None,
     keep_checkpoints: bool = False,
+    first_index: int | None = None,
 ) -> list[subprocess.Popen[str]]:
     """Start ``count`` workers; the storage URL travels in the environment, not on the command
     line, so a password does not show in the process list. Without ``threads`` each, the CPU
     threads are shared out so that the workers do not oversubscribe the cores. A worker starts
     with SIGINT and SIGTERM held until its stop handler is in place (``run_worker``): one sent
     while it imports torch would otherwise kill it, or be lost where the signals are ignored (a
-    script's ``&``)."""
+    script's ``&``).
+
+    Worker K's index, its sampler's seed offset, is ``first_index + K``. Without
+    ``first_index`` it is drawn from this host name and process id, as a lone worker's offset
+    is: the workers of ``tuner worker --gpus`` on several machines, or started after an earlier
+    launch, would otherwise repeat each other's seeds and propose the same trials. ``tuner run``
+    passes 0, so that a seeded local run repeats."""
+    if first_index is None:
+        from tuner.worker import seed_offset  # imports torch, which only these launches need
+
+        first_index = seed_offset(None)
     threads = threads or max(1, (os.cpu_count() or 1) // count)
     processes = []
     with _stop_signals_held():
@@ -77,7 +88,7 @@ def start_workers(
             if environments:
                 env.update(environments[index])
             command = worker_command(
-                study_name, device=device, threads=threads, worker_index=index,
+                study_name, device=device, threads=threads, worker_index=first_index + index,
                 checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
             )
             processes.append(
