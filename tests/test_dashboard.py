@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRE_SERVICES, TESTS, small_spec, start_tuner
+from conftest import REQUIRE_SERVICES, TESTS, small_spec, start_tuner, tuner
 from tuner.spec import parse_spec
 from tuner.study import create_study
 
@@ -80,6 +80,25 @@ def test_api_on_other_storages(kind: str, tmp_path: Path, request: pytest.Fixtur
     for base in _serve(url):
         detail = _get(f"{base}/api/studies/{_study_id(base, f'on-{kind}')}")
         assert len(detail["trials"]) == 3  # the budget's waiting slots
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("nosuchhost.invalid", None),  # the resolver's words vary: not known, or a failed lookup
+        ("192.0.2.1", "Cannot assign requested address"),  # TEST-NET-1: never this machine's
+        ("::1", "Address family for hostname not supported"),
+    ],
+)
+def test_a_host_it_cannot_serve_on_is_bad_input(sqlite_url: str, host: str, reason: str | None):
+    """It exited 1 with the socket's error alone (``gaierror: [Errno -2] ...``), naming neither
+    the host nor what to give instead."""
+    create_study(parse_spec(small_spec("hosts")), sqlite_url)
+    port = str(_free_port())
+    result = tuner("dashboard", "--storage", sqlite_url, "--host", host, "--port", port)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: Cannot serve on {host}:{port}: {reason or ''}"), result.stderr
+    assert "--host takes an IPv4 address or name of this machine, such as 127.0.0.1 or 0.0.0.0." in result.stderr
 
 
 def _chromium() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +47,16 @@ def serve(
     try:
         server = make_server(host, port, app, handler_class=_QuietHandler)
     except OSError as error:
-        if error.errno != errno.EADDRINUSE:
-            raise
-        raise BadInputError(f"Port {port} on {host} is in use; choose another with --port.") from None
+        if error.errno == errno.EADDRINUSE:
+            raise BadInputError(f"Port {port} on {host} is in use; choose another with --port.") from None
+        # A name that does not resolve, an address of another machine or an IPv6 one (the server
+        # is IPv4), a port this user may not bind: an argument to change, not a failure.
+        if isinstance(error, socket.gaierror) or error.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+            raise BadInputError(
+                f"Cannot serve on {host}:{port}: {error.strerror}; --host takes an IPv4 address or "
+                "name of this machine, such as 127.0.0.1 or 0.0.0.0."
+            ) from None
+        raise
 
     def stop(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
