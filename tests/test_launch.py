@@ -101,3 +101,19 @@ def test_gpu_workers_of_two_launches_do_not_repeat_each_others_trials(
     study = optuna.load_study(study_name="hosts", storage=sqlite_url)
     params = [tuple(sorted(trial.params.items())) for trial in study.get_trials(states=(TrialState.COMPLETE,))]
     assert len(params) == 4 and len(set(params)) == 4, params
+
+
+def test_a_run_that_goes_on_with_a_study_does_not_repeat_its_trials(tmp_path: Path, write_spec) -> None:
+    """A seeded ``tuner run`` repeats on a fresh study; run again with the budget raised, its
+    workers took seeds from index 0 again and proposed the first run's trials a second time."""
+    spec = write_spec(small_spec("again", workload="user_workloads:own_loop", sampler={"name": "random", "seed": 0}))
+    runs = {}
+    for name, budgets in (("once", ["2"]), ("twice", ["2", "4"])):
+        url = f"sqlite:///{tmp_path / name}.db"
+        for n_trials in budgets:
+            result = tuner("run", str(spec), "--storage", url, "--n-trials", n_trials)
+            assert result.returncode == 0, result.stderr
+        study = optuna.load_study(study_name="again", storage=url)
+        runs[name] = [tuple(sorted(trial.params.items())) for trial in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert runs["twice"][:2] == runs["once"]
+    assert len(set(runs["twice"])) == 4, runs["twice"]

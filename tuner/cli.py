@@ -128,11 +128,15 @@ def run(
         errors.print(f"study {created.study_name!r} has met its budget ({met}); no workers started", highlight=False)
         finished = Finished(codes=[])
     else:
+        # Seeds from index 0 repeat a seeded run of a fresh study; a run that goes on with one
+        # (after Ctrl-C, or with a budget raised) draws them, or its workers would propose the
+        # trials that the last run's proposed again.
+        proposed = any(trial.params for trial in created.get_trials(deepcopy=False))
         finished = run_workers(
             created, spec, url, len(environments) if environments else workers, errors,
             device="cuda" if environments else device, environments=environments,
             checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
-            first_index=0,
+            first_index=None if proposed else 0,
         )
     _print_best(created.study_name, url, "table", required=False)
     _exit_as_workers_did(created, spec, finished)

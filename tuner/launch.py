@@ -75,7 +75,7 @@ def start_workers(
     ``first_index`` it is drawn from this host name and process id, as a lone worker's offset
     is: the workers of ``tuner worker --gpus`` on several machines, or started after an earlier
     launch, would otherwise repeat each other's seeds and propose the same trials. ``tuner run``
-    passes 0, so that a seeded local run repeats."""
+    passes 0 for a fresh study, so that a seeded local run repeats."""
     if first_index is None:
         from tuner.worker import seed_offset  # imports torch, which only these launches need
 
