@@ -71,9 +71,9 @@ def test_run_writes_learning_curves_to_the_given_artifact_dir(tmp_path: Path, wr
     assert not (tmp_path / "artifacts").exists()
 
 
-@pytest.mark.parametrize("url", ["study.log", "journal:///{}/study.journal"])
-def test_checkpoints_and_curves_go_beside_a_journal_file(tmp_path: Path, write_spec, url: str):
-    """Beside the file whatever its name, as for SQLite, not in the folder the command runs from."""
+@pytest.mark.parametrize("url", ["study.log", "journal:///{}/study.journal", "sqlite+pysqlite:///{}/study.db"])
+def test_checkpoints_and_curves_go_beside_a_storage_file(tmp_path: Path, write_spec, url: str):
+    """Beside the file whatever its name or driver, not in the folder the command runs from."""
     (tmp_path / "db").mkdir()
     (tmp_path / "elsewhere").mkdir()
     url = str(tmp_path / "db" / url) if "{}" not in url else url.format(tmp_path / "db")

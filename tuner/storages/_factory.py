@@ -8,7 +8,6 @@ import os
 import re
 import weakref
 from pathlib import Path
-from urllib.parse import urlparse
 
 import optuna
 import sqlalchemy
@@ -22,7 +21,7 @@ from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._reconnect import first_line, permanent_error
 from tuner.storages._slots import RetryStaleTrial
 from tuner.storages._sqlite import begin_at_first_write, begin_sqlite
-from tuner.storages._urls import check_credentials, journal_file, mask_url, sqlalchemy_url, storage_url
+from tuner.storages._urls import check_credentials, journal_file, mask_url, sqlalchemy_url, sqlite_file, storage_url
 
 _logger = logging.getLogger("tuner.storages")
 
@@ -70,14 +69,6 @@ def _storage_file(url: str, path: Path, create: bool) -> None:
         raise StorageMissingError(f"{mask_url(url)}: no such file; studies are created by `tuner create` or `tuner run`.")
 
 
-def _sqlite_path(database: str, query: dict) -> Path | None:
-    """The file of a SQLite URL's database, None for one in memory; with ``uri=true`` the
-    database is a ``file:`` URI (``sqlite:///file:ro.db?mode=ro&uri=true``)."""
-    if query.get("uri") == "true":
-        database = "" if query.get("mode") == "memory" else urlparse(database).path
-    return Path(database) if database and database != ":memory:" else None
-
-
 def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storages.RDBStorage:
     full_url = sqlalchemy_url(url)
     try:
@@ -92,7 +83,7 @@ def _open_rdb_storage(url: str, max_retries: int, create: bool) -> optuna.storag
         # driver's own transaction handling is switched off so that begin_sqlite and
         # begin_at_first_write can begin transactions themselves (see there).
         engine_kwargs["connect_args"] = {"timeout": 60, "isolation_level": None}
-        path = _sqlite_path(parsed.database or "", dict(parsed.query))
+        path = sqlite_file(url)
         if path is None:
             raise StorageError(
                 f"Storage {mask_url(url)!r} is a database in memory: each process (each worker, each "

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from tuner.errors import StorageError
 
@@ -52,16 +56,28 @@ def journal_file(url: str) -> Path | None:
     return None
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, whatever its driver (``sqlite+pysqlite://``) or query; None for
+    another database or one in memory. With ``uri=true`` the database is a ``file:`` URI
+    (``sqlite:///file:ro.db?mode=ro&uri=true``)."""
+    try:
+        parsed = make_url(sqlalchemy_url(url))
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if parsed.query.get("uri") == "true":
+        database = "" if parsed.query.get("mode") == "memory" else urlparse(database).path
+    return Path(database) if database and database != ":memory:" else None
+
+
 def beside_storage(url: str, name: str) -> Path:
     """Folder ``name`` beside a SQLite or journal file, else ``./name``: where a storage's
     checkpoints and artifacts go by default, so that every local reader finds them."""
     url = storage_url(url)
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url.removeprefix("sqlite:///")).resolve().parent / name
-    journal = journal_file(url)
-    if journal is not None:
-        return journal.resolve().parent / name
-    return Path(name).resolve()
+    file = sqlite_file(url) or journal_file(url)
+    return file.resolve().parent / name if file is not None else Path(name).resolve()
 
 
 def sqlalchemy_url(url: str) -> str:
