@@ -226,10 +226,10 @@ def test_unavailable_device(write_spec, sqlite_url):
     _assert_bad_input(tuner("run", str(write_spec(small_spec("dev"))), "--device", "cuda", "--storage", sqlite_url), "CUDA is not available")
 
 
-@pytest.mark.parametrize("device", ["meta", "xpu"])
-def test_a_device_type_the_loop_does_not_train_on_is_refused(write_spec, sqlite_url, device):
-    """torch knows these device types, but every trial on them failed and the worker exited 0
-    having spent the budget on failures."""
+def test_a_device_type_the_loop_does_not_train_on_is_refused(write_spec, sqlite_url):
+    """torch knows device types such as meta and xpu, but every trial on them failed and the
+    worker exited 0 having spent the budget on failures."""
+    device = "meta"
     spec = write_spec(small_spec("dev"))
     expected = f"Unknown device {device!r}; use auto, cpu, cuda, cuda:K or mps."
     _assert_bad_input(tuner("run", str(spec), "--device", device, "--storage", sqlite_url), expected)
