@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -145,6 +146,14 @@ def test_the_note_counts_a_retried_trial_once_as_status_does(sqlite_url):
     optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[lost.number])
     study.tell(study.ask(), 0.9)
     assert "**Budget**: 1 of 1 trials finished; 0 running, 0 pruned, 0 failed." in notes.study_note(study, spec)
+
+
+def test_the_note_of_a_time_budget_counts_the_trials_finished(sqlite_url):
+    spec = parse_spec(small_spec("timed-note", budget={"timeout_s": 3600}))
+    study = create_study(spec, sqlite_url)
+    for value in (0.8, 0.9):
+        study.tell(study.ask(), value)
+    assert re.search(r"\*\*Budget\*\*: \d+ s of 3600 s used, 2 trials finished; 0 running", notes.study_note(study, spec))
 
 
 def test_a_writer_stopping_while_trials_run_leaves_the_last_word_to_the_next(sqlite_url):

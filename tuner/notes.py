@@ -79,6 +79,8 @@ def _budget_line(study: optuna.Study, spec: StudySpec, trials: list[FrozenTrial]
         limits.append(f"{state.finished} of {state.n_trials} trials finished")
     if state.timeout_s is not None:
         limits.append(f"{state.elapsed_s:.0f} s of {state.timeout_s:.0f} s used")
+        if state.n_trials is None:
+            limits.append(f"{state.finished} trials finished")
     return (
         f"**Budget**: {', '.join(limits)}; {state.running} running, {pruned} pruned, "
         f"{failed} failed."
