@@ -153,6 +153,32 @@ def test_report_of_two_objectives_has_a_pareto_front(write_spec, sqlite_url: str
     })
 
 
+def test_an_objective_named_like_a_record_shows_its_own_value(sqlite_url: str, tmp_path: Path):
+    """``train_time_s`` as an objective is the time at the last report; the record of the same
+    name, the function's whole time, must not take its column in the tables."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import write_report
+    from tuner.report import trial_rows
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+
+    objectives = [{"metric": "val_accuracy", "direction": "maximize"}, {"metric": "train_time_s", "direction": "minimize"}]
+    spec = small_spec("timed", objectives=objectives)
+    del spec["objective"]
+    study = create_study(parse_spec(spec), sqlite_url)
+    study.add_trial(create_trial(
+        params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, values=[0.9, 5.0],
+        user_attrs={"train_time_s": 7.0, "effective_batch_size": 32, "lr_used": 0.01},
+    ))
+    (row,) = trial_rows(study)
+    assert row["train_time_s"] == 5.0
+    write_report(study, parse_spec(spec), tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "<td>5</td>" in page and "<td>7</td>" not in page
+
+
 def test_importances_of_several_objectives_rank_what_makes_the_first_one_good():
     """x alone lifts accuracy into its top tenth, y alone orders the rest: the bars for a
     maximized accuracy must put x first, where Optuna's evaluator, reading low values as the

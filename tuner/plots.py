@@ -154,7 +154,9 @@ def _best_table(study: optuna.Study, spec: StudySpec) -> str:
             "trial": trial.number,
             **dict(zip(metrics, trial.values)),
             **used_params(trial),
-            **{name: trial.user_attrs.get(name) for name in RECORDS},
+            # A record named like an objective (train_time_s) would overwrite its value, as the
+            # best table of the command line does not let it.
+            **{name: trial.user_attrs.get(name) for name in RECORDS if name not in metrics},
         }
         rows.append(cells)
     header = "".join(f"<th>{html.escape(name)}</th>" for name in rows[0])

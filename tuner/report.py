@@ -92,8 +92,9 @@ def listed_trials(study: optuna.Study) -> list[FrozenTrial]:
 def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str, Any]]:
     """One flat row per listed trial: the table's few records, or for CSV every record that is
     a single value (the per-epoch ones, such as ``history``, are in the JSON). A record named
-    like one of the row's own columns (the worker's ``duration_s`` beside Optuna's) keeps its
-    value under ``user_attrs.NAME``, as its path in the JSON."""
+    like one of the row's own columns (an objective ``train_time_s``, Optuna's ``duration_s``)
+    leaves the column its value: the table shows the column, the CSV the record as well, under
+    ``user_attrs.NAME``, its path in the JSON."""
     rows = []
     for trial in listed_trials(study):
         row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
@@ -112,7 +113,7 @@ def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str
                 if key != "error" and not isinstance(value, (list, dict)):
                     row[f"user_attrs.{key}" if key in taken else key] = value
         else:
-            row.update({key: trial.user_attrs.get(key) for key in TABLE_RECORDS})
+            row.update({key: trial.user_attrs.get(key) for key in TABLE_RECORDS if key not in taken})
         row.update(own_columns)
         rows.append(row)
     return rows
