@@ -156,6 +156,21 @@ def test_the_note_of_a_time_budget_counts_the_trials_finished(sqlite_url):
     assert re.search(r"\*\*Budget\*\*: \d+ s of 3600 s used, 2 trials finished; 0 running", notes.study_note(study, spec))
 
 
+def test_the_batch_findings_rank_by_quality_where_time_is_the_first_objective(sqlite_url):
+    objectives = [{"metric": "train_time_s", "direction": "minimize"}, {"metric": "val_accuracy", "direction": "maximize"}]
+    spec = small_spec("time-first", objectives=objectives)
+    del spec["objective"]
+    spec = parse_spec(spec)
+    study = create_study(spec, sqlite_url)
+    for seconds, accuracy in [(1.0, 0.5), (5.0, 0.9)]:
+        trial = study.ask()
+        trial.set_user_attr("effective_batch_size", 32)
+        study.tell(trial, [seconds, accuracy])
+    note = notes.study_note(study, spec)
+    findings = note.split("### Batch-size findings")[1]
+    assert "best val_accuracy" in findings and "0.9" in findings and "0.5" not in findings
+
+
 def test_a_writer_stopping_while_trials_run_leaves_the_last_word_to_the_next(sqlite_url):
     """Past a time budget, or without heartbeats, a worker stops while others still train: the
     note it writes then must not stay the last, missing the trials that end after it."""

@@ -17,7 +17,7 @@ import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.report import best_trials, format_value, used_params
+from tuner.report import best_trials, format_value, quality_objective, used_params
 from tuner.spec import StudySpec
 from tuner.storages import slot_holders
 from tuner.study import budget_state
@@ -108,9 +108,11 @@ def _batch_range(batch: int, pow2: bool) -> tuple[int, str]:
     return low, str(low) if pow2 else f"{low} – {2 * low - 1}"
 
 
-def _batch_lines(trials: list[FrozenTrial], spec: StudySpec) -> list[str]:
-    """The best trial within each power-of-two range of effective batch sizes."""
-    objective = spec.all_objectives[0]
+def _batch_lines(trials: list[FrozenTrial], spec: StudySpec, quality: int) -> list[str]:
+    """The best trial within each power-of-two range of effective batch sizes, by the objective
+    that measures quality (``quality``, as ``tuner best --within`` ranks them): the fastest
+    trial of each range says little about which batch size learns best."""
+    objective = spec.all_objectives[quality]
     better = max if objective.direction == "maximize" else min
     groups: dict[tuple[int, str], list[FrozenTrial]] = defaultdict(list)
     for trial in trials:
@@ -120,8 +122,8 @@ def _batch_lines(trials: list[FrozenTrial], spec: StudySpec) -> list[str]:
         return ["No completed trial yet."]
     rows = []
     for (_, label), group in sorted(groups.items()):
-        top = better(group, key=lambda t: t.values[0])
-        rows.append((label, len(group), top.values[0], top.user_attrs.get("lr_used"), top.params.get("epochs"), top.number))
+        top = better(group, key=lambda t: t.values[quality])
+        rows.append((label, len(group), top.values[quality], top.user_attrs.get("lr_used"), top.params.get("epochs"), top.number))
     return _table(("effective batch", "trials", f"best {objective.metric}", "lr used", "epochs", "trial"), rows)
 
 
@@ -163,7 +165,7 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
         "",
         "### Batch-size findings",
         "",
-        *_batch_lines(trials, spec),
+        *_batch_lines(trials, spec, quality_objective(study)),
         "",
         "### Memory limits learned",
         "",
