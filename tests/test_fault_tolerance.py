@@ -368,3 +368,19 @@ def test_a_retry_that_starts_again_records_its_own_epochs_only(tmp_path, sqlite_
     assert original.user_attrs["stop_reason"] == "worker_stopped" and original.user_attrs["history"]
     assert retry.state == TrialState.COMPLETE and "resumed_from_epoch" not in retry.user_attrs
     assert [entry["epoch"] for entry in retry.user_attrs["history"]] == [1, 2, 3, 4]
+
+
+def test_a_retry_that_starts_again_shows_its_own_values_not_its_originals(tmp_path, sqlite_url, monkeypatch):
+    """The retry inherits its original's per-epoch values; trained again from epoch 1 without
+    repeating them, its own must be what the pruner and the dashboard see."""
+    monkeypatch.setenv("STOP_ONCE_FILE", str(tmp_path / "stopped"))
+    spec = small_spec("unrepeated", workload="user_workloads:stopped_once_unrepeatable_loop", budget={"n_trials": 1})
+    spec["search"]["epochs"] = {"low": 4, "high": 4}
+    create_study(parse_spec(spec), sqlite_url)
+    run_worker("unrepeated", sqlite_url, WorkerOptions(device="cpu"))
+    run_worker("unrepeated", sqlite_url, WorkerOptions(device="cpu"))
+    original, retry = optuna.load_study(study_name="unrepeated", storage=sqlite_url).trials
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retried_from"] == original.number
+    own = {entry["epoch"]: entry["val_accuracy"] for entry in retry.user_attrs["history"]}
+    assert retry.intermediate_values == pytest.approx(own)
+    assert retry.intermediate_values[1] != pytest.approx(original.intermediate_values[1])

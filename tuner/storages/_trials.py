@@ -128,6 +128,15 @@ def record_epochs(trial: optuna.Trial | optuna.trial.FixedTrial, values: Mapping
     trial._cached_frozen_trial.intermediate_values.update(values)
 
 
+def forget_values(trial: optuna.Trial | optuna.trial.FixedTrial) -> None:
+    """Drop the values a trial holds for its steps: a retry's, inherited from its original, are
+    not its own when it trains again from the first epoch, and kept they would hide its own from
+    the pruner (``show_value``) and from the storage, where ``record_epochs`` writes over them."""
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    if cached is not None:
+        cached.intermediate_values.clear()
+
+
 def show_value(trial: optuna.Trial | optuna.trial.FixedTrial, step: int, value: float) -> bool:
     """Let the pruner see a step's value before it is written; False where the trial has one
     for that step already (Optuna keeps the first value reported)."""

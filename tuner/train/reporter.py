@@ -12,7 +12,7 @@ import optuna
 
 from tuner.errors import SpecError
 from tuner.spec import Objective
-from tuner.storages import record_epochs, show_value
+from tuner.storages import forget_values, record_epochs, show_value
 
 logger = logging.getLogger("tuner.progress")
 
@@ -74,6 +74,7 @@ class Reporter:
         self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
         self._epochs = trial.params.get("epochs")
         self._next_log = 0.0
+        self._resumed = False
 
     @property
     def epochs_done(self) -> int:
@@ -82,6 +83,7 @@ class Reporter:
     def restore(self, history: list[dict[str, float]]) -> None:
         """Take the history of a resumed trial's checkpoint as its own, so the pruner and the
         dashboard see one continuous curve."""
+        self._resumed = True
         self.history = list(history)
         if len(self.objectives) == 1:
             # The values of a dead worker's last second are in its checkpoint, not in the storage.
@@ -130,6 +132,9 @@ class Reporter:
                 # count it: only its metrics are left out of the history and the curve.
                 self.records["epochs_completed"] = epoch
                 raise Diverged(f"{name} is {value} at epoch {epoch}")
+        if not self.history and not self._resumed:
+            # Trained from the first epoch: any values held are a retry's original's.
+            forget_values(self.trial)
         self.history.append({"epoch": epoch, **metrics})
         self._log(epoch, metrics)
         self.records.update(history=self.history, epochs_completed=epoch)
