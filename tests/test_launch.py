@@ -60,6 +60,15 @@ def test_without_cuda_gpus_all_exits_2_and_auto_is_cpu() -> None:
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_run_refuses_a_worker_count_beside_gpus(write_spec, sqlite_url: str) -> None:
+    """With --gpus the count is the GPUs' times --workers-per-gpu: a --workers given as well was
+    ignored without a word. Refused before anything else, a machine without CUDA included."""
+    result = tuner("run", str(write_spec(small_spec("both"))), "--workers", "4", "--gpus", "0", "--storage", sqlite_url)
+    assert result.returncode == 2, result.stderr
+    assert "--workers 4 and --gpus 0" in " ".join(result.stderr.split())
+    assert optuna.get_all_study_names(sqlite_url) == []
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_each_launched_worker_sees_its_own_gpu_and_the_given_folders_and_threads(

@@ -91,7 +91,7 @@ def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
     storage: StorageOption = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Local worker processes.")] = 1,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Local worker processes (default 1).")] = None,
     device: DeviceOption = "auto",
     n_trials: Annotated[Optional[int], typer.Option("--n-trials", min=1, help="Override budget.n_trials.")] = None,
     checkpoint_dir: CheckpointOption = None,
@@ -114,6 +114,11 @@ def run(
         from tuner.train.memory import resolve_device
 
         resolve_device(device)
+    if gpus is not None and workers is not None:
+        raise BadInputError(
+            f"--workers {workers} and --gpus {gpus}: with --gpus the workers are --workers-per-gpu "
+            "on each GPU named; give one or the other."
+        )
     environments = _gpu_environments(gpus, workers_per_gpu, device) if gpus is not None else None
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)
@@ -133,7 +138,7 @@ def run(
         # trials that the last run's proposed again.
         proposed = any(trial.params for trial in created.get_trials(deepcopy=False))
         finished = run_workers(
-            created, spec, url, len(environments) if environments else workers, errors,
+            created, spec, url, len(environments) if environments else workers or 1, errors,
             device="cuda" if environments else device, environments=environments,
             checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
             first_index=None if proposed else 0,
