@@ -226,6 +226,29 @@ def test_the_batch_lr_plot_shows_the_best_trial_brightest(direction: str):
     assert study.best_trial.number == int(brightness.argmax())
 
 
+def test_the_report_colours_batch_and_rate_by_quality_where_time_comes_first():
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import report_figures
+    from tuner.spec import parse_spec
+
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    study.set_metric_names(["train_time_s", "val_accuracy"])
+    for seconds, accuracy in [(1.0, 0.5), (2.0, 0.7), (3.0, 0.9)]:
+        study.add_trial(create_trial(
+            params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, values=[seconds, accuracy],
+            user_attrs={"effective_batch_size": 32, "lr_used": 0.01},
+        ))
+    spec = small_spec("time-first", objectives=[{"metric": "train_time_s", "direction": "minimize"},
+                                                {"metric": "val_accuracy", "direction": "maximize"}])
+    del spec["objective"]
+    caption, figure = report_figures(study, parse_spec(spec))["batch_size_lr.png"]
+    assert caption.endswith("coloured by val_accuracy")
+    (points,) = figure.axes[0].collections
+    assert list(points.get_array()) == [0.5, 0.7, 0.9]
+
+
 def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_path: Path):
     fragment = tmp_path / "best.yaml"
     exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from tuner.errors import BadInputError, TunerError  # noqa: E402
-from tuner.report import best_trials, format_value, used_params  # noqa: E402
+from tuner.report import best_trials, format_value, quality_objective, used_params  # noqa: E402
 from tuner.spec import StudySpec  # noqa: E402
 from tuner.storages import slot_holders  # noqa: E402
 from tuner.study import FINISHED  # noqa: E402
@@ -50,9 +50,9 @@ def _records(trials: list[FrozenTrial], *names: str) -> list[FrozenTrial]:
     return [t for t in trials if all(name in t.user_attrs for name in names)]
 
 
-def batch_lr_figure(trials: list[FrozenTrial], metric: str, direction: StudyDirection) -> Figure:
-    """Effective batch size against the rate used, coloured by the metric, the good end of the
-    scale bright whichever the direction; pruned trials grey."""
+def batch_lr_figure(trials: list[FrozenTrial], metric: str, direction: StudyDirection, objective: int = 0) -> Figure:
+    """Effective batch size against the rate used, coloured by the metric (objective number
+    ``objective``), the good end of the scale bright whichever the direction; pruned trials grey."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     axes = figure.subplots()
     recorded = _records(trials, "effective_batch_size", "lr_used")
@@ -65,7 +65,7 @@ def batch_lr_figure(trials: list[FrozenTrial], metric: str, direction: StudyDire
         )
     points = axes.scatter(
         [t.user_attrs["effective_batch_size"] for t in complete], [t.user_attrs["lr_used"] for t in complete],
-        c=[t.values[0] for t in complete], cmap="viridis" if direction == StudyDirection.MAXIMIZE else "viridis_r",
+        c=[t.values[objective] for t in complete], cmap="viridis" if direction == StudyDirection.MAXIMIZE else "viridis_r",
         edgecolors="black", label="complete",
     )
     figure.colorbar(points, ax=axes, label=metric)
@@ -105,22 +105,24 @@ def time_vs_batch_figure(trials: list[FrozenTrial]) -> Figure:
     return figure
 
 
-def _first_objective_importances(study: optuna.Study, metric: str) -> Any:
-    """The importances for the first of several objectives, good values being its good ones.
+def _objective_importances(study: optuna.Study, objective: int, metric: str) -> Any:
+    """The importances for one of several objectives, good values being its good ones.
 
     Optuna's default evaluator (PED-ANOVA) takes a target's low values for the good ones, and
     says so in a warning each time: a maximized objective is handed over negated, so that the
     bars rank what makes it high, and the warning, answered, is not shown.
     """
-    sign = -1.0 if study.directions[0] == StudyDirection.MAXIMIZE else 1.0
+    sign = -1.0 if study.directions[objective] == StudyDirection.MAXIMIZE else 1.0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
-        return optuna_plots.plot_param_importances(study, target=lambda t: sign * t.values[0], target_name=metric)
+        return optuna_plots.plot_param_importances(study, target=lambda t: sign * t.values[objective], target_name=metric)
 
 
 def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str, Figure]]:
-    """File name -> (caption, figure) of every plot of the report."""
+    """File name -> (caption, figure) of every plot of the report; the importances and the
+    batch x rate plot are of the objective that measures quality (``quality_objective``)."""
     metrics = [objective.metric for objective in spec.all_objectives]
+    quality = quality_objective(study)
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     figures: dict[str, tuple[str, Figure]] = {}
     single = len(metrics) == 1
@@ -130,7 +132,7 @@ def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str,
             lambda: optuna_plots.plot_optimization_history(study, target=target, target_name=metric)
         ))
     figures["param_importances.png"] = ("Parameter importances", _optuna_figure(
-        lambda: optuna_plots.plot_param_importances(study) if single else _first_objective_importances(study, metrics[0])
+        lambda: optuna_plots.plot_param_importances(study) if single else _objective_importances(study, quality, metrics[quality])
     ))
     if single:
         figures["intermediate_values.png"] = ("Per-epoch curves (intermediate values)", _optuna_figure(
@@ -140,7 +142,10 @@ def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str,
         figures["pareto_front.png"] = ("Pareto front", _optuna_figure(
             lambda: optuna_plots.plot_pareto_front(study, target_names=metrics)
         ))
-    figures["batch_size_lr.png"] = ("Batch size x learning rate, coloured by " + metrics[0], batch_lr_figure(trials, metrics[0], study.directions[0]))
+    figures["batch_size_lr.png"] = (
+        "Batch size x learning rate, coloured by " + metrics[quality],
+        batch_lr_figure(trials, metrics[quality], study.directions[quality], quality),
+    )
     figures["metric_vs_batch_size.png"] = ("Metric against effective batch size", metric_vs_batch_figure(trials, metrics))
     figures["train_time_vs_batch_size.png"] = ("Training time against effective batch size", time_vs_batch_figure(trials))
     return figures
