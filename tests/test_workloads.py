@@ -81,6 +81,19 @@ def test_a_diverged_epoch_counts_as_trained_in_every_cost_record(sqlite_url):
     assert study_status(*load_study("late-nan", sqlite_url)).epochs_trained == 2
 
 
+def test_a_training_function_that_catches_the_pruning_signal_is_pruned_all_the_same(sqlite_url, caplog):
+    """Told COMPLETE, a trial the pruner stopped would count its early value as a finished
+    result; the worker's line says what to change."""
+    spec = small_spec("caught", workload="user_workloads:catches_pruned", budget={"n_trials": 2})
+    spec["search"]["epochs"] = {"low": 3, "high": 4}
+    spec["pruner"] = {"name": "threshold", "lower": 0.5}
+    with caplog.at_level(logging.INFO, logger="tuner"):
+        study = _run(spec, sqlite_url)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["stop_detail"] == "at epoch 1 with val_accuracy=0.1" for t in study.trials)
+    assert "caught the optuna.TrialPruned that report() raised and went on; let it through" in caplog.text
+
+
 def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):
     """``python -m tuner`` puts that folder on the path; the installed script must too."""
     (tmp_path / "my_training.py").write_text(

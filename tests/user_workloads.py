@@ -190,3 +190,14 @@ def raises(hp: tuner.Hyperparameters, report) -> dict[str, float]:
 
 def pruned_always(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     raise optuna.TrialPruned("user pruned")
+
+
+def catches_pruned(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """A loop that catches the pruner's signal and ends its training early, as if finished."""
+    metrics = {"val_accuracy": 0.1}
+    for epoch in range(1, hp.epochs + 1):
+        try:
+            report(epoch, metrics)
+        except optuna.TrialPruned:
+            break
+    return metrics

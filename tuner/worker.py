@@ -365,6 +365,7 @@ def _train(
             started = time.perf_counter()
             metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
             reporter.records["train_time_s"] = time.perf_counter() - started
+            reporter.raise_caught_stop()
         # A training function's own metrics lack what the reporter adds, such as train_time_s.
         final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
         values = [float(final[o.metric]) for o in spec.all_objectives]

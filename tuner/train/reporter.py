@@ -75,6 +75,9 @@ class Reporter:
         self._epochs = trial.params.get("epochs")
         self._next_log = 0.0
         self._resumed = False
+        # The stop a training function was told through ``report`` (``__call__``): one that it
+        # caught and went past is raised again as it returns (``raise_caught_stop``).
+        self._stop_told: optuna.TrialPruned | None = None
 
     @property
     def epochs_done(self) -> int:
@@ -108,8 +111,25 @@ class Reporter:
         )
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        self.record(epoch, metrics)
-        self.decide(epoch)
+        try:
+            self.record(epoch, metrics)
+            self.decide(epoch)
+        except optuna.TrialPruned as stop:
+            self._stop_told = self._stop_told or stop
+            raise
+
+    def raise_caught_stop(self) -> None:
+        """Raise the pruning (or divergence) that ``report`` raised and the training function
+        caught: returning as if it had trained to the end, its trial would be told COMPLETE with
+        the value of an epoch the pruner stopped, and the sampler would learn from it."""
+        if self._stop_told is None:
+            return
+        logger.warning(
+            "trial %d: the training function caught the optuna.TrialPruned that report() raised "
+            "and went on; let it through (re-raise it) so that the trial stops there",
+            self.trial.number,
+        )
+        raise self._stop_told
 
     def record(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Keep the epoch's metrics; NaN or infinity anywhere is divergence.
