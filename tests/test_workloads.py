@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 import tuner
 import user_workloads
 from conftest import small_spec
-from tuner.errors import SpecError
+from tuner.errors import SpecError, WorkloadError
+from tuner.retrain import FixedSpec, retrain
 from tuner.status import study_status
 from tuner.study import load_study
 
@@ -92,6 +93,28 @@ def test_a_training_function_that_catches_the_pruning_signal_is_pruned_all_the_s
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
     assert all(t.user_attrs["stop_detail"] == "at epoch 1 with val_accuracy=0.1" for t in study.trials)
     assert "caught the optuna.TrialPruned that report() raised and went on; let it through" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("function", "error"),
+    [
+        ("returns_a_float", "The training function returned a float; return its final metrics as a dict"),
+        ("reports_nothing", "The training function returned no metrics and reported none; call report"),
+    ],
+)
+def test_a_training_function_that_ends_without_metrics_fails_its_trial_saying_what_to_return(
+    sqlite_url, function, error
+):
+    spec = small_spec("no-metrics", workload=f"user_workloads:{function}", budget={"n_trials": 2})
+    study = _run(spec, sqlite_url)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    assert all(t.user_attrs["error"].startswith(f"WorkloadError: {error}") for t in study.trials)
+    fixed = FixedSpec(
+        workload=spec["workload"], objective=spec["objective"],
+        hyperparameters=tuner.Hyperparameters(batch_size=32, lr=0.01, epochs=2, base_lr=0.01),
+    )
+    with pytest.raises(WorkloadError, match=error):
+        retrain(fixed)
 
 
 def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):

@@ -201,3 +201,14 @@ def catches_pruned(hp: tuner.Hyperparameters, report) -> dict[str, float]:
         except optuna.TrialPruned:
             break
     return metrics
+
+
+def returns_a_float(hp: tuner.Hyperparameters, report) -> float:
+    """Reports its epochs, then returns the objective's value alone instead of the metrics."""
+    for epoch in range(1, hp.epochs + 1):
+        report(epoch, {"val_accuracy": 0.5})
+    return 0.5
+
+
+def reports_nothing(hp: tuner.Hyperparameters, report) -> None:
+    """Trains, forgets to report, and returns nothing."""

@@ -21,7 +21,7 @@ from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import evaluated_weights, train
 from tuner.train.reporter import Reporter
-from tuner.workloads import Workload, check_batch_size, check_loop_settings, load_spec_workload
+from tuner.workloads import Workload, check_batch_size, check_loop_settings, final_metrics, load_spec_workload
 
 
 class FixedSpec(BaseModel):
@@ -95,7 +95,7 @@ def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.p
     check_loop_settings(workload, fixed)
     reporter = Reporter(optuna.trial.FixedTrial({}, hp.seed), [fixed.objective])
     if not isinstance(workload, Workload):
-        return dict(workload(hp, reporter) or reporter.history[-1]), None
+        return dict(final_metrics(workload(hp, reporter), reporter.history)), None
     check_writable(out)
     checkpoint = Checkpoint()
     metrics = train(

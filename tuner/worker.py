@@ -53,7 +53,7 @@ from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
 from tuner.train.reporter import Diverged, MissingMetric, OutOfMemory, Reporter, WorkerStopped
-from tuner.workloads import Workload, load_workload
+from tuner.workloads import Workload, final_metrics, load_workload
 
 logger = logging.getLogger("tuner.worker")
 
@@ -363,9 +363,10 @@ def _train(
             metrics = _train_workload(study, spec, workload, hp, reporter, device, checkpoint)
         else:
             started = time.perf_counter()
-            metrics = workload(hp, reporter) or (reporter.history[-1] if reporter.history else {})
+            returned = workload(hp, reporter)
             reporter.records["train_time_s"] = time.perf_counter() - started
             reporter.raise_caught_stop()
+            metrics = final_metrics(returned, reporter.history)
         # A training function's own metrics lack what the reporter adds, such as train_time_s.
         final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
         values = [float(final[o.metric]) for o in spec.all_objectives]

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from tuner.errors import BadInputError, SpecError, WorkloadError
-from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, train_size
+from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, final_metrics, train_size
 
 # Imported when named, so a worker of another workload does not pay for scikit-learn.
 BUNDLED: dict[str, str] = {
@@ -22,7 +22,7 @@ BUNDLED: dict[str, str] = {
 
 __all__ = [
     "BUNDLED", "Classification", "Report", "TrainingFunction", "Workload", "check_batch_size", "check_loop_settings",
-    "check_workload", "load_spec_workload", "load_torch_workload", "load_workload",
+    "check_workload", "final_metrics", "load_spec_workload", "load_torch_workload", "load_workload",
 ]
 
 

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils.data import Dataset
 
+from tuner.errors import WorkloadError
 from tuner.space import Hyperparameters
 
 
@@ -40,6 +41,26 @@ TrainingFunction = Callable[[Hyperparameters, Report], Mapping[str, float]]
 """``train(hp, report) -> metrics`` for people with their own loop: call ``report(epoch, metrics)``
 after every epoch (it raises ``optuna.TrialPruned`` when the pruner says stop) and return the
 final metrics."""
+
+
+def final_metrics(returned: Any, history: list[dict[str, float]]) -> Mapping[str, float]:
+    """What a training function's run ends with: the metrics it returned, else its last report.
+
+    Anything else is the function's mistake, named as such: left to the lookup of the objective,
+    it read as ``KeyError: 'val_accuracy'`` or ``'float' object is not a mapping``."""
+    if returned is not None and not isinstance(returned, Mapping):
+        raise WorkloadError(
+            f"The training function returned a {type(returned).__name__}; return its final metrics "
+            "as a dict of floats by name, such as {'val_accuracy': 0.9}, or None after report()."
+        )
+    if returned:
+        return returned
+    if not history:
+        raise WorkloadError(
+            "The training function returned no metrics and reported none; call report(epoch, metrics) "
+            "after every epoch, or return the final metrics as a dict."
+        )
+    return history[-1]
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
