@@ -114,3 +114,12 @@ def test_a_study_records_the_batches_and_noise_scales_of_its_trials(sqlite_url: 
         assert len(trial.user_attrs["batch_size_per_epoch"]) == len(trial.user_attrs["gradient_noise_scale"]) == epochs
         assert trial.user_attrs["batch_size_per_epoch"][0] == trial.params["batch_size"]
         assert trial.params["batch_schedule"] in ("constant", "ramp", "adaptive")
+
+
+def test_a_training_function_is_refused_the_ramp_schedule(sqlite_url: str) -> None:
+    """Its own loop trains at ``hp.batch_size`` throughout: a searched ramp would change nothing."""
+    spec = small_spec("own-ramp", workload="user_workloads:own_loop")
+    spec["search"]["batch_schedule"] = {"choices": ["constant", "ramp"]}
+    with pytest.raises(SpecError, match="spec field 'search.batch_schedule.choices': the ramp schedule needs"):
+        create_study(parse_spec(spec), sqlite_url)
+    assert optuna.get_all_study_names(sqlite_url) == []

@@ -113,7 +113,8 @@ def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, 
 
 def check_workload(spec: Any) -> None:
     """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
-    that asks a training function for what only tuner's loop does."""
+    that asks a training function for what only tuner's loop does (a noise scale, a batch
+    schedule other than constant, precision, weight averaging)."""
     workload = load_spec_workload(spec)
     schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
     if train_size(workload) is None and (spec.measure_noise_scale or "adaptive" in schedules):
@@ -121,6 +122,13 @@ def check_workload(spec: Any) -> None:
         raise SpecError(
             f"spec field '{field}': measuring the noise scale needs tuner's training loop, and "
             f"workload {spec.workload!r} is a training function with its own loop."
+        )
+    if train_size(workload) is None and "ramp" in schedules:
+        # The function trains at hp.batch_size throughout: the sampler would search a choice
+        # that changes nothing, and its trials would run without the decay the ramp replaces.
+        raise SpecError(
+            f"spec field 'search.batch_schedule.choices': the ramp schedule needs tuner's training loop, and "
+            f"workload {spec.workload!r} is a training function with its own loop; remove the field."
         )
     check_loop_settings(workload, spec)
     check_batch_size(workload, spec.search.batch_size.high, field="search.batch_size.high", name=spec.workload)
