@@ -117,6 +117,22 @@ def test_a_training_function_that_ends_without_metrics_fails_its_trial_saying_wh
         retrain(fixed)
 
 
+@pytest.mark.parametrize(
+    ("workload", "error"),
+    [
+        ("per_sample_blobs", "Metric 'val_accuracy' is a Tensor of shape (64,), not a number; report one float"),
+        ("reports_a_list", "Metric 'val_accuracy' is a list, not a number; report one float"),
+    ],
+)
+def test_a_metric_that_is_not_a_number_fails_its_trial_naming_the_metric(sqlite_url, workload, error):
+    spec = small_spec("not-a-number", workload=f"user_workloads:{workload}", budget={"n_trials": 1})
+    spec["search"]["batch_size"] = {"low": 32, "high": 64, "scale": "pow2"}
+    study = _run(spec, sqlite_url)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["error"].startswith(f"WorkloadError: {error}")
+
+
 def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):
     """``python -m tuner`` puts that folder on the path; the installed script must too."""
     (tmp_path / "my_training.py").write_text(

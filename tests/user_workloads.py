@@ -212,3 +212,20 @@ def returns_a_float(hp: tuner.Hyperparameters, report) -> float:
 
 def reports_nothing(hp: tuner.Hyperparameters, report) -> None:
     """Trains, forgets to report, and returns nothing."""
+
+
+class PerSampleBlobs(Blobs):
+    """Blobs whose metric is left a tensor of one value per validation sample."""
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"val_accuracy": (outputs.argmax(1) == targets).float()}
+
+
+def per_sample_blobs() -> PerSampleBlobs:
+    return PerSampleBlobs()
+
+
+def reports_a_list(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """Reports every batch's accuracy instead of the epoch's."""
+    report(1, {"val_accuracy": [0.5, 0.6]})
+    return {"val_accuracy": 0.6}

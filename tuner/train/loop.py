@@ -21,7 +21,7 @@ from tuner.train import memory
 from tuner.train.averaging import WeightAverage
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.noise import MicroBatchGradients, NoiseScale
-from tuner.train.reporter import OutOfMemory, Reporter
+from tuner.train.reporter import OutOfMemory, Reporter, metric_value
 from tuner.train.schedule import epoch_batch_size, epoch_lr, lr_factor
 from tuner.workloads.base import Workload
 
@@ -98,7 +98,8 @@ def evaluate(
             targets.append(target)
     all_outputs, all_targets = torch.cat(outputs), torch.cat(targets)
     metrics = {"val_loss": float(workload.loss(all_outputs, all_targets))}
-    metrics.update({name: float(value) for name, value in workload.metrics(all_outputs, all_targets).items()})
+    own = workload.metrics(all_outputs, all_targets)
+    metrics.update({name: metric_value(name, value) for name, value in own.items()})
     return metrics
 
 

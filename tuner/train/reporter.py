@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from tuner.errors import SpecError
+from tuner.errors import SpecError, WorkloadError
 from tuner.spec import Objective
 from tuner.storages import forget_values, record_epochs, show_value
 
@@ -28,6 +28,21 @@ HISTORY_WRITE_INTERVAL_S = 5.0
 # Epoch lines of a trial: its first and last epoch, and between them at most one this often, so
 # that epochs of milliseconds do not flood a log file (or cost more than they do).
 LOG_INTERVAL_S = 1.0
+
+
+def metric_value(name: str, value: Any) -> float:
+    """A reported metric as a float. One that is not a number (a tensor of one value per sample,
+    a list, a string) is the workload's mistake, named with the metric: ``float`` alone said
+    ``only one element tensors can be converted to Python scalars`` and not which metric."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        shape = getattr(value, "shape", None)
+        kind = f"a {type(value).__name__} of shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
+        raise WorkloadError(
+            f"Metric {name!r} is {kind}, not a number; report one float per metric, "
+            "such as float(correct.float().mean())."
+        ) from None
 
 
 class Diverged(optuna.TrialPruned):
@@ -145,7 +160,7 @@ class Reporter:
                 f"spec field '{field}': {missing[0]!r} is not among the metrics the workload "
                 f"reports: {', '.join(sorted(metrics))}."
             )
-        metrics = {name: float(value) for name, value in metrics.items()}
+        metrics = {name: metric_value(name, value) for name, value in metrics.items()}
         for name, value in metrics.items():
             if not math.isfinite(value):
                 # The epoch was trained, as the trial's time, samples/s and batch per epoch
