@@ -133,6 +133,15 @@ def test_a_metric_that_is_not_a_number_fails_its_trial_naming_the_metric(sqlite_
     assert trial.user_attrs["error"].startswith(f"WorkloadError: {error}")
 
 
+def test_a_training_function_that_never_reports_completes_with_a_warning(sqlite_url, caplog):
+    spec = small_spec("unreported", workload="user_workloads:never_reports", budget={"n_trials": 1})
+    with caplog.at_level(logging.INFO, logger="tuner"):
+        study = _run(spec, sqlite_url)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.5
+    assert "trial 0: the training function never called report(epoch, metrics)" in caplog.text
+
+
 def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):
     """``python -m tuner`` puts that folder on the path; the installed script must too."""
     (tmp_path / "my_training.py").write_text(

@@ -367,6 +367,13 @@ def _train(
             reporter.records["train_time_s"] = time.perf_counter() - started
             reporter.raise_caught_stop()
             metrics = final_metrics(returned, reporter.history)
+            if not reporter.history:
+                # Its metrics stand, but it has no curve, and no pruner could have stopped it.
+                logger.warning(
+                    "trial %d: the training function never called report(epoch, metrics), so no epoch is "
+                    "recorded and the pruner could not stop it; call report after every epoch",
+                    reporter.trial.number,
+                )
         # A training function's own metrics lack what the reporter adds, such as train_time_s.
         final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
         values = [float(final[o.metric]) for o in spec.all_objectives]
