@@ -308,11 +308,14 @@ def test_train_refuses_out_of_range_hyperparameters(write_spec, tmp_path: Path, 
     assert "Traceback" not in result.stderr and not model.exists()
 
 
-def test_train_refuses_a_moving_average_a_training_function_would_not_apply(write_spec, tmp_path: Path):
-    fragment = {**_fixed("user_workloads:own_loop"), "ema_decay": 0.99}
+@pytest.mark.parametrize(("field", "fragment"), [
+    ("ema_decay", {**_fixed("user_workloads:own_loop"), "ema_decay": 0.99}),
+    ("hyperparameters.schedule", _fixed("user_workloads:own_loop", schedule={"name": "ramp"})),
+])
+def test_train_refuses_what_a_training_function_would_not_apply(write_spec, tmp_path: Path, field: str, fragment: dict):
     result = tuner("train", str(write_spec(fragment)), "--out", str(tmp_path / "model.pt"), "--device", "cpu")
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "spec field 'ema_decay'" in result.stderr and "Traceback" not in result.stderr
+    assert f"spec field '{field}'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_train_refuses_an_unwritable_out_before_training(write_spec, tmp_path: Path):

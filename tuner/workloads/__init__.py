@@ -6,6 +6,7 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from tuner.errors import BadInputError, SpecError, WorkloadError
@@ -113,39 +114,34 @@ def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, 
 
 def check_workload(spec: Any) -> None:
     """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
-    that asks a training function for what only tuner's loop does (a noise scale, a batch
-    schedule other than constant, precision, weight averaging)."""
+    that asks a training function for what only tuner's loop does."""
     workload = load_spec_workload(spec)
-    schedules = spec.search.batch_schedule.choices if spec.search.batch_schedule else []
-    if train_size(workload) is None and (spec.measure_noise_scale or "adaptive" in schedules):
-        field = "measure_noise_scale" if spec.measure_noise_scale else "search.batch_schedule.choices"
-        raise SpecError(
-            f"spec field '{field}': measuring the noise scale needs tuner's training loop, and "
-            f"workload {spec.workload!r} is a training function with its own loop."
-        )
-    if train_size(workload) is None and "ramp" in schedules:
-        # The function trains at hp.batch_size throughout: the sampler would search a choice
-        # that changes nothing, and its trials would run without the decay the ramp replaces.
-        raise SpecError(
-            f"spec field 'search.batch_schedule.choices': the ramp schedule needs tuner's training loop, and "
-            f"workload {spec.workload!r} is a training function with its own loop; remove the field."
-        )
-    check_loop_settings(workload, spec)
+    check_loop_settings(workload, spec, spec.search.batch_schedule.choices if spec.search.batch_schedule else ())
     check_batch_size(workload, spec.search.batch_size.high, field="search.batch_size.high", name=spec.workload)
 
 
-def check_loop_settings(workload: Workload | TrainingFunction, spec: Any) -> None:
-    """Refuse ``precision`` and ``ema_decay`` for a training function: only tuner's loop applies
-    them, and a function given them would train in fp32 on its last weights without a word."""
+def check_loop_settings(
+    workload: Workload | TrainingFunction,
+    spec: Any,
+    schedules: Sequence[str] = (),
+    schedule_field: str = "search.batch_schedule.choices",
+) -> None:
+    """Refuse, for a training function, what only tuner's loop does: given to a function, the
+    noise scale would not be measured, the batch schedules (``schedules``, read from
+    ``schedule_field``) would change nothing, and it would train in fp32 on its last weights,
+    each without a word."""
     if train_size(workload) is not None:
         return
-    if spec.precision != "fp32":
-        field, asked = "precision", f"precision {spec.precision!r}"
-    elif spec.ema_decay:
-        field, asked = "ema_decay", "a moving average of the weights"
-    else:
-        return
-    raise SpecError(
-        f"spec field '{field}': {asked} needs tuner's training loop, and workload {spec.workload!r} "
-        f"is a training function with its own loop; remove the field, or apply it in the function."
-    )
+    settings = [
+        ("measure_noise_scale", "measuring the noise scale", getattr(spec, "measure_noise_scale", False)),
+        (schedule_field, "measuring the noise scale (the adaptive schedule)", "adaptive" in schedules),
+        (schedule_field, "the ramp schedule", "ramp" in schedules),
+        ("precision", f"precision {spec.precision!r}", spec.precision != "fp32"),
+        ("ema_decay", "a moving average of the weights", bool(spec.ema_decay)),
+    ]
+    for field, what, asked in settings:
+        if asked:
+            raise SpecError(
+                f"spec field '{field}': {what} needs tuner's training loop, and workload {spec.workload!r} "
+                "is a training function with its own loop; remove the field, or do it in the function."
+            )
