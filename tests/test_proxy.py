@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from conftest import TESTS, small_spec, start_tuner, tuner
+from tuner.errors import StorageError
 from tuner.spec import parse_spec
-from tuner.storages import claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs, slot_counts
+from tuner.storages import GrpcStorageProxy, claim_next_waiting_trial, make_storage, one_write, record_epochs, set_user_attrs, slot_counts
 from tuner.study import WAITING_AHEAD, budget_state, create_study, load_study
 
 ENV = {"PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
@@ -35,10 +37,13 @@ OPTUNA_PROXY = (
 
 
 @contextmanager
-def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60, optuna_own: bool = False) -> Iterator[str]:
-    """Run ``tuner proxy`` (or Optuna's own) on a free port of ``host``; yield its ``grpc://`` URL."""
-    with socket.create_server((host, 0)) as probe:
-        port = probe.getsockname()[1]
+def serve_proxy(
+    storage: str, host: str = "127.0.0.1", timeout: float = 60, optuna_own: bool = False, port: int | None = None
+) -> Iterator[str]:
+    """Run ``tuner proxy`` (or Optuna's own) on ``port``, else a free port of ``host``; yield its
+    ``grpc://`` URL."""
+    if port is None:
+        port = free_port(host)
     command = (
         [sys.executable, "-c", OPTUNA_PROXY, storage, host, str(port)] if optuna_own
         else [sys.executable, "-m", "tuner", "proxy", "--storage", storage, "--host", host, "--port", str(port)]
@@ -67,6 +72,11 @@ def serve_proxy(storage: str, host: str = "127.0.0.1", timeout: float = 60, optu
         code = process.wait(timeout=30)
         assert optuna_own or code == 0, printed()
         output.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.create_server((host, 0)) as probe:
+        return probe.getsockname()[1]
 
 
 def test_proxy_refuses_a_storage_it_cannot_serve(tmp_path: Path):
@@ -233,3 +243,33 @@ def test_the_budget_reads_through_either_proxy_as_on_the_database(sqlite_url, op
         state = budget_state(*load_study("counted", storage))
     assert (state.finished, state.running, state.waiting) == (expected.finished, expected.running, expected.waiting) == (1, 1, WAITING_AHEAD - 2)
     assert expected.elapsed_s <= state.elapsed_s < expected.elapsed_s + 30
+
+
+def test_a_worker_waits_for_a_proxy_that_comes_back_and_names_one_that_does_not(sqlite_url, monkeypatch):
+    """A proxy restarted while its workers run (docker stop, a pod moved): their calls wait for
+    it, for up to TUNER_DB_RETRY_S as for a lost database, and the trial's records and end
+    arrive; where it does not come back in time the error names it. The first call failed the
+    trial, which stayed RUNNING for good behind the proxy, and the worker exited with gRPC's
+    raw error."""
+    create_study(parse_spec(small_spec("restarted", budget={"n_trials": 2})), sqlite_url)
+    direct = make_storage(sqlite_url)
+    trial_id = claim_next_waiting_trial(direct, direct.get_study_id_from_name("restarted"), {"worker": "w1"})
+    port = free_port()
+    storage = GrpcStorageProxy(host="127.0.0.1", port=port)  # as a worker holds it: nothing listens now
+    monkeypatch.setenv("TUNER_DB_RETRY_S", "0")
+    with pytest.raises(StorageError, match=f"Lost the gRPC proxy at 'grpc://127.0.0.1:{port}'"):
+        storage.get_study_id_from_name("restarted")
+    monkeypatch.setenv("TUNER_DB_RETRY_S", "60")
+
+    def end() -> None:
+        with one_write(storage):
+            storage.record_epochs(trial_id, {1: 0.5}, {"duration_s": 1.5})
+            storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+
+    with ThreadPoolExecutor(1) as pool:
+        ended = pool.submit(end)
+        with serve_proxy(sqlite_url, port=port):
+            ended.result(timeout=30)
+    stored = make_storage(sqlite_url).get_trial(trial_id)  # ``direct`` keeps the trial it claimed
+    assert stored.state == TrialState.COMPLETE and stored.intermediate_values == {1: 0.5}
+    assert stored.user_attrs == {"worker": "w1", "duration_s": 1.5}

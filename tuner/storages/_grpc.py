@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -14,10 +16,15 @@ import grpc
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._grpc import servicer as grpc_servicer
-from optuna.storages._grpc.auto_generated import api_pb2
+from optuna.storages._grpc.auto_generated import api_pb2, api_pb2_grpc
+from optuna.storages._grpc.client import GrpcClientCache
 from optuna.trial import TrialState
 
+from tuner.errors import StorageError
 from tuner.storages._held import HeldWrites
+from tuner.storages._reconnect import retry_seconds
+
+_logger = logging.getLogger("tuner.storages")
 
 WRITE_METHOD = "/tuner.Proxy/WriteTrial"
 CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
@@ -41,6 +48,31 @@ def decode_trial(text: str) -> optuna.trial.FrozenTrial:
     return grpc_servicer._from_proto_trial(api_pb2.Trial.FromString(base64.b64decode(text)))
 
 
+class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Calls retried with back-off while the proxy does not answer (restarted, rescheduled, its
+    link down), for up to ``TUNER_DB_RETRY_S`` seconds as a lost database is, then a
+    ``StorageError`` that says so. Without it the first call after the proxy went away failed
+    the worker's trial, which then stayed RUNNING for good (no heartbeats behind the proxy), and
+    the worker exited with gRPC's raw error."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        deadline = time.monotonic() + retry_seconds()
+        delay = 0.5
+        while True:
+            outcome = continuation(client_call_details, request)
+            if outcome.code() != grpc.StatusCode.UNAVAILABLE:
+                return outcome
+            reason = outcome.details()
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"Lost the gRPC proxy at {self.address!r} and it did not come back: {reason}")
+            _logger.warning("gRPC proxy unreachable (%s); retrying in %.1f s", reason, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
 class GrpcStorageProxy(HeldWrites, optuna.storages.GrpcStorageProxy):
     """Optuna's gRPC client, which claims a trial and writes to a trial in one round trip each
     where ``tuner proxy`` serves: Optuna's protocol has no claim, and a call for each parameter
@@ -55,6 +87,9 @@ class GrpcStorageProxy(HeldWrites, optuna.storages.GrpcStorageProxy):
 
     def _setup(self) -> None:
         super()._setup()
+        self._channel = grpc.intercept_channel(self._channel, _WaitForProxy(f"grpc://{self._host}:{self._port}"))
+        self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = GrpcClientCache(self._stub)
         json_call = functools.partial(
             self._channel.unary_unary, request_serializer=encode_json, response_deserializer=decode_json
         )
