@@ -273,3 +273,20 @@ def test_a_worker_waits_for_a_proxy_that_comes_back_and_names_one_that_does_not(
     stored = make_storage(sqlite_url).get_trial(trial_id)  # ``direct`` keeps the trial it claimed
     assert stored.state == TrialState.COMPLETE and stored.intermediate_values == {1: 0.5}
     assert stored.user_attrs == {"worker": "w1", "duration_s": 1.5}
+
+
+def test_a_study_run_in_part_loads_again_through_tuner_proxy(sqlite_url):
+    """A study stopped part way (Ctrl-C on tuner run) holds fewer slots than the budget and
+    fewer than ``WAITING_AHEAD`` waiting, though enough that the proxy makes no more until a
+    claim: run again through tuner proxy it loads, where it was refused as if behind Optuna's
+    own proxy, which makes no slots."""
+    spec = parse_spec(small_spec("again", budget={"n_trials": 40}))
+    create_study(spec, sqlite_url)
+    direct = make_storage(sqlite_url)
+    study_id = direct.get_study_id_from_name("again")
+    for worker in range(WAITING_AHEAD // 4):
+        claim_next_waiting_trial(direct, study_id, {"worker": f"w{worker}"})
+    with serve_proxy(sqlite_url) as url:
+        study = create_study(spec, url)
+        state = budget_state(study, spec)
+    assert (state.running, state.waiting) == (WAITING_AHEAD // 4, WAITING_AHEAD - WAITING_AHEAD // 4)

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError
 from tuner.space import centre
 from tuner.spec import SEED_LIMIT, StudySpec, parse_spec
-from tuner.storages import RetryStaleTrial, make_storage, slot_counts, slot_holders, slot_maker, storage_name
+from tuner.storages import RetryStaleTrial, enough_waiting, make_storage, slot_counts, slot_holders, slot_maker, storage_name
 
 logger = logging.getLogger("tuner.study")
 
@@ -252,11 +252,13 @@ def _add_slots(study: optuna.Study, spec: StudySpec) -> None:
     if not isinstance(study._storage, optuna.storages.GrpcStorageProxy):
         study.add_trials([optuna.trial.create_trial(state=TrialState.WAITING)] * state.unheld)
         return
-    if state.unheld and state.waiting < WAITING_AHEAD:
+    # ``tuner proxy`` tops up only where fewer than half of ``WAITING_AHEAD`` wait (as a database
+    # does): more waiting, as in a study stopped part way, is no sign of Optuna's own proxy.
+    if state.unheld and not enough_waiting(state.waiting, WAITING_AHEAD):
         # Writing the spec again asks ``tuner proxy`` for the slots (a study made before it ran).
         study._storage.set_study_system_attr(study._study_id, SPEC_ATTR, json.dumps(spec.to_dict()))
         state = budget_state(study, spec)
-        if state.unheld and state.waiting < WAITING_AHEAD:
+        if state.unheld and not enough_waiting(state.waiting, WAITING_AHEAD):
             raise BadInputError(no_slots_message(spec.name, state.unheld))
 
 

@@ -20,7 +20,7 @@ from tuner.storages._grpc import (
 )
 from tuner.storages._journal import JournalFileSlots, JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
-from tuner.storages._slots import HAND_BACKS, RETRY_HISTORY, RetryStaleTrial, claim_order, slot_holders
+from tuner.storages._slots import HAND_BACKS, RETRY_HISTORY, RetryStaleTrial, claim_order, enough_waiting, slot_holders
 from tuner.storages._trials import (
     cache_claimed_trial,
     claim_by_racing,
@@ -58,6 +58,7 @@ __all__ = [
     "decode_trial",
     "encode_json",
     "encode_trial",
+    "enough_waiting",
     "forget_values",
     "journal_file",
     "make_storage",
