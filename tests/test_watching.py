@@ -249,6 +249,23 @@ def test_the_report_colours_batch_and_rate_by_quality_where_time_comes_first():
     assert list(points.get_array()) == [0.5, 0.7, 0.9]
 
 
+def test_the_time_plot_of_trials_without_times_draws_without_a_warning():
+    """Trials of plain Optuna beside tuner's record no times: matplotlib warned, in the middle
+    of the report's output, that the legend had nothing to show."""
+    import warnings
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import time_vs_batch_figure
+
+    trial = create_trial(params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, value=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = time_vs_batch_figure([trial])
+    assert figure.axes[0].get_legend() is None
+
+
 def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_path: Path):
     fragment = tmp_path / "best.yaml"
     exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))

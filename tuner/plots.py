@@ -101,7 +101,8 @@ def time_vs_batch_figure(trials: list[FrozenTrial]) -> Figure:
         )
     _batch_axis(axes)
     axes.set(ylabel="training seconds per epoch", title="training time against effective batch size")
-    axes.legend()
+    if axes.collections:  # no timed trial (plain Optuna's beside tuner's): no legend to draw
+        axes.legend()
     return figure
 
 
