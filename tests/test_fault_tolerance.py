@@ -314,6 +314,14 @@ def test_a_raising_trial_fails_alone(sqlite_url, write_spec):
     assert "ValueError: batch" in listed
 
 
+def test_a_run_whose_every_trial_failed_exits_1(sqlite_url, write_spec):
+    """Fewer failures than stop a worker, but no trial completed: no answer, and exit 1 says so."""
+    spec = small_spec("all-failed", workload="user_workloads:raises", budget={"n_trials": 2})
+    result = tuner("run", str(write_spec(spec)), "--storage", sqlite_url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "No trial of study 'all-failed' completed (2 failed, 0 pruned)" in " ".join(result.stderr.split())
+
+
 def test_a_broken_workload_stops_the_worker(sqlite_url, write_spec):
     spec = small_spec("broken", workload="user_workloads:raises", budget={"n_trials": 7})
     assert tuner("create", str(write_spec(spec)), "--storage", sqlite_url).returncode == 0

@@ -145,6 +145,25 @@ def run(
         )
     _print_best(created.study_name, url, "table", required=False)
     _exit_as_workers_did(created, spec, finished)
+    _fail_without_an_answer(created)
+
+
+def _fail_without_an_answer(study: optuna.Study) -> None:
+    """Exit 1 where the budget is spent and no trial completed (each failed or was pruned): the
+    run has no best trial to give, and a script reading its exit code must not take it for one."""
+    from optuna.trial import TrialState
+
+    from tuner.storages import slot_holders
+
+    held = slot_holders(study.get_trials(deepcopy=False))
+    if any(trial.state == TrialState.COMPLETE for trial in held):
+        return
+    failed = sum(1 for trial in held if trial.state == TrialState.FAIL)
+    pruned = sum(1 for trial in held if trial.state == TrialState.PRUNED)
+    raise TunerError(
+        f"No trial of study {study.study_name!r} completed ({failed} failed, {pruned} pruned); "
+        f"their errors and stop reasons: tuner trials --study {study.study_name}."
+    )
 
 
 @app.command()
