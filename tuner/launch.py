@@ -175,10 +175,14 @@ def run_workers(
 
     def forward(signum: int, frame: object) -> None:
         received.append(signal.Signals(signum))
-        console.print(f"{received[-1].name}: stopping workers after their current epoch")
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signum)
+        # Printed by a thread of its own: the handler may have interrupted this thread in the
+        # middle of importing one of rich's modules, which its print would then find half made.
+        threading.Thread(
+            target=console.print, args=(f"{received[-1].name}: stopping workers after their current epoch",)
+        ).start()
 
     with _stop_signals_held():
         processes = start_workers(study.study_name, storage_url, count, **options)
