@@ -5,6 +5,8 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 # A local folder of wheels, where the machine keeps one, is searched for that build first.
 WHEELS ?= $(wildcard /opt/wheels)
+# Test processes (pytest-xdist); most tests wait on the worker processes they start.
+TEST_PROCESSES ?= 2
 BIN = $(VENV)/bin
 
 .PHONY: demo test install
@@ -21,4 +23,4 @@ demo: $(BIN)/tuner
 	$(BIN)/tuner run studies/demo.yaml --workers 2 --storage sqlite:///demo.db
 
 test: $(BIN)/tuner
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadgroup $(PYTEST_ARGS)

@@ -21,6 +21,14 @@ REQUIRE_SERVICES = os.environ.get("TUNER_REQUIRE_SERVICES") == "1"
 TESTS = Path(__file__).parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n`` (xdist), every test that talks to PostgreSQL runs on one worker, one
+    after the other: one of them restarts the server, and another's connections would drop."""
+    for item in items:
+        if item.get_closest_marker("postgres") or "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("postgres"))
+
+
 def small_spec(name: str, **overrides: object) -> dict:
     """A spec that trains in about a second per trial on the digits MLP."""
     spec = {

@@ -105,7 +105,7 @@ def test_sigterm_hands_the_trial_back(tmp_path, write_spec, sqlite_url, monkeypa
     first = start_tuner(*args)
     _wait_for(lambda: _epochs_done(sqlite_url, "term") >= 2, what="two epochs")
     first.send_signal(signal.SIGTERM)
-    output, _ = first.communicate(timeout=20)
+    output, _ = first.communicate(timeout=120)
     assert first.returncode == 0, output
     study = optuna.load_study(study_name="term", storage=sqlite_url)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
@@ -226,7 +226,7 @@ def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignor
     _wait_for(lambda: len(parent.children()) == 2, what="two workers")
     workers = parent.children()
     run.send_signal(signal.SIGINT)
-    output, _ = run.communicate(timeout=40)
+    output, _ = run.communicate(timeout=120)
     assert run.returncode == 130, output
     assert "interrupted: 0 of 4 trials finished; run the same command again to resume" in output
     assert not any(worker.is_running() for worker in workers)
@@ -241,7 +241,7 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
     run = start_tuner(*args)
     _wait_for(lambda: _epochs_done(sqlite_url, "midrun") >= 1, what="an epoch")
     run.send_signal(signal.SIGINT)
-    output, _ = run.communicate(timeout=30)
+    output, _ = run.communicate(timeout=120)
     assert run.returncode == 130, output
     assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output
     study = optuna.load_study(study_name="midrun", storage=sqlite_url)
