@@ -39,7 +39,7 @@ def _fixed_spec(name: str) -> dict:
     return spec
 
 
-def _wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+def _wait_for(condition, timeout: float = 180.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -270,7 +270,7 @@ def test_workers_survive_a_database_restart(tmp_path, write_spec, postgres_url):
     def finished() -> int:
         return len(optuna.load_study(study_name="restart", storage=url).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
-    _wait_for(lambda: finished() >= 2, timeout=90, what="two finished trials")
+    _wait_for(lambda: finished() >= 2, what="two finished trials")
     version, cluster = _pg_cluster()
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"], check=True)
     for worker in workers:

@@ -128,9 +128,10 @@ def test_status_tells_a_trial_whose_worker_stopped_beating_from_a_live_one(sqlit
             (gone._trial_id,),
         )
     assert [t.stale for t in study_status(study, spec).live] == [True, False]
-    result = tuner("status", "--study", "beats", "--storage", sqlite_url, env={"COLUMNS": "200"})
+    # A grace that a slow start of the command on a loaded machine cannot outlast.
+    result = tuner("status", "--study", "beats", "--storage", sqlite_url, env={"COLUMNS": "200", "TUNER_HEARTBEAT_GRACE": "300"})
     assert re.search(rf"trial {gone.number} .*heartbeat 6\d\d s ago: its worker is gone; the next worker retries it", result.stdout)
-    assert re.search(rf"trial {live.number} .*heartbeat \d s ago\s", result.stdout), result.stdout
+    assert re.search(rf"trial {live.number} .*heartbeat \d+ s ago\s", result.stdout), result.stdout
 
 
 def test_status_watch_shows_a_budget_raised_while_it_watches(sqlite_url: str, monkeypatch):
