@@ -10,7 +10,7 @@ from conftest import small_spec
 from tuner.cli import app
 from tuner.errors import BadInputError, TunerError
 from tuner.spec import load_spec, parse_spec
-from tuner.suggest import NoisePoint, NoiseProbe, probe_noise, suggest_ranges
+from tuner.suggest import NoisePoint, NoiseProbe, probe_noise, suggest_ranges, write_suggested_spec
 
 
 def _spec(**lr: object):
@@ -66,3 +66,12 @@ def test_probe_suggest_writes_a_spec_with_the_ranges(write_spec, sqlite_url: str
     assert f"suggested effective batch: {batch.low} to {batch.high}" in result.stdout
     assert f"at batch {lr.reference_batch_size}, scaled by sqrt" in result.stdout
     assert batch.high <= 1024 and written.search.epochs == load_spec(spec).search.epochs
+
+
+def test_the_suggested_spec_is_written_into_a_new_folder_or_refused_naming_write(tmp_path) -> None:
+    ranges = suggest_ranges(_spec(), 100.0, train_size=1437)
+    new = tmp_path / "suggested" / "digits.yaml"
+    write_suggested_spec(_spec(), ranges, new)
+    assert load_spec(new).search.batch_size.high == ranges.batch_high
+    with pytest.raises(BadInputError, match="--write .*digits.yaml.* cannot be written"):
+        write_suggested_spec(_spec(), ranges, new / "digits.yaml")  # under a file

@@ -17,7 +17,7 @@ import optuna
 import torch
 import yaml
 
-from tuner.errors import TunerError
+from tuner.errors import BadInputError, TunerError
 from tuner.space import LR_EXPONENTS, Hyperparameters, scaled_learning_rate
 from tuner.spec import StudySpec, parse_spec
 from tuner.train import memory
@@ -126,5 +126,10 @@ def write_suggested_spec(spec: StudySpec, suggestion: Suggestion, path: Path) ->
         f"# {spec.name} with the ranges that 'tuner probe --suggest' drew from a gradient noise "
         f"scale of {suggestion.noise_scale:.0f}.\n"
     )
-    path.write_text(header + yaml.safe_dump(suggested.to_dict(), sort_keys=False))
+    # Its folder is made, as for ``tuner best --export``; the ranges are printed before this.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + yaml.safe_dump(suggested.to_dict(), sort_keys=False))
+    except OSError as error:
+        raise BadInputError(f"--write {str(path)!r} cannot be written: {error.strerror or error}.") from None
     return suggested
