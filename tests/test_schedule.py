@@ -38,6 +38,9 @@ def test_ramp_multiplies_the_batch_at_its_fractions_of_the_epochs() -> None:
     assert [epoch_batch_size(hp, epoch, [], None, 1437) for epoch in range(4)] == [32, 32, 64, 128]
     assert epoch_batch_size(hp, 3, [], None, 100) == 100  # never more than the training set
     assert epoch_lr(hp, 128) == hp.lr  # the growing batch replaces the decay
+    # 0.55 x 100 is 55.00000000000001 in floating point: still epoch 55, not 56.
+    long = _hp(BatchSchedule(name="ramp", ramp_at=(0.55,)), epochs=100)
+    assert [epoch_batch_size(long, epoch, [], None, 1437) for epoch in (54, 55)] == [32, 64]
 
 
 def test_adaptive_follows_the_noise_scale_within_the_range() -> None:

@@ -31,8 +31,9 @@ def epoch_batch_size(hp: Hyperparameters, epoch: int, used: list[int], noise_sca
     schedule = hp.schedule
     batch_size = hp.batch_size
     if schedule.name == "ramp":
-        # ceil: a ramp point never falls on the first epoch, and 0.5 of 3 epochs is epoch 2.
-        ramps = sum(epoch >= max(1, math.ceil(at * hp.epochs)) for at in schedule.ramp_at)
+        # ceil: a ramp point never falls on the first epoch, and 0.5 of 3 epochs is epoch 2. The
+        # rounding first: 0.55 * 100 is 55.00000000000001, whose ceil would be a whole epoch late.
+        ramps = sum(epoch >= max(1, math.ceil(round(at * hp.epochs, 9))) for at in schedule.ramp_at)
         batch_size = hp.batch_size * schedule.ramp_factor**ramps
     elif schedule.name == "adaptive" and epoch > 0:
         if noise_scale is None:
