@@ -39,14 +39,17 @@ def test_the_rate_range_moves_to_the_new_reference_by_the_rule() -> None:
 
 def test_an_unmeasured_noise_scale_suggests_nothing() -> None:
     with pytest.raises(TunerError, match="could not be measured"):
-        NoiseProbe(100, [NoisePoint(1, 100, None, 0.5)]).latest
+        NoiseProbe(100, "val_accuracy", [NoisePoint(1, 100, None, 0.5)]).latest
 
 
 def test_a_short_run_measures_the_noise_scale_per_epoch() -> None:
-    noise = probe_noise(_spec(), torch.device("cpu"), epochs=2)
-    assert noise.train_size == 1437
+    # The time first: the table shows the objective that measures quality, as tuner best --within.
+    objectives = [{"metric": "train_time_s", "direction": "minimize"}, {"metric": "val_accuracy", "direction": "maximize"}]
+    spec = parse_spec(small_spec("s", objective=None, objectives=objectives))
+    noise = probe_noise(spec, torch.device("cpu"), epochs=2)
+    assert noise.train_size == 1437 and noise.metric == "val_accuracy"
     assert [(point.epoch, point.samples) for point in noise.points] == [(1, 1437), (2, 2874)]
-    assert all(point.noise_scale > 0 for point in noise.points)
+    assert all(point.noise_scale > 0 and 0.5 < point.metric <= 1 for point in noise.points)
     with pytest.raises(BadInputError, match="measuring the noise scale needs a torch Workload"):
         probe_noise(parse_spec(small_spec("own", workload="user_workloads:own_loop")), torch.device("cpu"))
 

@@ -491,9 +491,8 @@ def _noise_and_ranges(
     from tuner.suggest import NOISE_EPOCHS, probe_noise, suggest_ranges, write_suggested_spec
 
     noise = probe_noise(spec, device, limits)
-    metric = spec.all_objectives[0].metric
     table = Table(title=f"gradient noise scale over {NOISE_EPOCHS} epochs (McCandlish et al. 2018)")
-    for column in ("epoch", "samples", metric, "noise scale"):
+    for column in ("epoch", "samples", noise.metric, "noise scale"):
         table.add_column(column, justify="right")
     for point in noise.points:
         table.add_row(str(point.epoch), str(point.samples), format_value(point.metric), format_value(point.noise_scale))

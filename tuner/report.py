@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -38,8 +39,12 @@ def best_trial(study_name: str, storage: str | None = None) -> FrozenTrial | lis
 
 def quality_objective(study: optuna.Study) -> int:
     """The index of the objective that measures quality: the first that is not the time."""
-    names = study.metric_names or []
-    return next((i for i, name in enumerate(names) if name != "train_time_s"), 0)
+    return quality_index(study.metric_names or [])
+
+
+def quality_index(metrics: Sequence[str]) -> int:
+    """``quality_objective`` of objectives named ``metrics``, where there is no study yet."""
+    return next((i for i, name in enumerate(metrics) if name != "train_time_s"), 0)
 
 
 def fastest_within(study: optuna.Study, tolerance: float) -> tuple[FrozenTrial, FrozenTrial] | None:

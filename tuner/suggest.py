@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from tuner.errors import BadInputError, TunerError
+from tuner.report import quality_index
 from tuner.space import LR_EXPONENTS, Hyperparameters, scaled_learning_rate
 from tuner.spec import StudySpec, parse_spec
 from tuner.train import memory
@@ -52,9 +53,11 @@ class Suggestion:
 
 @dataclass(frozen=True)
 class NoiseProbe:
-    """The short run's noise scale per epoch, and the training set it ran on."""
+    """The short run's noise scale per epoch, the training set it ran on, and the metric of
+    its points: the objective that measures quality, as ``tuner best --within`` ranks by."""
 
     train_size: int
+    metric: str
     points: list[NoisePoint]
 
     @property
@@ -89,8 +92,9 @@ def probe_noise(
     hp = Hyperparameters(batch_size=batch_size, lr=lr, epochs=epochs, base_lr=base_lr, optimizer=optimizer)
     reporter = Reporter(optuna.trial.FixedTrial({}, 0), spec.all_objectives)
     train(workload, hp, reporter, device=device, precision=spec.precision, limits=limits, measure_noise=True)
-    metric = spec.all_objectives[0].metric
-    return NoiseProbe(train_size, [
+    metrics = [objective.metric for objective in spec.all_objectives]
+    metric = metrics[quality_index(metrics)]
+    return NoiseProbe(train_size, metric, [
         NoisePoint(epoch + 1, (epoch + 1) * train_size, value, reporter.history[epoch][metric])
         for epoch, value in enumerate(reporter.records["gradient_noise_scale"])
     ])
