@@ -4,6 +4,7 @@ gradients and its results, and the study must learn what fits once."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -11,11 +12,12 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import small_spec
+from conftest import reporter_stopped_after_two_epochs, small_spec
 from tuner.space import Hyperparameters
 from tuner.spec import Objective, parse_spec
 from tuner.study import create_study, load_study
 from tuner.train import memory
+from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import Batches, forward_backward, split_step, train
 from tuner.train.reporter import Reporter
 from tuner.worker import WorkerOptions, run_worker
@@ -86,6 +88,21 @@ def test_effective_batch_512_under_a_limit_of_64_trains_like_an_unlimited_run(mo
     assert limited["val_accuracy"] == unlimited["val_accuracy"]
     assert limited["val_loss"] == pytest.approx(unlimited["val_loss"], rel=1e-5)
     assert limited["train_loss"] == pytest.approx(unlimited["train_loss"], rel=1e-5)
+
+
+def test_a_trial_resumed_after_running_out_of_memory_keeps_its_count_of_retries(monkeypatch, tmp_path: Path) -> None:
+    """The retries before the checkpoint are the trial's: a resume counted from 0 again."""
+    monkeypatch.setenv(memory.INJECT_OOM_ENV, "64")
+    hp, checkpoint = replace(HP, epochs=3), Checkpoint(tmp_path / "trial.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(load_workload("digits_mlp"), hp, reporter_stopped_after_two_epochs(), device=torch.device("cpu"),
+              checkpoint=checkpoint)
+    resumed = Reporter(optuna.create_study(direction="maximize").ask(), [Objective(metric="val_accuracy")])
+    # A worker that knows what fits runs out of memory no more.
+    train(load_workload("digits_mlp"), hp, resumed, device=torch.device("cpu"), checkpoint=checkpoint,
+          limits=memory.MicroBatchLimits(largest_fit=64, smallest_failed=128))
+    assert resumed.records["resumed_from_epoch"] == 2
+    assert resumed.records["oom_retries"] == 3
 
 
 def _study(name: str, url: str, n_trials: int) -> None:

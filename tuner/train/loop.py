@@ -225,7 +225,8 @@ def train(
     memory.reset_peak_memory(device)
     # A trial resumed after its last epoch was saved has nothing left to train but its metrics.
     metrics = {k: v for k, v in report.history[-1].items() if k != "epoch"} if report.history else {}
-    train_seconds, oom_retries = metrics.get("train_time_s", 0.0), 0
+    # A resumed trial goes on from its checkpoint's time and out-of-memory retries.
+    train_seconds, oom_retries = metrics.get("train_time_s", 0.0), report.records.get("oom_retries", 0)
     epoch = start_epoch
     while epoch < hp.epochs:
         batch_size = epoch_batch_size(hp, epoch, batch_sizes, noise.value, len(train_batches))
