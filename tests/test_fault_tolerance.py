@@ -16,6 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import small_spec, start_tuner, tuner
+from tuner.errors import BadInputError
 from tuner.space import Hyperparameters
 from tuner.spec import Objective, parse_spec
 from tuner.storages import sqlalchemy_url
@@ -359,6 +360,16 @@ def test_a_finished_trial_leaves_no_half_written_checkpoint(tmp_path, sqlite_url
     run_worker("half", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "checkpoints"))
     assert optuna.load_study(study_name="half", storage=sqlite_url).trials[0].state == TrialState.COMPLETE
     assert not list(folder.iterdir())
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_stops_the_worker_before_its_first_trial(tmp_path, sqlite_url):
+    """Every trial would fail on its first save, and the worker exit 1 with the bare OSError."""
+    create_study(parse_spec(small_spec("nowhere", budget={"n_trials": 1}, pruner={"name": "none"})), sqlite_url)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(BadInputError, match="checkpoint folder .*a-file.* cannot be created or written .*--checkpoint-dir"):
+        run_worker("nowhere", sqlite_url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "a-file" / "checkpoints"))
+    trials = optuna.load_study(study_name="nowhere", storage=sqlite_url).trials
+    assert all(trial.state == TrialState.WAITING for trial in trials)
 
 
 @pytest.mark.parametrize("workload", ["stopped_once_loop", "stopped_once_blobs"])

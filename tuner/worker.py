@@ -50,7 +50,7 @@ from tuner.storages import (
 )
 from tuner.study import UID_ATTR, BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
 from tuner.train import memory
-from tuner.train.checkpoint import Checkpoint
+from tuner.train.checkpoint import Checkpoint, check_folder
 from tuner.train.loop import train
 from tuner.train.reporter import Diverged, MissingMetric, OutOfMemory, Reporter, WorkerStopped
 from tuner.workloads import Workload, final_metrics, load_workload
@@ -205,6 +205,8 @@ def run_worker(
     # workers about a second of CPU.
     gc.freeze()
     checkpoint_dir = study_checkpoint_dir(study, options.checkpoint_dir or default_checkpoint_dir(url))
+    if isinstance(workload, Workload):  # a training function saves no checkpoint
+        check_folder(checkpoint_dir)
     options = replace(options, artifact_dir=options.artifact_dir or default_artifact_dir(url))
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}

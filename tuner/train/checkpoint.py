@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tuner.errors import BadInputError
 
 
 class Checkpoint:
@@ -52,3 +55,17 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
             for temporary in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 temporary.unlink(missing_ok=True)
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a checkpoint folder that cannot be made or written before a trial is claimed:
+    every trial would fail on its first save, and the worker stop with the bare OSError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BadInputError(
+            f"The checkpoint folder {str(folder)!r} cannot be created or written ({error.strerror or error}); "
+            "give one that every worker can write with --checkpoint-dir."
+        ) from None
