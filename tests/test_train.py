@@ -193,3 +193,31 @@ def test_a_spec_with_ema_decay_trains_its_trials_and_its_retrained_model_on_the_
     model.load_state_dict(torch.load(saved))
     kept = evaluate(model, workload, Batches(workload.val_data, torch.device("cpu")), 1024, "fp32")
     assert kept["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
+
+
+def test_two_writers_of_one_checkpoint_with_the_same_process_id_leave_one_whole_state(tmp_path):
+    """Workers in containers are all process 1: a paused one that comes back while its trial's
+    retry runs writes the same checkpoint as the retry. Two threads of one process stand in."""
+    import threading
+
+    path = tmp_path / "trial.pt"
+    states = [{"weights": torch.full((2_000_000,), float(writer))} for writer in range(2)]
+    errors: list[Exception] = []
+    for _ in range(5):
+        start = threading.Barrier(2)
+
+        def write(state: dict) -> None:
+            start.wait()
+            try:
+                Checkpoint(path).save(state)
+            except Exception as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=write, args=(state,)) for state in states]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        saved = Checkpoint(path).load()["weights"]
+        assert any(torch.equal(saved, state["weights"]) for state in states)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ class Checkpoint:
             self._in_memory = buffer.getvalue()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as file:
+        # Not named by the process id alone: workers in containers are all process 1, and a paused
+        # one back while its trial's retry runs writes the same checkpoint as the retry.
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        with open(temporary, "xb") as file:
             file.write(buffer.getvalue())
             file.flush()
             os.fsync(file.fileno())
