@@ -61,16 +61,18 @@ def test_centre_is_the_middle_of_every_range_on_its_scale():
     assert math.isclose(params["weight_decay"], 1e-4)
 
 
-def test_the_first_trial_of_a_study_is_the_centre(tmp_path):
+# The centre holds one of a trial budget's slots; a time budget has no slots, only the centre.
+@pytest.mark.parametrize(("budget", "trials"), [({"n_trials": 3}, 3), ({"timeout_s": 60}, 1)])
+def test_the_first_trial_of_a_study_is_the_centre(tmp_path, budget, trials):
     from conftest import small_spec
     from tuner.spec import parse_spec
     from tuner.study import create_study
 
-    spec = parse_spec(small_spec("centred", budget={"n_trials": 3}))
+    spec = parse_spec(small_spec("centred", budget=budget))
     study = create_study(spec, f"sqlite:///{tmp_path}/centred.db")
     first = study.trials[0]
     assert first.system_attrs["fixed_params"] == centre(spec.search)
     trial = study.ask()
     hp = suggest(trial, spec.search, seed=0)
     assert (hp.batch_size, hp.epochs) == (centre(spec.search)["batch_size"], centre(spec.search)["epochs"])
-    assert len(study.trials) == 3  # the centre holds one of the budget's slots
+    assert len(study.trials) == trials

@@ -187,7 +187,8 @@ def create_study(
     wanted = spec.to_dict()
     if stored is None:
         _refuse_a_foreign_study(study, spec, storage)
-        if spec.budget.n_trials and spec.sampler.first_trial == "centre" and not study.get_trials(deepcopy=False):
+        # A time budget too: workers take a waiting trial before they make one.
+        if spec.sampler.first_trial == "centre" and not study.get_trials(deepcopy=False):
             # Before the spec: behind ``tuner proxy`` the budget's slots are made when it is written.
             study.enqueue_trial(centre(spec.search))
         storage.set_study_system_attr(study_id, UID_ATTR, uuid.uuid4().hex)
