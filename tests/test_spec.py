@@ -84,8 +84,10 @@ def test_missing_file(tmp_path):
         load_spec(tmp_path / "nope.yaml")
 
 
-def test_batch_range_must_fit_the_data(sqlite_url):
-    spec = small_spec("too-big")
+# sklearn_mlp too: scikit-learn clips a larger batch to the data, so 2048 and 4096 trained alike.
+@pytest.mark.parametrize("workload", ["digits_mlp", "sklearn_mlp"])
+def test_batch_range_must_fit_the_data(sqlite_url, workload):
+    spec = small_spec("too-big", workload=workload)
     spec["search"]["batch_size"] = {"low": 32, "high": 4096, "scale": "pow2"}
     with pytest.raises(SpecError, match=r"search\.batch_size\.high.*1437 training samples"):
         create_study(parse_spec(spec), sqlite_url)

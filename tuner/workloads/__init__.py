@@ -103,8 +103,9 @@ def load_spec_workload(spec: Any) -> Workload | TrainingFunction:
 
 
 def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, field: str, name: str) -> None:
-    """Refuse a batch larger than a torch workload's training set: no step could be that big."""
-    samples = train_size(workload)
+    """Refuse a batch larger than the training set of a torch workload, or of a training function
+    that states it as ``train_samples`` (sklearn_mlp): no step could be that big."""
+    samples = train_size(workload) or getattr(workload, "train_samples", None)
     if samples is not None and batch_size > samples:
         raise SpecError(
             f"spec field '{field}' ({batch_size}) is larger than "
