@@ -33,6 +33,10 @@ def test_pow2_choices():
         ({"budget": {"n_trials": "many"}}, "spec field 'budget.n_trials'"),
         ({"budget": {}}, "set n_trials, timeout_s or both"),
         ({"sampler": {"name": "annealing"}}, "'tpe', 'random', 'gp', 'cmaes', 'nsga2' or 'qmc'"),
+        (
+            {"sampler": {"name": "nsga2", "n_startup_trials": 5}},
+            "spec field 'sampler': n_startup_trials is for samplers tpe, gp, cmaes; 'nsga2' has no start-up trials",
+        ),
         ({"pruner": {"name": "median", "patience": 3}}, "patience"),
         ({"pruner": {"name": "magic"}}, "'median', 'percentile', 'sha', 'hyperband', 'patient', 'threshold', 'none'"),
     ],

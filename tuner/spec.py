@@ -160,6 +160,10 @@ class Budget(_Strict):
 SEED_LIMIT = 2**32
 
 
+# The samplers that search only after start-up trials of their own (``tuner.study.make_sampler``).
+STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")
+
+
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "gp", "cmaes", "nsga2", "qmc"] = "tpe"
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
@@ -167,6 +171,15 @@ class SamplerSpec(_Strict):
     n_startup_trials: int | None = Field(default=None, ge=0)
     # "centre": the first trial takes the middle of every range (see tuner.space.centre).
     first_trial: Literal["centre", "sampler"] = "centre"
+
+    @model_validator(mode="after")
+    def _startup_trials_where_taken(self) -> "SamplerSpec":
+        # Random, NSGA-II and QMC sampling take no start-up count: it would change nothing.
+        if self.n_startup_trials is not None and self.name not in STARTUP_SAMPLERS:
+            raise ValueError(
+                f"n_startup_trials is for samplers {', '.join(STARTUP_SAMPLERS)}; {self.name!r} has no start-up trials"
+            )
+        return self
 
 
 class MedianPrunerSpec(_Strict):
