@@ -102,3 +102,18 @@ def test_unknown_workload(sqlite_url):
         create_study(parse_spec(small_spec("w", workload="imagenet")), sqlite_url)
     with pytest.raises(SpecError, match="spec field 'workload': .*no 'missing'"):
         create_study(parse_spec(small_spec("w", workload="user_workloads:missing")), sqlite_url)
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "field"),
+    [(["batch_size", 32], "hyperparameters"), ({"batch_size": 32, "schedule": "ramp"}, "hyperparameters.schedule")],
+)
+def test_a_fragment_section_that_is_not_a_mapping_is_named_as_such(hyperparameters, field):
+    from tuner.retrain import FixedSpec
+    from tuner.spec import parse_model
+
+    fragment = {"workload": "digits_mlp", "objective": {"metric": "val_accuracy"}, "hyperparameters": hyperparameters}
+    with pytest.raises(SpecError) as error:
+        parse_model(FixedSpec, fragment, source="best.yaml")
+    assert f"spec field '{field}': must be a mapping of fields (key: value)" in str(error.value)
+    assert "instance of" not in str(error.value)
