@@ -39,6 +39,7 @@ def test_pow2_choices():
         ),
         ({"pruner": {"name": "median", "patience": 3}}, "patience"),
         ({"pruner": {"name": "magic"}}, "'median', 'percentile', 'sha', 'hyperband', 'patient', 'threshold', 'none'"),
+        ({"pruner": "median"}, "spec field 'pruner': must be a mapping of fields (key: value) (got 'median')"),
     ],
 )
 def test_bad_fields_are_named(change, expected):

@@ -312,8 +312,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "union_tag_not_found":
         # Pydantic names neither the field nor its values here; the pruner is the one such union.
         return f"spec field '{path}.name' is required: one of {_PRUNER_NAMES}"
-    if error["type"] in ("model_type", "dataclass_type"):
-        # Pydantic would name the class (Hyperparameters, BatchSchedule), which the user never sees.
+    if error["type"] in ("model_type", "dataclass_type", "model_attributes_type"):
+        # Pydantic would name the class (Hyperparameters, BatchSchedule), which the user never sees,
+        # or, for the pruner, ask for "a valid dictionary or object to extract fields from".
         message = "must be a mapping of fields (key: value)"
     where = f"spec field '{path}'" if path else "spec"
     given = error.get("input")
