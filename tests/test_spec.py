@@ -118,3 +118,27 @@ def test_a_fragment_section_that_is_not_a_mapping_is_named_as_such(hyperparamete
         parse_model(FixedSpec, fragment, source="best.yaml")
     assert f"spec field '{field}': must be a mapping of fields (key: value)" in str(error.value)
     assert "instance of" not in str(error.value)
+
+
+# tuner's loop gives the momentum to SGD only; a training function may use hp.momentum as it likes.
+@pytest.mark.parametrize(
+    ("workload", "optimizer", "refused"),
+    [
+        ("digits_mlp", None, True),
+        ("digits_mlp", {"choices": ["adamw", "adam"]}, True),
+        ("digits_mlp", {"choices": ["sgd", "adamw"]}, False),
+        ("user_workloads:own_loop", None, False),
+    ],
+)
+def test_a_momentum_searched_without_sgd_is_refused(workload, optimizer, refused):
+    from tuner.workloads import check_workload
+
+    spec = small_spec("momentum", workload=workload)
+    spec["search"]["momentum"] = {"low": 0.8, "high": 0.99}
+    if optimizer is not None:
+        spec["search"]["optimizer"] = optimizer
+    if not refused:
+        check_workload(parse_spec(spec))
+        return
+    with pytest.raises(SpecError, match=r"spec field 'search\.momentum': only the sgd optimizer .*search\.optimizer\.choices"):
+        check_workload(parse_spec(spec))

@@ -114,11 +114,30 @@ def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, 
 
 
 def check_workload(spec: Any) -> None:
-    """Refuse a spec whose workload does not load, whose batch range exceeds the data set, or
-    that asks a training function for what only tuner's loop does."""
+    """Refuse a spec whose workload does not load, whose batch range exceeds the data set, that
+    asks a training function for what only tuner's loop does, or that searches a momentum no
+    trial uses."""
     workload = load_spec_workload(spec)
     check_loop_settings(workload, spec, spec.search.batch_schedule.choices if spec.search.batch_schedule else ())
     check_batch_size(workload, spec.search.batch_size.high, field="search.batch_size.high", name=spec.workload)
+    _check_momentum(workload, spec)
+
+
+def _check_momentum(workload: Workload | TrainingFunction, spec: Any) -> None:
+    """Refuse a momentum range that a torch workload's trials never use: tuner's loop gives it to
+    SGD only, so without sgd among the optimizers the sampler would search a value that changes
+    nothing. A training function may use ``hp.momentum`` as it likes."""
+    search = spec.search
+    if search.momentum is None or train_size(workload) is None:
+        return
+    # Not searched, the optimizer is adamw.
+    optimizers = search.optimizer.choices if search.optimizer is not None else ["adamw"]
+    if "sgd" not in optimizers:
+        raise SpecError(
+            f"spec field 'search.momentum': only the sgd optimizer uses a momentum, and the trials of workload "
+            f"{spec.workload!r} train with {', '.join(optimizers)}; add sgd to search.optimizer.choices, "
+            "or remove the field."
+        )
 
 
 def check_loop_settings(
