@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from conftest import small_spec
@@ -142,3 +144,24 @@ def test_a_momentum_searched_without_sgd_is_refused(workload, optimizer, refused
         return
     with pytest.raises(SpecError, match=r"spec field 'search\.momentum': only the sgd optimizer .*search\.optimizer\.choices"):
         check_workload(parse_spec(spec))
+
+
+# A trial is never pruned at its last epoch, and the longest trains search.epochs.high (10) epochs.
+@pytest.mark.parametrize(
+    ("pruner", "refused"),
+    [
+        ({"name": "median", "n_warmup_steps": 9}, "pruner.n_warmup_steps (9) leaves no epoch to prune at"),
+        ({"name": "threshold", "lower": 0.5, "n_warmup_steps": 12}, "pruner.n_warmup_steps (12) leaves no epoch to prune at"),
+        ({"name": "median", "n_warmup_steps": 8}, None),
+        ({"name": "hyperband", "min_resource": 10}, "pruner.min_resource (10) leaves no epoch to prune at"),
+        ({"name": "sha", "min_resource": 9}, None),
+    ],
+)
+def test_a_pruner_that_could_never_prune_is_refused(pruner, refused):
+    spec = small_spec("pruner", pruner=pruner)
+    spec["search"]["epochs"] = {"low": 2, "high": 10}
+    if refused is None:
+        parse_spec(spec)
+        return
+    with pytest.raises(SpecError, match=rf"spec: {re.escape(refused)}.*search\.epochs\.high \(10\).*use at most"):
+        parse_spec(spec)

@@ -132,7 +132,9 @@ def test_warmup_counts_the_epochs_never_pruned(pruner, never_pruned):
         "percentile": {"percentile": 50, "n_startup_trials": 1},
         "threshold": {"lower": 0.5},
     }[pruner]
-    spec = tuner.parse_spec(small_spec("warmup", pruner={"name": pruner, "n_warmup_steps": never_pruned, **options}))
+    spec = small_spec("warmup", pruner={"name": pruner, "n_warmup_steps": never_pruned, **options})
+    spec["search"]["epochs"] = {"low": 1, "high": 4}  # the epochs reported below
+    spec = tuner.parse_spec(spec)
     study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
     good = study.ask()
     for epoch in range(1, 5):

@@ -285,6 +285,26 @@ class StudySpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _pruner_has_an_epoch_to_prune_at(self) -> "StudySpec":
+        # A trial is never pruned at its last epoch (its compute is spent), so a pruner that waits
+        # until the longest trial's last epoch would never stop one, without a word.
+        last = self.search.epochs.high
+        pruner = self.pruner
+        # Each key with the most that leaves an epoch before that one (none at all where
+        # epochs.high is 1: then only a value other than the default is refused).
+        waits = [
+            ("n_warmup_steps", getattr(pruner, "n_warmup_steps", 0), max(last - 2, 0)),
+            ("min_resource", getattr(pruner, "min_resource", 1), max(last - 1, 1)),
+        ]
+        for key, value, most in waits:
+            if key in pruner.model_fields_set and value > most:
+                raise ValueError(
+                    f"pruner.{key} ({value}) leaves no epoch to prune at: no trial is pruned at its last epoch, "
+                    f"and the longest trains search.epochs.high ({last}); use at most {most}"
+                )
+        return self
+
     @property
     def all_objectives(self) -> list[Objective]:
         return [self.objective] if self.objective is not None else list(self.objectives or [])
