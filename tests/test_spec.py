@@ -42,6 +42,10 @@ def test_pow2_choices():
         ({"pruner": {"name": "median", "patience": 3}}, "patience"),
         ({"pruner": {"name": "magic"}}, "'median', 'percentile', 'sha', 'hyperband', 'patient', 'threshold', 'none'"),
         ({"pruner": "median"}, "spec field 'pruner': must be a mapping of fields (key: value) (got 'median')"),
+        (
+            {"objective": None, "objectives": [{"metric": "val_accuracy"}, {"metric": "val_accuracy", "direction": "maximize"}]},
+            "spec field 'objectives': metric 'val_accuracy' is named twice; each objective measures another metric",
+        ),
     ],
 )
 def test_bad_fields_are_named(change, expected):

@@ -143,6 +143,16 @@ class Objective(_Strict):
         return self
 
 
+def distinct_metrics(objectives: list[Objective]) -> list[Objective]:
+    """Refuse a metric named twice: the trial tables and the note show each metric once, by name,
+    so one of its objectives would go unseen."""
+    metrics = [objective.metric for objective in objectives]
+    for metric in metrics:
+        if metrics.count(metric) > 1:
+            raise ValueError(f"metric {metric!r} is named twice; each objective measures another metric")
+    return objectives
+
+
 class Budget(_Strict):
     """Shared by every worker of the study: finished trials and/or wall time since the first."""
 
@@ -256,7 +266,7 @@ class StudySpec(_Strict):
     name: str = Field(min_length=1)
     workload: str = Field(min_length=1)
     objective: Objective | None = None
-    objectives: list[Objective] | None = Field(default=None, min_length=1)
+    objectives: Annotated[list[Objective], AfterValidator(distinct_metrics)] | None = Field(default=None, min_length=1)
     budget: Budget
     search: SearchSpace
     sampler: SamplerSpec = SamplerSpec()
