@@ -43,6 +43,11 @@ def test_pow2_choices():
         ({"pruner": {"name": "magic"}}, "'median', 'percentile', 'sha', 'hyperband', 'patient', 'threshold', 'none'"),
         ({"pruner": "median"}, "spec field 'pruner': must be a mapping of fields (key: value) (got 'median')"),
         (
+            {"search": {**small_spec("x")["search"], "epochs": 10}},
+            "spec field 'search.epochs': must be a mapping of fields (key: value) (got 10); "
+            "to search 10 alone, write {low: 10, high: 10}",
+        ),
+        (
             {"objective": None, "objectives": [{"metric": "val_accuracy"}, {"metric": "val_accuracy", "direction": "maximize"}]},
             "spec field 'objectives': metric 'val_accuracy' is named twice; each objective measures another metric",
         ),

@@ -349,7 +349,20 @@ def _describe(error: dict[str, Any]) -> str:
     where = f"spec field '{path}'" if path else "spec"
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
-    return f"{where}: {message}{shown}"
+    return f"{where}: {message}{shown}{_one_value_hint(error)}"
+
+
+def _one_value_hint(error: dict[str, Any]) -> str:
+    """How to write a search field given as one value (``epochs: 10``, ``optimizer: sgd``), the
+    way to fix a hyperparameter, which only a range or a list of one does."""
+    given = error.get("input")
+    if error["type"] != "model_type" or len(error["loc"]) != 2 or error["loc"][0] != "search" or isinstance(given, bool):
+        return ""
+    if isinstance(given, (int, float)):
+        return f"; to search {given} alone, write {{low: {given}, high: {given}}}"
+    if isinstance(given, str):
+        return f"; to search {given} alone, write {{choices: [{given}]}}"
+    return ""
 
 
 M = TypeVar("M", bound=BaseModel)
