@@ -176,3 +176,10 @@ def test_a_training_function_is_refused_what_only_the_loop_applies(sqlite_url, f
     with pytest.raises(SpecError, match=f"spec field '{field}': .* needs tuner's training loop"):
         tuner.create_study(spec, sqlite_url)
     assert optuna.get_all_study_names(sqlite_url) == []
+
+
+@pytest.mark.parametrize("data", ["train_data", "val_data"])
+def test_a_dataset_without_length_and_indexing_is_refused_naming_it(sqlite_url, data):
+    spec = small_spec("streamed", workload=f"user_workloads:streamed_{data}")
+    with pytest.raises(SpecError, match=rf"spec field 'workload': .*{data} is a _Stream, .*map-style dataset"):
+        tuner.create_study(tuner.parse_spec(spec), sqlite_url)

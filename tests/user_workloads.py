@@ -234,3 +234,24 @@ def reports_a_list(hp: tuner.Hyperparameters, report) -> dict[str, float]:
 def never_reports(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     """Trains and returns its metrics, but forgets to report its epochs."""
     return {"val_accuracy": 0.5}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Samples one after another, with no length and no indexing: not a map-style dataset."""
+
+    def __iter__(self):
+        return iter(_blobs(64, 2))
+
+
+class StreamedBlobs(Blobs):
+    def __init__(self, streamed: str) -> None:
+        super().__init__()
+        setattr(self, streamed, _Stream())
+
+
+def streamed_train_data() -> StreamedBlobs:
+    return StreamedBlobs("train_data")
+
+
+def streamed_val_data() -> StreamedBlobs:
+    return StreamedBlobs("val_data")

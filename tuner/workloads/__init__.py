@@ -6,8 +6,10 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any
+
+from torch.utils.data import IterableDataset
 
 from tuner.errors import BadInputError, SpecError, WorkloadError
 from tuner.workloads.base import Classification, Report, TrainingFunction, Workload, final_metrics, train_size
@@ -69,7 +71,9 @@ def load_workload(reference: str) -> Workload | TrainingFunction:
             f"Unknown workload {reference!r}; use one of {', '.join(BUNDLED)} "
             "or 'package.module:function'."
         )
-    if isinstance(target, Workload) or _is_training_function(target):
+    if isinstance(target, Workload):
+        return _map_style(target, reference)
+    if _is_training_function(target):
         return target
     if callable(target):
         try:
@@ -77,11 +81,24 @@ def load_workload(reference: str) -> Workload | TrainingFunction:
         except Exception as error:  # the user's factory failed, as a module that fails on import
             raise WorkloadError(f"Workload {reference!r} does not load: {type(error).__name__}: {error}.") from None
         if isinstance(workload, Workload):
-            return workload
+            return _map_style(workload, reference)
     raise WorkloadError(
         f"Workload {reference!r} is neither a Workload, a function returning one, "
         "nor a training function train(hp, report)."
     )
+
+
+def _map_style(workload: Workload, reference: str) -> Workload:
+    """Refuse data that cannot be counted and indexed (an ``IterableDataset``, a stream): the loop
+    shuffles by index and counts samples, and such data failed with len()'s bare TypeError."""
+    for name in ("train_data", "val_data"):
+        data = getattr(workload, name)
+        if isinstance(data, IterableDataset) or not isinstance(data, Sized) or not hasattr(data, "__getitem__"):
+            raise WorkloadError(
+                f"Workload {reference!r}: {name} is a {type(data).__name__}, with no length or no indexing; "
+                "tuner needs a map-style dataset of (input, target) pairs, such as a TensorDataset."
+            )
+    return workload
 
 
 def load_torch_workload(reference: str, purpose: str) -> Workload:
