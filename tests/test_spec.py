@@ -174,3 +174,14 @@ def test_a_pruner_that_could_never_prune_is_refused(pruner, refused):
         return
     with pytest.raises(SpecError, match=rf"spec: {re.escape(refused)}.*search\.epochs\.high \(10\).*use at most"):
         parse_spec(spec)
+
+
+def test_yaml_merge_keys_are_read_as_yaml_reads_them(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text(
+        "name: merged\nworkload: digits_mlp\nobjective: {metric: val_accuracy}\nbudget: {n_trials: 2}\n"
+        "search:\n  batch_size: &range {low: 16, high: 64}\n  lr: {low: 1.0e-3, high: 1.0e-1}\n"
+        "  epochs: {<<: *range, high: 32}\n"
+    )
+    epochs = load_spec(path).search.epochs
+    assert (epochs.low, epochs.high) == (16, 32)

@@ -388,6 +388,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            # A merge key (<<: *anchor) is YAML's own, flattened by the SafeLoader; its keys may be
+            # given again, which is what it is for.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice", key_node.start_mark)
