@@ -43,6 +43,11 @@ def test_pow2_choices():
         ({"pruner": {"name": "magic"}}, "'median', 'percentile', 'sha', 'hyperband', 'patient', 'threshold', 'none'"),
         ({"pruner": "median"}, "spec field 'pruner': must be a mapping of fields (key: value) (got 'median')"),
         (
+            {"search": {**small_spec("x")["search"], "batch_size": {"low": 100, "high": 100}}},
+            "spec field 'search.batch_size': no power of two lies between low (100) and high (100); "
+            "widen the range, or set scale: linear (or log) to search every size in it",
+        ),
+        (
             {"search": {**small_spec("x")["search"], "epochs": 10}},
             "spec field 'search.epochs': must be a mapping of fields (key: value) (got 10); "
             "to search 10 alone, write {low: 10, high: 10}",

@@ -41,7 +41,10 @@ class BatchSizeSpace(_Range):
     @model_validator(mode="after")
     def _pow2_has_a_power(self) -> "BatchSizeSpace":
         if self.scale == "pow2" and not self.choices():
-            raise ValueError(f"no power of two lies between low ({self.low}) and high ({self.high})")
+            raise ValueError(
+                f"no power of two lies between low ({self.low}) and high ({self.high}); "
+                "widen the range, or set scale: linear (or log) to search every size in it"
+            )
         return self
 
     def choices(self) -> list[int]:
