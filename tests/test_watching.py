@@ -315,6 +315,7 @@ def _fixed(workload: str = "digits_mlp", **hyperparameters: object) -> dict:
     ("momentum", 1.5, "less than 1"),
     ("weight_decay", -0.1, "greater than or equal to 0"),
     ("seed", -1, "greater than or equal to 0"),
+    ("seed", 2**32, "less than 4294967296"),
     ("lr", float("inf"), "finite number"),
 ])
 def test_train_refuses_out_of_range_hyperparameters(write_spec, tmp_path: Path, field: str, value: object, shown: str):

@@ -9,7 +9,7 @@ from typing import Annotated
 import optuna
 from pydantic import AfterValidator, Field
 
-from tuner.spec import LearningRateSpace, ScheduleName, SearchSpace, known_optimizer
+from tuner.spec import SEED_LIMIT, LearningRateSpace, ScheduleName, SearchSpace, known_optimizer
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class Hyperparameters:
     optimizer: Annotated[str, AfterValidator(known_optimizer)] = "adamw"
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    seed: Annotated[int, Field(ge=0)] = 0
+    # Below 2**32, as sampler.seed: NumPy, and so scikit-learn's workloads, take no larger seed.
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] = 0
     schedule: BatchSchedule = field(default_factory=BatchSchedule)
 
     def to_dict(self) -> dict[str, float | int | str]:
