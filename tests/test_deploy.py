@@ -66,12 +66,18 @@ def _containers(doc: dict) -> list[dict]:
     return spec.get("containers", [])
 
 
-def _slurm_command() -> list[str]:
+def _srun_line() -> list[str]:
+    """The script's ``srun`` line, its variables given as a task of the job sees them."""
     line = next(line for line in SLURM.read_text().splitlines() if line.startswith("srun "))
     values = {
         "study": "demo", "SLURM_CPUS_PER_TASK": "8", "checkpoints": "/shared/checkpoints", "artifacts": "/shared/artifacts",
     }
-    return shlex.split(string.Template(line).substitute(values))[1:]
+    return shlex.split(string.Template(line).substitute(values))
+
+
+def _slurm_command() -> list[str]:
+    srun = _srun_line()
+    return srun[srun.index("tuner"):]
 
 
 def _command_lines() -> list[tuple[str, list[str]]]:
@@ -242,6 +248,17 @@ def test_slurm_script_is_a_job_array_with_one_gpu_per_task():
     assert re.search(r"^#SBATCH --array=", text, re.M)
     assert re.search(r"^#SBATCH --gres=gpu:1$", text, re.M)
     assert "--device cuda" in text
+
+
+def test_slurm_worker_step_gets_the_cpus_its_threads_use():
+    """Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it on srun the
+    worker's 8 threads would share the one CPU the step is bound to."""
+    cpus = re.search(r"^#SBATCH --cpus-per-task=(\d+)$", SLURM.read_text(), re.M).group(1)
+    srun = _srun_line()
+    options = srun[1:srun.index("tuner")]
+    assert f"--cpus-per-task={cpus}" in options, f"srun {' '.join(options)} does not ask for the job's {cpus} CPUs"
+    command = _slurm_command()
+    assert command[command.index("--threads") + 1] == cpus
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
