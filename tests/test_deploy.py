@@ -261,6 +261,28 @@ def test_slurm_worker_step_gets_the_cpus_its_threads_use():
     assert command[command.index("--threads") + 1] == cpus
 
 
+def _seconds(duration: str) -> int:
+    """A Compose duration (``5m``, ``1m30s``, ``300s``) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, f"not a duration: {duration!r}"
+    hours, minutes, seconds = (int(part or 0) for part in parts.groups())
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def test_stopped_workers_get_time_to_finish_their_epoch():
+    """``docker compose stop``, a pod's deletion and Slurm's time limit send SIGTERM; the worker
+    then finishes its epoch and hands its trial back. Killed before, after Docker's default 10 s,
+    its trial waits for the heartbeat grace and is retried as after a dead worker, which uses up
+    one of its ``max_retries``."""
+    slurm = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", SLURM.read_text(), re.M).group(1))
+    pods = next(doc for doc in _kubernetes() if doc["metadata"]["name"] == "tuner-worker")
+    assert pods["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == slurm
+    for name in ("worker", "worker-cpu"):
+        service = _compose()["services"][name]
+        assert "stop_grace_period" in service, f"compose {name} is killed 10 s after docker compose stop"
+        assert _seconds(service["stop_grace_period"]) == slurm, name
+
+
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
