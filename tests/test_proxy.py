@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -273,6 +274,27 @@ def test_a_worker_waits_for_a_proxy_that_comes_back_and_names_one_that_does_not(
     stored = make_storage(sqlite_url).get_trial(trial_id)  # ``direct`` keeps the trial it claimed
     assert stored.state == TrialState.COMPLETE and stored.intermediate_values == {1: 0.5}
     assert stored.user_attrs == {"worker": "w1", "duration_s": 1.5}
+
+
+def test_a_call_in_flight_as_the_proxy_stops_is_answered(sqlite_url, monkeypatch):
+    """SIGTERM (docker stop, a pod moved) lets the calls under way finish: a claim cut off after
+    it reached the database would be sent again, and the trial claimed first would stay RUNNING
+    for good behind the proxy, with no worker."""
+    create_study(parse_spec(small_spec("stopped", budget={"n_trials": 2})), sqlite_url)
+    monkeypatch.setenv("TUNER_DB_RETRY_S", "3")
+    lock = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    with ThreadPoolExecutor(2) as pool:
+        with serve_proxy(sqlite_url) as url:
+            storage = make_storage(url)
+            study_id = storage.get_study_id_from_name("stopped")
+            lock.execute("BEGIN EXCLUSIVE")  # the claim waits for the database inside the proxy
+            claim = pool.submit(claim_next_waiting_trial, storage, study_id, {"worker": "w1"})
+            time.sleep(0.5)
+            pool.submit(lambda: (time.sleep(1), lock.rollback()))
+        trial_id = claim.result(timeout=30)
+    lock.close()
+    running = optuna.load_study(study_name="stopped", storage=sqlite_url).get_trials(states=(TrialState.RUNNING,))
+    assert [(trial._trial_id, trial.user_attrs["worker"]) for trial in running] == [(trial_id, "w1")]
 
 
 def test_a_study_run_in_part_loads_again_through_tuner_proxy(sqlite_url):

@@ -42,6 +42,10 @@ from tuner.study import SPEC_ATTR, WAITING_AHEAD
 # One thread per database connection of the storage (tuner.storages: pool_size=2, max_overflow=2),
 # so that requests queue in gRPC instead of timing out in the connection pool.
 THREADS = 4
+# Seconds a stopped proxy lets the calls under way finish (a transaction takes milliseconds),
+# within docker stop's 10 s: a call cut off after it reached the database is sent again by its
+# worker, and a claim sent twice leaves the trial claimed first RUNNING for good.
+STOP_GRACE_S = 5.0
 
 
 class SlotMakingStorage(_CachedStorage):
@@ -204,4 +208,4 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:
-        server.stop(grace=None)
+        server.stop(grace=STOP_GRACE_S).wait()
