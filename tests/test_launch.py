@@ -11,8 +11,10 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from conftest import _python_path, small_spec, tuner
+from tuner.cli import app
 from tuner.errors import BadInputError
 from tuner.launch import gpu_environments, start_workers
 from tuner.spec import parse_spec
@@ -66,6 +68,17 @@ def test_run_refuses_a_worker_count_beside_gpus(write_spec, sqlite_url: str) -> 
     result = tuner("run", str(write_spec(small_spec("both"))), "--workers", "4", "--gpus", "0", "--storage", sqlite_url)
     assert result.returncode == 2, result.stderr
     assert "--workers 4 and --gpus 0" in " ".join(result.stderr.split())
+    assert optuna.get_all_study_names(sqlite_url) == []
+
+
+@pytest.mark.parametrize("command", ["worker", "run"])
+def test_workers_per_gpu_without_gpus_is_refused(command: str, write_spec, sqlite_url: str) -> None:
+    """--workers-per-gpu counts workers on each GPU of --gpus: without it one worker ran on the
+    default device, the count ignored without a word."""
+    target = ["--study", "alone"] if command == "worker" else [str(write_spec(small_spec("alone")))]
+    result = CliRunner().invoke(app, [command, *target, "--workers-per-gpu", "2", "--storage", sqlite_url])
+    assert isinstance(result.exception, BadInputError), result.output
+    assert "--workers-per-gpu 2 needs --gpus" in str(result.exception)
     assert optuna.get_all_study_names(sqlite_url) == []
 
 

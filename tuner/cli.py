@@ -119,7 +119,7 @@ def run(
             f"--workers {workers} and --gpus {gpus}: with --gpus the workers are --workers-per-gpu "
             "on each GPU named; give one or the other."
         )
-    environments = _gpu_environments(gpus, workers_per_gpu, device) if gpus is not None else None
+    environments = _gpu_environments(gpus, workers_per_gpu, device)
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)
     budget = budget_state(created, spec)
@@ -186,8 +186,8 @@ def worker(
     from tuner.progress import log_output
     from tuner.worker import WorkerOptions, run_worker
 
-    if gpus is not None:
-        environments = _gpu_environments(gpus, workers_per_gpu, device)
+    environments = _gpu_environments(gpus, workers_per_gpu, device)
+    if environments is not None:
         _work_on_gpus(study, storage, environments, threads, checkpoint_dir, artifact_dir, keep_checkpoints)
         return
     options = WorkerOptions(
@@ -554,8 +554,16 @@ def _probe_and_share(spec: StudySpec, study_name: str, storage: str | None, devi
     return result
 
 
-def _gpu_environments(gpus: str, workers_per_gpu: int, device: str) -> list[dict[str, str]]:
-    """Each worker's ``CUDA_VISIBLE_DEVICES``; bad input where this machine has no such GPUs."""
+def _gpu_environments(gpus: str | None, workers_per_gpu: int, device: str) -> list[dict[str, str]] | None:
+    """Each worker's ``CUDA_VISIBLE_DEVICES``, None without --gpus; bad input where this machine
+    has no such GPUs, or a --workers-per-gpu comes without --gpus, which would go unheeded."""
+    if gpus is None:
+        if workers_per_gpu != 1:
+            raise BadInputError(
+                f"--workers-per-gpu {workers_per_gpu} needs --gpus (all or indices like 0,2): it is the "
+                "number of workers on each GPU named there."
+            )
+        return None
     import torch
 
     from tuner.launch import gpu_environments
