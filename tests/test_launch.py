@@ -4,6 +4,7 @@ the same launching function show the ``CUDA_VISIBLE_DEVICES`` they were given.""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -69,6 +70,23 @@ def test_run_refuses_a_worker_count_beside_gpus(write_spec, sqlite_url: str) -> 
     assert result.returncode == 2, result.stderr
     assert "--workers 4 and --gpus 0" in " ".join(result.stderr.split())
     assert optuna.get_all_study_names(sqlite_url) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_threads_are_shared_out_over_the_cpus_this_process_may_use(sqlite_url: str) -> None:
+    """A Slurm task or a container pinned to some of the machine's CPUs: the workers share those,
+    where each got its share of all the machine's and together they oversubscribed the ones given."""
+    given = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(given)})
+    try:
+        processes = start_workers("pinned", sqlite_url, 1, first_index=0)
+    finally:
+        os.sched_setaffinity(0, given)
+    for process in processes:
+        process.kill()
+        process.communicate()
+    command = processes[0].args
+    assert command[command.index("--threads") + 1] == "1"
 
 
 @pytest.mark.parametrize("command", ["worker", "run"])

@@ -65,8 +65,8 @@ def start_workers(
     first_index: int | None = None,
 ) -> list[subprocess.Popen[str]]:
     """Start ``count`` workers; the storage URL travels in the environment, not on the command
-    line, so a password does not show in the process list. Without ``threads`` each, the CPU
-    threads are shared out so that the workers do not oversubscribe the cores. A worker starts
+    line, so a password does not show in the process list. Without ``threads`` each, the CPUs
+    this process may use are shared out so that the workers do not oversubscribe them. A worker starts
     with SIGINT and SIGTERM held until its stop handler is in place (``run_worker``): one sent
     while it imports torch would otherwise kill it, or be lost where the signals are ignored (a
     script's ``&``).
@@ -80,7 +80,7 @@ def start_workers(
         from tuner.worker import seed_offset  # imports torch, which only these launches need
 
         first_index = seed_offset(None)
-    threads = threads or max(1, (os.cpu_count() or 1) // count)
+    threads = threads or max(1, _usable_cpus() // count)
     processes = []
     with _stop_signals_held():
         for index in range(count):
@@ -99,6 +99,14 @@ def start_workers(
                 )
             )
     return processes
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: a Slurm task's or a pinned container's, where the
+    machine's count would give each worker threads for CPUs it cannot use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS pins no process
 
 
 @contextmanager
