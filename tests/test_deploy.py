@@ -283,6 +283,18 @@ def test_stopped_workers_get_time_to_finish_their_epoch():
         assert _seconds(service["stop_grace_period"]) == slurm, name
 
 
+def test_tuner_is_not_process_1_of_its_container():
+    """Process 1 of a container gets no signal it has no handler for: a worker stopped while it
+    starts (importing torch, waiting for the database) ignored SIGTERM, went on to claim a trial and
+    was killed in the middle of it when the grace period ran out. Docker's init and the pod's
+    shared process namespace make another process the first."""
+    for name, service in _compose()["services"].items():
+        if service.get("command", [""])[0] == "tuner":
+            assert service.get("init") is True, f"compose {name} runs tuner as process 1"
+    workers = next(doc for doc in _kubernetes() if doc["metadata"]["name"] == "tuner-worker")
+    assert workers["spec"]["template"]["spec"].get("shareProcessNamespace") is True
+
+
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
