@@ -13,8 +13,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import string
+import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -72,7 +75,7 @@ def _srun_line() -> list[str]:
     values = {
         "study": "demo", "SLURM_CPUS_PER_TASK": "8", "checkpoints": "/shared/checkpoints", "artifacts": "/shared/artifacts",
     }
-    return shlex.split(string.Template(line).substitute(values))
+    return shlex.split(string.Template(line.removesuffix("&")).substitute(values))
 
 
 def _slurm_command() -> list[str]:
@@ -274,7 +277,7 @@ def test_stopped_workers_get_time_to_finish_their_epoch():
     then finishes its epoch and hands its trial back. Killed before, after Docker's default 10 s,
     its trial waits for the heartbeat grace and is retried as after a dead worker, which uses up
     one of its ``max_retries``."""
-    slurm = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", SLURM.read_text(), re.M).group(1))
+    slurm = int(re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", SLURM.read_text(), re.M).group(1))
     pods = next(doc for doc in _kubernetes() if doc["metadata"]["name"] == "tuner-worker")
     assert pods["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == slurm
     for name in ("worker", "worker-cpu"):
@@ -293,6 +296,46 @@ def test_tuner_is_not_process_1_of_its_container():
             assert service.get("init") is True, f"compose {name} runs tuner as process 1"
     workers = next(doc for doc in _kubernetes() if doc["metadata"]["name"] == "tuner-worker")
     assert workers["spec"]["template"]["spec"].get("shareProcessNamespace") is True
+
+
+FAKE_SLURM = {
+    # srun runs its command here; the real one turns a SIGTERM of its own into a SIGKILL of it.
+    "srun": 'while [[ $1 == -* ]]; do shift; done\nexec "$@"',
+    "scancel": '[[ $1 == --signal=TERM && $2 == 42 ]] && kill -TERM "$(cat "$HOME/worker.pid")"',
+    "scontrol": 'echo "$@" >> "$HOME/scontrol"',
+    # The worker: it finishes its epoch on SIGTERM and exits 0, as it does when the budget is met.
+    "tuner": 'echo $$ > "$HOME/worker.pid"\ntrap \'echo handed back > "$HOME/worker"; exit 0\' TERM\n'
+    '[[ -n ${BUDGET_MET:-} ]] && exit 0\nwhile :; do sleep 0.1; done',
+}
+
+
+@pytest.mark.parametrize("stopped", [True, False], ids=["time limit", "budget met"])
+def test_slurm_task_stopped_before_its_time_limit_is_requeued(tmp_path: Path, stopped: bool):
+    """300 s before the time limit the task's worker hands its trial back and the task is requeued
+    to resume it: all the tasks of an array that run at once reach their limit together, and none
+    was left to resume the trials, which waited for another sbatch. A task whose worker met the
+    budget ends."""
+    (tmp_path / "bin").mkdir()
+    for name, body in FAKE_SLURM.items():
+        (tmp_path / "bin" / name).write_text(f"#!/bin/bash\n{body}\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    env = {
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
+        "TUNER_STORAGE": "postgresql://tuner@db:5432/tuner", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
+        **({} if stopped else {"BUDGET_MET": "1"}),
+    }
+    script = subprocess.Popen(["bash", str(SLURM), "demo"], env=env)
+    if stopped:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "worker.pid").exists():
+            assert time.monotonic() < deadline and script.poll() is None, "the worker did not start"
+            time.sleep(0.05)
+        script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends the script
+    assert script.wait(timeout=10) == 0
+    assert (tmp_path / "worker").exists() is stopped, "the worker was not sent SIGTERM"
+    requeued = (tmp_path / "scontrol").read_text().split() if (tmp_path / "scontrol").exists() else []
+    assert requeued == (["requeue", "42"] if stopped else [])
+    assert re.search(r"^#SBATCH --requeue$", SLURM.read_text(), re.M)
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
