@@ -303,8 +303,8 @@ FAKE_SLURM = {
     "srun": 'while [[ $1 == -* ]]; do shift; done\nexec "$@"',
     "scancel": '[[ $1 == --signal=TERM && $2 == 42 ]] && kill -TERM "$(cat "$HOME/worker.pid")"',
     "scontrol": 'echo "$@" >> "$HOME/scontrol"',
-    # The worker: it finishes its epoch on SIGTERM and exits 0, as it does when the budget is met.
-    "tuner": 'echo $$ > "$HOME/worker.pid"\ntrap \'echo handed back > "$HOME/worker"; exit 0\' TERM\n'
+    # The worker: it finishes its epoch on SIGTERM and exits 143; 0 when the budget is met.
+    "tuner": 'echo $$ > "$HOME/worker.pid"\ntrap \'echo handed back > "$HOME/worker"; exit 143\' TERM\n'
     '[[ -n ${BUDGET_MET:-} ]] && exit 0\nwhile :; do sleep 0.1; done',
 }
 

@@ -179,7 +179,8 @@ def worker(
     gpus: GpusOption = None,
     workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
-    """Pull trials from a study until its budget is met, then exit 0.
+    """Pull trials from a study until its budget is met, then exit 0; on SIGTERM or Ctrl-C, hand
+    the trial back after its epoch and exit 143 or 130.
 
     With --gpus, start one such worker process per GPU (--workers-per-gpu each) and wait for them.
     """
@@ -195,7 +196,11 @@ def worker(
         keep_checkpoints=keep_checkpoints, worker_index=worker_index, threads=threads,
     )
     with log_output(errors):
-        run_worker(study, storage, options)
+        summary = run_worker(study, storage, options)
+    if summary.stopped_by is not None:
+        # Exit 0 says the budget is met: an orchestrator (an Indexed Job, compose's on-failure)
+        # would count a preempted worker as done and never start another in its place.
+        raise typer.Exit(128 + summary.stopped_by)
 
 
 BestFormatOption = Annotated[str, typer.Option("--format", help="table or json.")]
@@ -604,10 +609,13 @@ def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finishe
     """After a stop signal, say how far the study got and that the same command resumes it, and
     exit 128 + the signal as a shell does (130 for Ctrl-C), since the budget is not met; else
     exit 2 where every failed worker stopped on bad input, 1 where another failed."""
+    from tuner.launch import STOP_SIGNALS
     from tuner.study import budget_state
 
-    failed = sum(1 for code in finished.codes if code)
-    failures = f"{failed} of {len(finished.codes)} workers exited with an error"
+    # A worker stopped by a signal exits 128 + it, as this command does: no error of its own.
+    stopped = {128 + sig for sig in STOP_SIGNALS}
+    failed = [code for code in finished.codes if code and code not in stopped]
+    failures = f"{len(failed)} of {len(finished.codes)} workers exited with an error"
     if finished.stopped_by is not None:
         state = budget_state(study, spec)
         done = f"{state.finished} of {state.n_trials}" if state.n_trials is not None else str(state.finished)
@@ -619,7 +627,7 @@ def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finishe
     if failed:
         # Workers that all stopped on bad input (a metric the workload does not report, a lost
         # database) make the run's own exit 2, as the same error in `tuner worker` does.
-        bad_input = all(code == BadInputError.exit_code for code in finished.codes if code)
+        bad_input = all(code == BadInputError.exit_code for code in failed)
         raise (BadInputError if bad_input else TunerError)(f"{failures}.")
 
 

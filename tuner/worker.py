@@ -74,6 +74,8 @@ class WorkerOptions:
 @dataclass
 class WorkerSummary:
     trials: dict[str, int] = field(default_factory=dict)
+    # The first SIGTERM/SIGINT that stopped the worker before the budget was met, if any.
+    stopped_by: signal.Signals | None = None
 
     def count(self, outcome: str) -> None:
         self.trials[outcome] = self.trials.get(outcome, 0) + 1
@@ -162,9 +164,11 @@ class _StopRequest:
     def __init__(self) -> None:
         self.count = 0
         self.telling = False
+        self.signal: signal.Signals | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
+        self.signal = self.signal or signal.Signals(signum)
         logger.warning("worker %s: stop requested (%s)", worker_id(), signal.Signals(signum).name)
         if self.count > 1 and not self.telling:
             raise WorkerStopped("second stop signal")
@@ -260,6 +264,7 @@ def run_worker(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    summary.stopped_by = stop.signal
     logger.info("worker %s done: %s", worker_id(), summary.trials)
     return summary
 
