@@ -178,6 +178,11 @@ def test_kubernetes_manifests():
     workers = docs["Job", "tuner-worker"]["spec"]
     assert workers["completionMode"] == "Indexed"
     assert workers["parallelism"] == workers["completions"]
+    # A preempted or evicted worker exits 143: its pod is replaced, not counted as a failure of its
+    # index; Kubernetes takes a pod failure policy only with restartPolicy Never.
+    rules = workers["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert workers["template"]["spec"]["restartPolicy"] == "Never"
     worker = _containers(docs["Job", "tuner-worker"])[0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["command"][worker["command"].index("--study") + 1] == yaml.safe_load(
