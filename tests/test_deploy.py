@@ -309,17 +309,20 @@ FAKE_SLURM = {
     "scancel": '[[ $1 == --signal=TERM && $2 == 42 ]] && kill -TERM "$(cat "$HOME/worker.pid")"',
     "scontrol": 'echo "$@" >> "$HOME/scontrol"',
     # The worker: it finishes its epoch on SIGTERM and exits 143; 0 when the budget is met.
-    "tuner": 'echo $$ > "$HOME/worker.pid"\ntrap \'echo handed back > "$HOME/worker"; exit 143\' TERM\n'
+    "tuner": 'trap \'echo handed back > "$HOME/worker"; exit 143\' TERM\necho $$ > "$HOME/worker.pid"\n'
     '[[ -n ${BUDGET_MET:-} ]] && exit 0\nwhile :; do sleep 0.1; done',
 }
 
 
-@pytest.mark.parametrize("stopped", [True, False], ids=["time limit", "budget met"])
-def test_slurm_task_stopped_before_its_time_limit_is_requeued(tmp_path: Path, stopped: bool):
+@pytest.mark.parametrize(
+    "stop, code", [("USR1", 0), ("TERM", 143), (None, 0)], ids=["time limit", "scancel --signal=TERM", "budget met"]
+)
+def test_slurm_task_stopped_before_its_time_limit_is_requeued(tmp_path: Path, stop: str | None, code: int):
     """300 s before the time limit the task's worker hands its trial back and the task is requeued
     to resume it: all the tasks of an array that run at once reach their limit together, and none
-    was left to resume the trials, which waited for another sbatch. A task whose worker met the
-    budget ends."""
+    was left to resume the trials, which waited for another sbatch. A worker stopped with
+    ``scancel --signal=TERM`` (which signals the steps, not the script) hands its trial back and
+    ends the task with its 143, not requeued; a task whose worker met the budget ends."""
     (tmp_path / "bin").mkdir()
     for name, body in FAKE_SLURM.items():
         (tmp_path / "bin" / name).write_text(f"#!/bin/bash\n{body}\n")
@@ -327,19 +330,23 @@ def test_slurm_task_stopped_before_its_time_limit_is_requeued(tmp_path: Path, st
     env = {
         "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
         "TUNER_STORAGE": "postgresql://tuner@db:5432/tuner", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
-        **({} if stopped else {"BUDGET_MET": "1"}),
+        **({} if stop else {"BUDGET_MET": "1"}),
     }
     script = subprocess.Popen(["bash", str(SLURM), "demo"], env=env)
-    if stopped:
+    if stop:
         deadline = time.monotonic() + 10
-        while not (tmp_path / "worker.pid").exists():
+        pid = tmp_path / "worker.pid"
+        while not (pid.exists() and pid.read_text().strip()):
             assert time.monotonic() < deadline and script.poll() is None, "the worker did not start"
             time.sleep(0.05)
-        script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends the script
-    assert script.wait(timeout=10) == 0
-    assert (tmp_path / "worker").exists() is stopped, "the worker was not sent SIGTERM"
+        if stop == "USR1":
+            script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends the script
+        else:
+            os.kill(int(pid.read_text()), signal.SIGTERM)  # what scancel --signal=TERM sends the step
+    assert script.wait(timeout=10) == code
+    assert (tmp_path / "worker").exists() is bool(stop), "the worker was not sent SIGTERM"
     requeued = (tmp_path / "scontrol").read_text().split() if (tmp_path / "scontrol").exists() else []
-    assert requeued == (["requeue", "42"] if stopped else [])
+    assert requeued == (["requeue", "42"] if stop == "USR1" else [])
     assert re.search(r"^#SBATCH --requeue$", SLURM.read_text(), re.M)
 
 
