@@ -235,16 +235,19 @@ def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignor
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlite_url):
+@pytest.mark.parametrize(("stopped", "stop_signal"), [("run", signal.SIGINT), ("its worker", signal.SIGTERM)])
+def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlite_url, stopped, stop_signal):
+    """Ctrl-C on the run, or a SIGTERM sent to its one worker alone (kill PID), which leaves the
+    budget as unmet."""
     spec = small_spec("midrun", workload="paced_workload:paced", budget={"n_trials": 1}, pruner={"name": "none"})
     spec["search"]["epochs"] = {"low": 3, "high": 3}
     create_study(parse_spec(spec), sqlite_url)
     args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
     run = start_tuner(*args)
     _wait_for(lambda: _epochs_done(sqlite_url, "midrun") >= 1, what="an epoch")
-    run.send_signal(signal.SIGINT)
+    (run if stopped == "run" else psutil.Process(run.pid).children()[0]).send_signal(stop_signal)
     output, _ = run.communicate(timeout=120)
-    assert run.returncode == 130, output
+    assert run.returncode == 128 + stop_signal, output
     assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output
     study = optuna.load_study(study_name="midrun", storage=sqlite_url)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -616,14 +617,19 @@ def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finishe
     stopped = {128 + sig for sig in STOP_SIGNALS}
     failed = [code for code in finished.codes if code and code not in stopped]
     failures = f"{len(failed)} of {len(finished.codes)} workers exited with an error"
-    if finished.stopped_by is not None:
-        state = budget_state(study, spec)
+    state = budget_state(study, spec)
+    stopped_by = finished.stopped_by
+    signalled = [code for code in finished.codes if code in stopped]
+    if stopped_by is None and signalled and not state.exhausted:
+        # Workers signalled themselves (kill PID), not through this command, left the budget unmet.
+        stopped_by = signal.Signals(signalled[0] - 128)
+    if stopped_by is not None:
         done = f"{state.finished} of {state.n_trials}" if state.n_trials is not None else str(state.finished)
         also = f"; {failures}" if failed else ""
         errors.print(
             f"interrupted: {done} trials finished{also}; run the same command again to resume", highlight=False
         )
-        raise typer.Exit(128 + finished.stopped_by)
+        raise typer.Exit(128 + stopped_by)
     if failed:
         # Workers that all stopped on bad input (a metric the workload does not report, a lost
         # database) make the run's own exit 2, as the same error in `tuner worker` does.
