@@ -124,6 +124,29 @@ def test_best_within_on_the_command_line(sqlite_url: str, tmp_path) -> None:
     assert f"fastest trial within 50% of the best val_accuracy: #{expected.number}" in table.stdout
 
 
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+@pytest.mark.parametrize(
+    "command", [["best"], ["best", "--within", "1%"], ["trials"]], ids=["best", "best --within", "trials"]
+)
+def test_json_of_a_trial_with_a_nan_record_is_valid_json(sqlite_url: str, command: list[str]) -> None:
+    # A diverged epoch's noise scale is NaN, recorded before the divergence is caught.
+    study = create_study(parse_spec(small_spec("nan", budget={"n_trials": 1})), sqlite_url)
+    trial = study.ask()
+    trial.suggest_int("epochs", 2, 2)
+    for name, value in {"train_time_s": 1.0, "gradient_noise_scale": [12.5, float("nan")], "samples_per_s": float("inf")}.items():
+        trial.set_user_attr(name, value)
+    study.tell(trial, 0.9)
+    result = CliRunner().invoke(app, [*command, "--study", "nan", "--storage", sqlite_url, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout, parse_constant=_refuse)
+    record = answer[0] if isinstance(answer, list) else answer
+    assert record["user_attrs"]["gradient_noise_scale"] == [12.5, None]
+    assert record["user_attrs"]["samples_per_s"] is None and record["value"] == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("objectives", [None, TRADEOFF], ids=["one objective", "two objectives"])
 @pytest.mark.parametrize("output", ["table", "json"])
 def test_best_of_a_study_without_a_complete_trial_is_an_error_in_either_format(sqlite_url, objectives, output):

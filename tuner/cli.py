@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import sys
@@ -223,11 +224,27 @@ def _print_best(study_name: str, storage: str | None, output: str, *, required: 
             raise TunerError(f"Study {study_name!r} has no completed trial yet.")
         console.print(f"study {study_name!r} has no completed trial yet")
     elif output == "json":
-        print(json.dumps({"study": study.study_name, "pareto_front": records} if several else records[0]))
+        _print_json({"study": study.study_name, "pareto_front": records} if several else records[0])
     elif several:
         console.print(_pareto_table(study, records))
     else:
         console.print(_trial_table(study, records[0], f"best trial of {study.study_name!r}: #{records[0]['trial']}"))
+
+
+def _print_json(answer: object) -> None:
+    """Print ``answer`` as JSON, NaN and infinity as null: a diverged epoch's records (its noise
+    scale) hold them, and Python's NaN literal is not JSON, so jq and JSON.parse refuse it."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    print(json.dumps(finite(answer), allow_nan=False))
 
 
 def _trial_table(study: optuna.Study, record: dict, title: str) -> Table:
@@ -290,7 +307,7 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
     if output == "json":
         record = trial_record(study, fastest)
         record.update(within=tolerance, metric=metric, best_trial=best.number, best_value=best.values[objective])
-        print(json.dumps(record))
+        _print_json(record)
         return fastest
     best_time, fast_time = best.user_attrs["train_time_s"], fastest.user_attrs["train_time_s"]
     console.print(
@@ -374,7 +391,7 @@ def trials(study: StudyOption, storage: StorageOption = None, output: TrialsForm
     loaded, _ = load_study(study, storage)
     if output == "json":
         # The objects of ``tuner best --format json``, every record included.
-        print(json.dumps([trial_record(loaded, trial) for trial in listed_trials(loaded)]))
+        _print_json([trial_record(loaded, trial) for trial in listed_trials(loaded)])
         return
     rows = trial_rows(loaded, every_record=output == "csv")
     columns = list(dict.fromkeys(key for row in rows for key in row))
