@@ -17,10 +17,12 @@ from tuner.status import study_status
 from tuner.study import create_study
 
 
-def _finish(study: optuna.Study, epochs: int, trained: int, state: TrialState) -> None:
+def _finish(study: optuna.Study, epochs: int, trained: int, state: TrialState, stop_reason: str | None = None) -> None:
     trial = study.ask()  # claims one of the budget's waiting slots
     trial.suggest_int("epochs", epochs, epochs)
     trial.set_user_attr("epochs_completed", trained)
+    if stop_reason:
+        trial.set_user_attr("stop_reason", stop_reason)
     study.tell(trial, 0.9 if state == TrialState.COMPLETE else None, state=state)
 
 
@@ -69,6 +71,19 @@ def test_status_figures(known_study: optuna.Study):
     assert status.trials_per_hour is not None and status.eta_s is not None
     assert [(t.worker, t.epochs_completed, t.epochs) for t in status.live] == [("gpu-box:4242", 2, 3)]
     assert status.resumable == []
+
+
+def test_trials_that_diverged_or_ran_out_of_memory_are_not_saved_by_pruning(sqlite_url: str):
+    # Both end in Optuna's PRUNED state, but no more epochs would have trained without a pruner.
+    spec = parse_spec(_known_spec())
+    study = create_study(spec, sqlite_url)
+    _finish(study, 3, 3, TrialState.COMPLETE)
+    _finish(study, 4, 1, TrialState.PRUNED, "diverged")
+    _finish(study, 4, 0, TrialState.PRUNED, "out_of_memory")
+    _finish(study, 3, 1, TrialState.PRUNED, "pruned")
+    status = study_status(study, spec)
+    assert (status.epochs_trained, status.epochs_unpruned) == (5, 7)
+    assert status.pruning_savings_pct == pytest.approx(100 * 2 / 7)
 
 
 def test_status_command_prints_them(known_study: optuna.Study, sqlite_url: str):

@@ -17,6 +17,8 @@ from tuner.study import FINISHED, BudgetState, budget_state
 
 # A finished trial trained ``epochs_completed`` of its ``epochs``; a pruned one stopped early.
 TRAINED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Stop reasons of trials that end PRUNED though no pruner stopped them.
+STOPPED_UNPRUNED = ("diverged", "out_of_memory")
 STATE_LABELS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
@@ -95,6 +97,14 @@ def _epochs_completed(trial: FrozenTrial) -> int:
     return max(int(trial.user_attrs.get("epochs_completed", 0)), max(trial.intermediate_values, default=0))
 
 
+def _epochs_unpruned(trial: FrozenTrial) -> int:
+    """The epochs the trial would have trained without a pruner: a diverged or out-of-memory
+    trial, PRUNED as well, could not have gone on, and no pruner saved its epochs."""
+    if trial.user_attrs.get("stop_reason") in STOPPED_UNPRUNED:
+        return _epochs_completed(trial)
+    return int(trial.params.get("epochs", _epochs_completed(trial)))
+
+
 def _trials_per_hour(finished: list[FrozenTrial], last: int) -> float | None:
     """Trials finished per hour over the ``last`` finished ones, from the first start among them
     to the last end, so parallel workers count together."""
@@ -134,7 +144,7 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
         best_value=study.best_value if single and has_complete else None,
         pareto_size=None if single else len(study.best_trials),
         epochs_trained=sum(_epochs_completed(t) for t in trained),
-        epochs_unpruned=sum(int(t.params.get("epochs", _epochs_completed(t))) for t in trained),
+        epochs_unpruned=sum(_epochs_unpruned(t) for t in trained),
         trials_per_hour=per_hour,
         eta_s=_eta_s(budget, per_hour),
         live=[
