@@ -171,6 +171,24 @@ def test_the_batch_findings_rank_by_quality_where_time_is_the_first_objective(sq
     assert "best val_accuracy" in findings and "0.9" in findings and "0.5" not in findings
 
 
+def test_the_memory_limits_count_the_batches_memory_split(sqlite_url):
+    """A trial that measures the noise scale splits every batch in two, fit or not; a ramp
+    trial's micro-batches are those of its last epoch's batch, not of the batch searched."""
+    spec = parse_spec(small_spec("memory-note"))
+    study = create_study(spec, sqlite_url)
+    for records in (
+        {"effective_batch_size": 16, "micro_batch_size": 8, "accumulation_steps": 2, "gradient_noise_scale": [40.0]},
+        {"effective_batch_size": 32, "micro_batch_size": 32, "accumulation_steps": 4, "batch_size_per_epoch": [32, 64, 128]},
+        {"effective_batch_size": 512, "micro_batch_size": 256, "accumulation_steps": 2},
+    ):
+        trial = study.ask()
+        for name, value in {"device_name": "cpu", **records}.items():
+            trial.set_user_attr(name, value)
+        study.tell(trial, 0.9)
+    memory = notes.study_note(study, spec).split("### Memory limits learned")[1]
+    assert "| cpu | 256 | 128 | 0 |" in memory
+
+
 def test_a_writer_stopping_while_trials_run_leaves_the_last_word_to_the_next(sqlite_url):
     """Past a time budget, or without heartbeats, a worker stops while others still train: the
     note it writes then must not stay the last, missing the trials that end after it."""

@@ -127,6 +127,16 @@ def _batch_lines(trials: list[FrozenTrial], spec: StudySpec, quality: int) -> li
     return _table(("effective batch", "trials", f"best {objective.metric}", "lr used", "epochs", "trial"), rows)
 
 
+def _split_by_memory(trial: FrozenTrial) -> int | None:
+    """The batch of the trial's last epoch, whose micro-batches it records, where memory split
+    it: measuring the noise scale splits every batch in two whether it fits or not, and a ramp
+    or adaptive trial's last batch is not the one searched."""
+    steps = trial.user_attrs.get("accumulation_steps", 1)
+    if steps <= (2 if "gradient_noise_scale" in trial.user_attrs else 1):
+        return None
+    return (trial.user_attrs.get("batch_size_per_epoch") or [trial.user_attrs.get("effective_batch_size")])[-1]
+
+
 def _memory_lines(trials: list[FrozenTrial]) -> list[str]:
     """Per device: the largest micro-batch that fitted, where accumulation began, and
     out-of-memory trials."""
@@ -137,7 +147,7 @@ def _memory_lines(trials: list[FrozenTrial]) -> list[str]:
     rows = []
     for device, group in sorted(fitted.items()):
         micro = [t.user_attrs["micro_batch_size"] for t in group if "micro_batch_size" in t.user_attrs]
-        split = [t.user_attrs["effective_batch_size"] for t in group if t.user_attrs.get("accumulation_steps", 1) > 1]
+        split = [batch for t in group if (batch := _split_by_memory(t)) is not None]
         oom = sum(1 for t in group if t.user_attrs.get("stop_reason") == "out_of_memory")
         rows.append((device, max(micro, default=None), min(split, default="none"), oom))
     if not rows:
