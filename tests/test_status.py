@@ -178,3 +178,16 @@ def test_status_of_a_storage_without_studies_says_so(tmp_path):
     result = tuner("status", "--storage", url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"no studies in storage '{url}'; `tuner create` or `tuner run` makes one"
+
+
+def test_status_of_every_study_leaves_out_those_tuner_did_not_make(sqlite_url: str):
+    # Plain Optuna beside tuner in one database: no spec, no budget to show.
+    optuna.create_study(study_name="plain", storage=sqlite_url)
+    result = CliRunner().invoke(app, ["status", "--storage", sqlite_url])
+    assert result.exit_code == 0, result.output
+    assert "no studies made by tuner in" in result.stdout and "left out, not made by tuner (no spec, no budget): 'plain'" in result.stdout
+    create_study(parse_spec(_known_spec()), sqlite_url)
+    result = CliRunner().invoke(app, ["status", "--storage", sqlite_url], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    assert "known" in result.stdout and "6 left" in result.stdout
+    assert "left out, not made by tuner (no spec, no budget): 'plain'" in result.stdout

@@ -426,12 +426,18 @@ def status(
 
     from tuner.status import status_table, study_status
     from tuner.storages import make_storage, storage_name
-    from tuner.study import load_study
+    from tuner.study import load_study, stored_spec
 
     opened = make_storage(storage, create=False)
     names = [study] if study else sorted(optuna.get_all_study_names(opened))
+    # Plain Optuna's studies may share the database: with no stored spec they have no budget to
+    # show, and loading them would fail the status of every study.
+    others = [] if study else [name for name in names if stored_spec(opened, name) is None]
+    names = [name for name in names if name not in others]
+    if others:
+        console.print(f"left out, not made by tuner (no spec, no budget): {', '.join(map(repr, others))}", highlight=False)
     if not names:
-        console.print(f"no studies in {storage_name(opened)}; `tuner create` or `tuner run` makes one")
+        console.print(f"no studies {'made by tuner ' if others else ''}in {storage_name(opened)}; `tuner create` or `tuner run` makes one")
         return
 
     def table() -> Table:
