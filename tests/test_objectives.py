@@ -126,13 +126,15 @@ def test_best_within_on_the_command_line(sqlite_url: str, tmp_path) -> None:
 
 def test_best_within_tells_long_times_and_their_ratio_in_plain_digits(sqlite_url: str) -> None:
     study = create_study(parse_spec(small_spec("ratio", budget={"n_trials": 2})), sqlite_url)
-    for accuracy, seconds in [(0.970, 1500.0), (0.965, 2.0)]:
+    for accuracy, seconds in [(0.970, 15000.0), (0.965, 2.0)]:
         trial = study.ask()
         trial.set_user_attr("train_time_s", seconds)
         study.tell(trial, accuracy)
     result = CliRunner().invoke(app, ["best", "--study", "ratio", "--storage", sqlite_url, "--within", "1%"])
     assert result.exit_code == 0, result.output
-    assert "the best, #0, has 0.97 in 1500 s (750x the time)" in result.stdout
+    assert "the best, #0, has 0.97 in 15000 s (7500x the time)" in result.stdout
+    listed = CliRunner().invoke(app, ["trials", "--study", "ratio", "--storage", sqlite_url], env={"COLUMNS": "200"})
+    assert " 15000 " in listed.stdout and "e+04" not in listed.stdout
 
 
 def _refuse(constant: str) -> None:

@@ -291,14 +291,9 @@ def _parse_percent(text: str) -> float:
     return percent / 100
 
 
-def _digits(value: float, significant: int) -> str:
-    """``value`` to ``significant`` digits, whole numbers past them: 1500 s, not 1.5e+03 s."""
-    return f"{value:.{significant}g}" if abs(value) < 10**significant else f"{value:.0f}"
-
-
 def _print_fastest_within(study_name: str, storage: str | None, text: str, output: str) -> FrozenTrial:
     """Print the fastest trial nearly as good as the best, and return it."""
-    from tuner.report import fastest_within, format_value, quality_objective, trial_record
+    from tuner.report import digits, fastest_within, format_value, quality_objective, trial_record
     from tuner.study import load_study
 
     tolerance = _parse_percent(text)
@@ -317,9 +312,9 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
     best_time, fast_time = best.user_attrs["train_time_s"], fastest.user_attrs["train_time_s"]
     console.print(
         f"fastest trial within {text.strip().removesuffix('%')}% of the best {metric}: #{fastest.number} "
-        f"({metric} {format_value(fastest.values[objective])} in {_digits(fast_time, 3)} s); the best, #{best.number}, "
-        f"has {format_value(best.values[objective])} in {_digits(best_time, 3)} s "
-        f"({_digits(best_time / fast_time if fast_time else float('inf'), 2)}x the time)",
+        f"({metric} {format_value(fastest.values[objective])} in {digits(fast_time, 3)} s); the best, #{best.number}, "
+        f"has {format_value(best.values[objective])} in {digits(best_time, 3)} s "
+        f"({digits(best_time / fast_time if fast_time else float('inf'), 2)}x the time)",
         highlight=False,
     )
     console.print(_trial_table(study, trial_record(study, fastest), f"fastest within {text}: #{fastest.number}"))

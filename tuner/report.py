@@ -124,9 +124,15 @@ def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str
     return rows
 
 
+def digits(value: float, significant: int) -> str:
+    """``value`` to ``significant`` digits, whole numbers past them: a trial of hours trains
+    for 15000 s, not 1.5e+04 s."""
+    return f"{value:.{significant}g}" if abs(value) < 10**significant else f"{value:.0f}"
+
+
 def format_value(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return digits(value, 4) if math.isfinite(value) else str(value)
     return str(value)
