@@ -15,9 +15,10 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from conftest import small_spec, start_tuner, tuner
-from tuner.cli import errors
+from tuner.cli import app, errors
 from tuner.launch import follow
 from tuner.spec import parse_spec
 from tuner.storages import sqlalchemy_url
@@ -147,6 +148,15 @@ def test_csv_keeps_the_workers_duration_beside_optunas(sqlite_url):
     assert float(row["duration_s"]) == 10.0
     assert float(row["user_attrs.duration_s"]) == 7.5
     assert row["worker"] == "host:1"
+
+
+def test_trials_of_a_study_no_worker_has_started_says_so(sqlite_url):
+    create_study(parse_spec(small_spec("unstarted")), sqlite_url)
+    listed = CliRunner().invoke(app, ["trials", "--study", "unstarted", "--storage", sqlite_url])
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.strip() == "no trial of 'unstarted' has started yet"
+    listed = CliRunner().invoke(app, ["trials", "--study", "unstarted", "--storage", sqlite_url, "--format", "csv"])
+    assert listed.stdout.splitlines() == ["number,state,val_accuracy"]
 
 
 def test_a_long_worker_line_stays_one_line_in_a_pipe(sqlite_url, capsys):

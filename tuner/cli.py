@@ -383,7 +383,7 @@ def train_once(
 @app.command()
 def trials(study: StudyOption, storage: StorageOption = None, output: TrialsFormatOption = "table") -> None:
     """Every trial with its state, parameters and records."""
-    from tuner.report import format_value, listed_trials, trial_record, trial_rows
+    from tuner.report import format_value, listed_trials, trial_record, trial_rows, value_columns
     from tuner.study import load_study
 
     if output not in ("table", "csv", "json"):
@@ -394,7 +394,11 @@ def trials(study: StudyOption, storage: StorageOption = None, output: TrialsForm
         _print_json([trial_record(loaded, trial) for trial in listed_trials(loaded)])
         return
     rows = trial_rows(loaded, every_record=output == "csv")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if not rows and output == "table":
+        console.print(f"no trial of {study!r} has started yet")
+        return
+    # Without a row, a CSV still has its header: a script reading it finds the columns it expects.
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["number", "state", *value_columns(loaded)]
     if output == "table":
         columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
     if output == "csv":

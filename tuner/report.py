@@ -94,6 +94,11 @@ def listed_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [trial for trial in study.get_trials(deepcopy=False) if trial.state != TrialState.WAITING]
 
 
+def value_columns(study: optuna.Study) -> list[str]:
+    """The columns of the objectives' values: the metrics' names, or Optuna's value_0, ..."""
+    return study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+
+
 def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str, Any]]:
     """One flat row per listed trial: the table's few records, or for CSV every record that is
     a single value (the per-epoch ones, such as ``history``, are in the JSON). A record named
@@ -103,7 +108,7 @@ def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str
     rows = []
     for trial in listed_trials(study):
         row: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
-        names = study.metric_names or [f"value_{i}" for i in range(len(study.directions))]
+        names = value_columns(study)
         for name, value in zip(names, trial.values or [None] * len(names)):
             row[name] = value
         row.update(used_params(trial))
