@@ -179,6 +179,33 @@ def test_an_objective_named_like_a_record_shows_its_own_value(sqlite_url: str, t
     assert "<td>5</td>" in page and "<td>7</td>" not in page
 
 
+def test_the_pareto_table_of_the_report_keeps_each_value_under_its_column(sqlite_url: str, tmp_path: Path):
+    """Trials of plain Optuna beside tuner's search other parameters: a front of both lines up."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import write_report
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+
+    objectives = [{"metric": "val_accuracy", "direction": "maximize"}, {"metric": "train_time_s", "direction": "minimize"}]
+    spec = small_spec("lined-up", objectives=objectives)
+    del spec["objective"]
+    study = create_study(parse_spec(spec), sqlite_url)
+    rate = FloatDistribution(1e-3, 1e-1)
+    study.add_trial(create_trial(
+        params={"lr": 0.01, "momentum": 0.5}, distributions={"lr": rate, "momentum": FloatDistribution(0, 1)},
+        values=[0.9, 5.0], user_attrs={"effective_batch_size": 32, "lr_used": 0.02},
+    ))
+    study.add_trial(create_trial(params={"lr": 0.03}, distributions={"lr": rate}, values=[0.8, 1.0]))
+    write_report(study, parse_spec(spec), tmp_path)
+    table = (tmp_path / "index.html").read_text().split("<table>")[1].split("</table>")[0]
+    header, *rows = table.split("</tr>")[:-1]
+    names = header.replace("</th>", "").split("<th>")[1:]
+    cells = [dict(zip(names, row.replace("</td>", "").split("<td>")[1:], strict=True)) for row in rows]
+    assert [(row["lr"], row["momentum"], row["effective_batch_size"]) for row in cells] == [("0.02", "0.5", "32"), ("0.03", "", "")]
+
+
 def test_importances_of_several_objectives_rank_what_makes_the_first_one_good():
     """x alone lifts accuracy into its top tenth, y alone orders the rest: the bars for a
     maximized accuracy must put x first, where Optuna's evaluator, reading low values as the

@@ -165,9 +165,11 @@ def _best_table(study: optuna.Study, spec: StudySpec) -> str:
             **{name: trial.user_attrs.get(name) for name in RECORDS if name not in metrics},
         }
         rows.append(cells)
-    header = "".join(f"<th>{html.escape(name)}</th>" for name in rows[0])
+    # Every row's columns: trials of plain Optuna beside tuner's may search other parameters.
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_value(value))}</td>" for value in row.values()) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(format_value(row.get(name)))}</td>" for name in columns) + "</tr>"
         for row in rows
     )
     return f"<table><tr>{header}</tr>{body}</table>"
