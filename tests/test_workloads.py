@@ -66,6 +66,12 @@ def test_diverged_trials_are_pruned_and_the_worker_goes_on(sqlite_url, caplog):
     assert len([t for t in study.trials if t.state.is_finished()]) == 8
 
 
+def test_a_training_function_returning_nan_is_diverged_and_the_worker_goes_on(sqlite_url):
+    study = _run(small_spec("nan-end", workload="user_workloads:returns_nan", budget={"n_trials": 2}), sqlite_url)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["stop_detail"] == "val_accuracy is nan at the end" for t in study.trials)
+
+
 def test_a_diverged_epoch_counts_as_trained_in_every_cost_record(sqlite_url):
     """The epoch whose metric turned NaN ran to its end: the trial's epochs agree with its
     training time, samples/s and batch per epoch, and ``tuner status`` counts it as trained."""

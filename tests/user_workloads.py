@@ -184,6 +184,13 @@ def diverges_on_large_lr(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     return {"val_accuracy": value}
 
 
+def returns_nan(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """Finite at every reported epoch, NaN in the final metrics it returns."""
+    for epoch in range(1, hp.epochs + 1):
+        report(epoch, {"val_accuracy": 0.5})
+    return {"val_accuracy": math.nan}
+
+
 def raises(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     raise ValueError("broken workload")
 

@@ -384,6 +384,10 @@ def _train(
         # A training function's own metrics lack what the reporter adds, such as train_time_s.
         final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
         values = [float(final[o.metric]) for o in spec.all_objectives]
+        for objective, value in zip(spec.all_objectives, values):
+            if not math.isfinite(value):
+                # As at a reported epoch: Optuna refuses the value, and the trial would stay RUNNING.
+                raise Diverged(f"{objective.metric} is {value} at the end")
         return TrialState.COMPLETE, values, "complete"
     except (Diverged, OutOfMemory, optuna.TrialPruned) as stopped:
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
