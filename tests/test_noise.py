@@ -79,6 +79,16 @@ def test_no_estimate_before_a_step_or_from_one_micro_batch() -> None:
     assert noise.steps == 0 and noise.value is None
 
 
+@pytest.mark.parametrize("norm", [math.nan, math.inf])
+def test_no_estimate_from_a_step_whose_gradient_is_not_finite(norm: float) -> None:
+    """A diverging step: its noise scale would be recorded, and printed, as NaN."""
+    noise = NoiseScale()
+    noise.update(1.0, 8, 0.6, 16)
+    assert noise.value is not None
+    noise.update(norm, 8, norm, 16)
+    assert noise.value is None
+
+
 def _reporter() -> Reporter:
     return Reporter(optuna.create_study(direction="maximize").ask(), [Objective(metric="val_accuracy")])
 

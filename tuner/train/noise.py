@@ -13,6 +13,7 @@ micro-batch and ``B_big`` the whole step, so the measurement costs one copy of t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -44,8 +45,9 @@ class NoiseScale:
     @property
     def value(self) -> float | None:
         """``B_simple``, or None before the averages make sense (no step yet, or an estimate
-        not above zero, which early noisy steps can give)."""
-        if self.squared_gradient <= 0 or self.trace <= 0:
+        not above zero, which early noisy steps can give) or after they stop making it (a
+        diverging step's NaN or infinite gradient)."""
+        if not (0 < self.squared_gradient < math.inf and 0 < self.trace < math.inf):
             return None
         return self.trace / self.squared_gradient
 
