@@ -73,6 +73,21 @@ def test_status_figures(known_study: optuna.Study):
     assert status.resumable == []
 
 
+def test_no_eta_for_a_trial_budget_while_no_worker_runs(sqlite_url: str):
+    """The pace of the trials finished says nothing of when the rest finish if no one trains
+    them; a time budget still runs out on the clock."""
+    for budget, eta_known in [({"n_trials": 6}, False), ({"n_trials": 6, "timeout_s": 3600}, True)]:
+        spec = parse_spec({**_known_spec(), "name": f"idle-{eta_known}", "budget": budget})
+        study = create_study(spec, sqlite_url)
+        _finish(study, 3, 3, TrialState.COMPLETE)
+        _finish(study, 3, 3, TrialState.COMPLETE)
+        status = study_status(study, spec)
+        assert status.trials_per_hour is not None and status.live == []
+        assert (status.eta_s is not None) == eta_known
+        if eta_known:
+            assert 3500 < status.eta_s <= 3600
+
+
 def test_trials_that_diverged_or_ran_out_of_memory_are_not_saved_by_pruning(sqlite_url: str):
     # Both end in Optuna's PRUNED state, but no more epochs would have trained without a pruner.
     spec = parse_spec(_known_spec())

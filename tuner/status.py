@@ -137,6 +137,18 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
     heartbeats = _heartbeat_ages(study) if states["RUNNING"] else {}
     grace_s = _grace_s(study)
     has_complete = states["COMPLETE"] > 0
+    live = [
+        LiveTrial(
+            t.number, t.user_attrs.get("worker"), t.user_attrs.get("device"), _epochs_completed(t),
+            t.params.get("epochs"), heartbeats.get(t._trial_id),
+            stale=grace_s is not None and heartbeats.get(t._trial_id, 0.0) > grace_s,
+        )
+        for t in trials
+        if t.state == TrialState.RUNNING
+    ]
+    # The recent pace tells when the budget is met only while someone trains: with no worker
+    # running, only a time budget's clock goes on.
+    training = any(not t.stale for t in live)
     return StudyStatus(
         study=study.study_name,
         states=states,
@@ -146,16 +158,8 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
         epochs_trained=sum(_epochs_completed(t) for t in trained),
         epochs_unpruned=sum(_epochs_unpruned(t) for t in trained),
         trials_per_hour=per_hour,
-        eta_s=_eta_s(budget, per_hour),
-        live=[
-            LiveTrial(
-                t.number, t.user_attrs.get("worker"), t.user_attrs.get("device"), _epochs_completed(t),
-                t.params.get("epochs"), heartbeats.get(t._trial_id),
-                stale=grace_s is not None and heartbeats.get(t._trial_id, 0.0) > grace_s,
-            )
-            for t in trials
-            if t.state == TrialState.RUNNING
-        ],
+        eta_s=_eta_s(budget, per_hour if training else None),
+        live=live,
         resumable=[
             (t.number, t.system_attrs["retry_history"][-1])
             for t in trials
