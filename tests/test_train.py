@@ -103,6 +103,20 @@ def test_resume_after_the_last_epoch_returns_its_metrics(tmp_path):
     assert _curve(again) == _curve(first)
 
 
+def test_a_checkpoint_that_cannot_be_read_is_trained_again_from_the_start(tmp_path, caplog):
+    """A file cut short (a full disk, a copy by hand) is no reason to lose the trial."""
+    workload = load_workload("digits_mlp")
+    fresh = _reporter()
+    train(workload, _hp(epochs=2), fresh, device=torch.device("cpu"))
+    path = tmp_path / "trial.pt"
+    path.write_bytes(b"PK\x03\x04 cut short")
+    again = _reporter()
+    train(workload, _hp(epochs=2), again, device=torch.device("cpu"), checkpoint=Checkpoint(path))
+    assert _curve(again) == _curve(fresh)
+    assert f"checkpoint {path} cannot be read" in caplog.text
+    assert Checkpoint(path).load()["epoch"] == 2
+
+
 def test_resume_after_the_last_epoch_keeps_what_the_loop_recorded(tmp_path):
     """A worker killed while telling its trial's result leaves the last epoch's checkpoint: the
     retry trains nothing, yet records the trial's micro-batch, time, throughput and memory."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import secrets
 import tempfile
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 
 from tuner.errors import BadInputError
+
+logger = logging.getLogger("tuner.train")
 
 
 class Checkpoint:
@@ -48,7 +51,16 @@ class Checkpoint:
             data = self.path.read_bytes() if self.path.exists() else None
         if data is None:
             return None
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        except Exception as error:  # whatever torch and pickle raise for a damaged file
+            # A file cut short or overwritten (a full disk, a copy by hand) would fail the trial
+            # for good; trained again from the start, it is overwritten at the first epoch.
+            logger.warning(
+                "checkpoint %s cannot be read (%s: %s); the trial trains again from its first epoch",
+                self.path, type(error).__name__, error,
+            )
+            return None
 
     def remove(self) -> None:
         """Forget the state; on disk, remove the file and the temp files beside it that writers
