@@ -181,10 +181,9 @@ def worker(
     gpus: GpusOption = None,
     workers_per_gpu: WorkersPerGpuOption = 1,
 ) -> None:
-    """Pull trials from a study until its budget is met, then exit 0; on SIGTERM or Ctrl-C, hand
-    the trial back after its epoch and exit 143 or 130.
+    """Pull trials from a study until its budget is met, then exit 0.
 
-    With --gpus, start one such worker process per GPU (--workers-per-gpu each) and wait for them.
+    On SIGTERM or Ctrl-C, hand the trial back after its epoch and exit 143 or 130. With --gpus, start one such worker process per GPU (--workers-per-gpu each) and wait for them.
     """
     from tuner.progress import log_output
     from tuner.worker import WorkerOptions, run_worker
