@@ -56,6 +56,14 @@ def test_pow2_choices():
             {"objective": None, "objectives": [{"metric": "val_accuracy"}, {"metric": "val_accuracy", "direction": "maximize"}]},
             "spec field 'objectives': metric 'val_accuracy' is named twice; each objective measures another metric",
         ),
+        (
+            {"search": {**small_spec("x")["search"], "optimizer": {"choices": ["sgd", "adamw", "sgd"]}}},
+            "spec field 'search.optimizer.choices': 'sgd' is listed twice; the sampler would draw it twice as often",
+        ),
+        (
+            {"search": {**small_spec("x")["search"], "batch_schedule": {"choices": ["ramp", "ramp"]}}},
+            "spec field 'search.batch_schedule.choices': 'ramp' is listed twice",
+        ),
     ],
 )
 def test_bad_fields_are_named(change, expected):

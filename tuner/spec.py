@@ -97,8 +97,19 @@ def known_optimizer(name: str) -> str:
     return name
 
 
+def listed_once(choices: list[str]) -> list[str]:
+    """Refuse a choice listed twice: the sampler would draw it more often than the others,
+    which no spec asks for that way."""
+    for choice in choices:
+        if choices.count(choice) > 1:
+            raise ValueError(f"{choice!r} is listed twice; the sampler would draw it twice as often")
+    return choices
+
+
 class OptimizerSpace(_Strict):
-    choices: list[Annotated[str, AfterValidator(known_optimizer)]] = Field(min_length=1)
+    choices: Annotated[list[Annotated[str, AfterValidator(known_optimizer)]], AfterValidator(listed_once)] = Field(
+        min_length=1
+    )
 
 
 class MomentumSpace(FloatSpace):
@@ -112,7 +123,7 @@ class BatchScheduleSpace(_Strict):
     searches them. ``ramp`` multiplies the batch by ``ramp_factor`` at each fraction of the epochs
     in ``ramp_at``; ``adaptive`` follows the measured gradient noise scale."""
 
-    choices: list[ScheduleName] = Field(default=["constant"], min_length=1)
+    choices: Annotated[list[ScheduleName], AfterValidator(listed_once)] = Field(default=["constant"], min_length=1)
     ramp_factor: int = Field(default=2, ge=2)
     ramp_at: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default=[0.5, 0.75], min_length=1)
 
