@@ -21,6 +21,7 @@ REQUIRE_SERVICES = os.environ.get("TUNER_REQUIRE_SERVICES") == "1"
 TESTS = Path(__file__).parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n`` (xdist), every test that talks to PostgreSQL runs on one worker, one
     after the other: one of them restarts the server, and another's connections would drop."""
