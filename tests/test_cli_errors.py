@@ -169,6 +169,14 @@ def test_unknown_study_names_the_storage_and_lists_the_known_ones(write_spec, sq
     )
 
 
+@pytest.mark.parametrize("command", [("create", "SPEC"), ("status",), ("best",)])
+def test_an_empty_study_name_is_refused(write_spec, tmp_path, command):
+    """Read as no name, it took the spec's study, or every study, without a word."""
+    args = [str(write_spec(small_spec("x"))) if arg == "SPEC" else arg for arg in command]
+    _assert_bad_input(tuner(*args, "--study", " ", "--storage", f"sqlite:///{tmp_path}/s.db"), "a study name cannot be empty")
+    assert not (tmp_path / "s.db").exists()
+
+
 @pytest.mark.parametrize("command", [("best", "--study", "nope"), ("status",), ("worker", "--study", "nope")])
 @pytest.mark.parametrize("where", ["sqlite:///{}/typo.db", "sqlite:///{}/nodir/x.db", "journal://{}/nodir/j.log"])
 def test_reading_a_storage_file_that_is_not_there_creates_nothing(tmp_path, command, where):

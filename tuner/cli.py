@@ -45,7 +45,19 @@ StorageOption = Annotated[
     Optional[str],
     typer.Option("--storage", help="Storage URL; default $TUNER_STORAGE, else sqlite:///tuner.db."),
 ]
-StudyOption = Annotated[str, typer.Option("--study", help="Study name.")]
+
+
+def _study_named(name: str | None) -> str | None:
+    """Refuse an empty ``--study``: read as no name, it took the spec's study, or every study."""
+    if name is not None and not name.strip():
+        raise typer.BadParameter("a study name cannot be empty")
+    return name
+
+
+StudyOption = Annotated[str, typer.Option("--study", callback=_study_named, help="Study name.")]
+SpecStudyOption = Annotated[
+    Optional[str], typer.Option("--study", callback=_study_named, help="Override the spec's name.")
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:K or mps.")]
 CheckpointOption = Annotated[
     Optional[Path], typer.Option("--checkpoint-dir", help="Where trials checkpoint each epoch.")
@@ -72,7 +84,7 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="Show traceback
 def create(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
     storage: StorageOption = None,
-    study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    study: SpecStudyOption = None,
     run_probe: Annotated[bool, typer.Option("--probe", help="Probe the micro-batch that fits first.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -92,7 +104,7 @@ def create(
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
     storage: StorageOption = None,
-    study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    study: SpecStudyOption = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Local worker processes (default 1).")] = None,
     device: DeviceOption = "auto",
     n_trials: Annotated[Optional[int], typer.Option("--n-trials", min=1, help="Override budget.n_trials.")] = None,
@@ -415,7 +427,9 @@ def trials(study: StudyOption, storage: StorageOption = None, output: TrialsForm
 
 @app.command()
 def status(
-    study: Annotated[Optional[str], typer.Option("--study", help="One study; default: every study.")] = None,
+    study: Annotated[
+        Optional[str], typer.Option("--study", callback=_study_named, help="One study; default: every study.")
+    ] = None,
     storage: StorageOption = None,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option("--interval", min=0.5, help="Seconds between refreshes.")] = 2.0,
@@ -492,7 +506,7 @@ def dashboard(
 def probe(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML).")],
     storage: StorageOption = None,
-    study: Annotated[Optional[str], typer.Option("--study", help="Override the spec's name.")] = None,
+    study: SpecStudyOption = None,
     device: DeviceOption = "auto",
     suggest: Annotated[
         bool, typer.Option("--suggest", help="Recommend effective batch and learning-rate ranges from the noise scale.")
