@@ -64,6 +64,11 @@ def test_pow2_choices():
             {"search": {**small_spec("x")["search"], "batch_schedule": {"choices": ["ramp", "ramp"]}}},
             "spec field 'search.batch_schedule.choices': 'ramp' is listed twice",
         ),
+        ({"budget": {"n_trials": True}}, "spec field 'budget': n_trials must be a number, not true"),
+        (
+            {"search": {**small_spec("x")["search"], "lr": {"low": 1.0e-3, "high": False}}},
+            "spec field 'search.lr': high must be a number, not false",
+        ),
     ],
 )
 def test_bad_fields_are_named(change, expected):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,10 +18,26 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from tuner.errors import SpecError
 
 
+def _admits_number_not_bool(annotation: Any) -> bool:
+    """Whether a field takes an int or a float (or None), and not a bool."""
+    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
 class _Strict(BaseModel):
     # Infinity passes ``gt=0``: a learning rate range up to .inf made a centre trial of an
     # infinite rate and then an overflow in the sampler, after the study was created.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_is_not_a_number(cls, data: Any) -> Any:
+        # Pydantic takes true as 1 and false as 0: ``n_trials: true`` was a budget of one trial.
+        for name, value in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(name)
+            if isinstance(value, bool) and field is not None and _admits_number_not_bool(field.annotation):
+                raise ValueError(f"{name} must be a number, not {str(value).lower()}")
+        return data
 
 
 class _Range(_Strict):
