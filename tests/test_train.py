@@ -2,7 +2,9 @@
 averaged weights it evaluates."""
 
 import math
+import random
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -15,7 +17,7 @@ from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import Batches, evaluate, evaluated_weights, train
 from tuner.train.schedule import lr_factor
 from tuner.train.reporter import Diverged, Reporter
-from tuner.workloads import load_workload
+from tuner.workloads import Classification, load_workload
 
 OBJECTIVE = [Objective(metric="val_accuracy", direction="maximize")]
 
@@ -71,6 +73,40 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_curve(tmp_path, ema_deca
         )
     resumed = _reporter()
     train(workload, _hp(epochs=4), resumed, device=torch.device("cpu"), checkpoint=checkpoint, ema_decay=ema_decay)
+    assert _curve(resumed) == _curve(uninterrupted)
+
+
+class _NoisyDigits(torch.utils.data.Dataset):
+    """Digits augmented with noise drawn from Python's and NumPy's generators, as a workload's
+    own Dataset may draw it."""
+
+    def __init__(self, data: torch.utils.data.TensorDataset, size: int) -> None:
+        self.features, self.targets = (tensor[:size] for tensor in data.tensors)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = random.gauss(0.0, 0.1) + np.random.normal(0.0, 0.1, size=self.features.shape[1])
+        return self.features[index] + torch.as_tensor(noise, dtype=torch.float32), self.targets[index]
+
+
+def test_a_workloads_python_and_numpy_draws_are_seeded_and_resumed(tmp_path):
+    digits = load_workload("digits_mlp")
+    workload = Classification(digits.model, _NoisyDigits(digits.train_data, 256), digits.val_data)
+    uninterrupted, again = _reporter(), _reporter()
+    train(workload, _hp(batch_size=32, epochs=4), uninterrupted, device=torch.device("cpu"))
+    train(workload, _hp(batch_size=32, epochs=4), again, device=torch.device("cpu"))
+    assert _curve(again) == _curve(uninterrupted)
+
+    checkpoint = Checkpoint(tmp_path / "trial.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            workload, _hp(batch_size=32, epochs=4), reporter_stopped_after_two_epochs(), device=torch.device("cpu"),
+            checkpoint=checkpoint,
+        )
+    resumed = _reporter()
+    train(workload, _hp(batch_size=32, epochs=4), resumed, device=torch.device("cpu"), checkpoint=checkpoint)
     assert _curve(resumed) == _curve(uninterrupted)
 
 

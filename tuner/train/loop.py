@@ -9,10 +9,12 @@ gradient of the whole batch.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -162,6 +164,10 @@ def train(
     limits = limits if limits is not None else memory.MicroBatchLimits()
     precision = memory.effective_precision(device, precision)
     measure_noise = measure_noise or hp.schedule.name == "adaptive"
+    # A workload's own randomness (augmentation in a Dataset, say) may draw from Python's or
+    # NumPy's generator: seeded too, a trial and its retry train alike.
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
     torch.manual_seed(hp.seed)
     model = workload.model(hp).to(device)
     optimizer = make_optimizer(model, hp)
@@ -182,6 +188,8 @@ def train(
             "optimizer": optimizer.state_dict(),
             "shuffle": shuffle.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
             # Dropout on a GPU draws from the device's generator, not the CPU's.
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "history": report.history,
@@ -205,6 +213,10 @@ def train(
         optimizer.load_state_dict(saved["optimizer"])
         shuffle.set_state(saved["shuffle"])
         torch.set_rng_state(saved["torch_rng"])
+        # Absent from a checkpoint written before they were kept: the seeded states stand.
+        if "python_rng" in saved:
+            random.setstate(saved["python_rng"])
+            np.random.set_state(saved["numpy_rng"])
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         noise.load_state_dict(saved["noise"])
