@@ -240,7 +240,9 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
     """Ctrl-C on the run, or a SIGTERM sent to its one worker alone (kill PID), which leaves the
     budget as unmet."""
     spec = small_spec("midrun", workload="paced_workload:paced", budget={"n_trials": 1}, pruner={"name": "none"})
-    spec["search"]["epochs"] = {"low": 3, "high": 3}
+    # A stop in the last epoch lets the trial finish: six epochs of 0.5 s after the first is
+    # seen leave time for the signal on a loaded machine.
+    spec["search"]["epochs"] = {"low": 8, "high": 8}
     create_study(parse_spec(spec), sqlite_url)
     args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
     run = start_tuner(*args)
