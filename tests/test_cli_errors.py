@@ -122,6 +122,9 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         ("postgresql://alice:p@127.0.0.1:1/db", "port 1 failed"),
         ("postgresql://alice:s3@cret@127.0.0.1:1/db", "'postgresql://alice:***@127.0.0.1:1/db' has an '@' in its user or password; write it as %40"),
         ("postgresql//alice:s3cret@127.0.0.1:1/db", "'postgresql//alice:***@127.0.0.1:1/db' is not a URL"),
+        # libpq takes a password in the query too; SQLAlchemy reads a '?' before the '@' as the password's.
+        ("postgresql://alice@127.0.0.1:1/db?password=s3cret", "Cannot open storage 'postgresql://alice@127.0.0.1:1/db?password=***'"),
+        ("postgresql://alice:pa?s3cret@127.0.0.1:1/db", "Cannot open storage 'postgresql://alice:***@127.0.0.1:1/db'"),
         ("grpc://alice:s3cret@127.0.0.1:1", "'grpc://alice:***@127.0.0.1:1' must be grpc://HOST:PORT"),
         ("postgresql://alice:s3cret@127.0.0.1:5432x/db", "'postgresql://alice:***@127.0.0.1:5432x/db' is not a valid database URL"),
         # A driver that is not installed: Optuna re-raises it as a bare ImportError.

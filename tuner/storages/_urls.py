@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,23 +23,34 @@ def storage_url(url: str | None = None) -> str:
 
 
 def _credentials(url: str) -> tuple[int, str]:
-    """Where the address begins (after any ``scheme://``) and what stands before its last ``@``.
+    """Where the address begins (after any ``scheme://``) and what stands before its last ``@``
+    ahead of the query.
 
     Read by hand, not by a URL parser: a parser splits at the first ``@``, so a password that
     holds one, or a URL missing its ``://``, would leave part of a password where it is printed.
+    The query begins at the first ``?`` past the first ``@``: one before it is the password's,
+    as SQLAlchemy reads it.
     """
     start = url.index("://") + 3 if "://" in url else 0
-    credentials, at, _ = url[start:].split("?", 1)[0].rpartition("@")
+    address = url[start:]
+    query = address.find("?", max(address.find("@"), 0))
+    credentials, at, _ = (address if query < 0 else address[:query]).rpartition("@")
     return start, credentials if at else ""
 
 
+# A password given in the query, as libpq and SQLAlchemy take it (``?password=...``).
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The URL as it may be printed: any password replaced by ``***``."""
+    """The URL as it may be printed: any password, before the host or in the query, replaced
+    by ``***``."""
     start, credentials = _credentials(url)
+    rest = _QUERY_PASSWORD.sub(r"\1***", url[start + len(credentials):])
     if ":" not in credentials:
-        return url
+        return f"{url[:start]}{credentials}{rest}"
     user = credentials.split(":", 1)[0]
-    return f"{url[:start]}{user}:***{url[start + len(credentials):]}"
+    return f"{url[:start]}{user}:***{rest}"
 
 
 def check_credentials(url: str) -> None:
