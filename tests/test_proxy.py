@@ -41,10 +41,11 @@ OPTUNA_PROXY = (
 def serve_proxy(
     storage: str, host: str = "127.0.0.1", timeout: float = 60, optuna_own: bool = False, port: int | None = None
 ) -> Iterator[str]:
-    """Run ``tuner proxy`` (or Optuna's own) on ``port``, else a free port of ``host``; yield its
-    ``grpc://`` URL."""
+    """Run ``tuner proxy`` (or Optuna's own) on ``port``, else a free port of ``host`` (an IPv6
+    address in brackets, as gRPC takes it); yield its ``grpc://`` URL."""
+    address = host.strip("[]")
     if port is None:
-        port = free_port(host)
+        port = free_port(address)
     command = (
         [sys.executable, "-c", OPTUNA_PROXY, storage, host, str(port)] if optuna_own
         else [sys.executable, "-m", "tuner", "proxy", "--storage", storage, "--host", host, "--port", str(port)]
@@ -62,7 +63,7 @@ def serve_proxy(
         while True:
             assert process.poll() is None, printed()
             try:
-                socket.create_connection((host, port), timeout=1).close()
+                socket.create_connection((address, port), timeout=1).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, f"the proxy does not listen on {host}:{port}"
@@ -76,7 +77,8 @@ def serve_proxy(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.create_server((host, 0)) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, 0), family=family) as probe:
         return probe.getsockname()[1]
 
 
@@ -85,6 +87,25 @@ def test_proxy_refuses_a_storage_it_cannot_serve(tmp_path: Path):
     assert result.returncode == 2
     assert "database storages only" in result.stderr
     assert not (tmp_path / "study.log").exists()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        free_port("::1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_a_proxy_on_an_ipv6_address_is_reached_at_the_url_it_prints(sqlite_url, write_spec):
+    """``tuner proxy --host [::1]`` says it serves grpc://[::1]:PORT: that URL must open."""
+    assert tuner("create", str(write_spec(small_spec("six"))), "--storage", sqlite_url).returncode == 0
+    with serve_proxy(sqlite_url, host="[::1]") as url:
+        assert url.startswith("grpc://[::1]:")
+        result = tuner("status", "--study", "six", "--storage", url, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "six" in result.stdout
 
 
 def test_a_second_proxy_on_a_served_port_is_refused(tmp_path: Path, sqlite_url):

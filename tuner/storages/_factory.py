@@ -201,8 +201,9 @@ def _open_storage(url: str, max_retries: int, create: bool) -> optuna.storages.B
             raise StorageError(f"Cannot open storage {mask_url(url)!r}: {error}") from None
         return JournalStorage(backend)
     if url.startswith("grpc://"):
-        host, _, port = url.removeprefix("grpc://").partition(":")
-        if not port.isdigit():
+        # The last colon: an IPv6 address ([::1], as ``tuner proxy`` prints it) holds others.
+        host, _, port = url.removeprefix("grpc://").rpartition(":")
+        if not port.isdigit() or "@" in host or (":" in host and not host.startswith("[")):
             raise StorageError(f"Storage URL {mask_url(url)!r} must be grpc://HOST:PORT.")
         proxy = GrpcStorageProxy(host=host, port=int(port))
         try:
