@@ -71,6 +71,16 @@ def read_only() -> Iterator[Callable[[Path], None]]:
         subprocess.run(["chattr", "-i", path], check=True)
 
 
+@pytest.mark.parametrize("scheme", ["sqlite:///", "sqlite+pysqlite:///"])
+def test_a_database_url_ending_in_log_opens_the_database_not_a_journal(tmp_path, monkeypatch, scheme):
+    """Only a plain path ending in ``.log`` is a journal: the URL's scheme read as a folder made
+    a journal file at ./sqlite:/study.log."""
+    monkeypatch.chdir(tmp_path)
+    assert rdb_backend(make_storage(f"{scheme}study.log")) is not None
+    assert not [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert (tmp_path / "study.log").read_bytes().startswith(b"SQLite format 3")
+
+
 def test_a_read_only_sqlite_file_fails_at_once_instead_of_being_retried(tmp_path, write_spec, read_only):
     """A file that cannot be written stays so: waiting out TUNER_DB_RETRY_S as for a lost
     connection only delays the error."""

@@ -62,9 +62,12 @@ def check_credentials(url: str) -> None:
 
 
 def journal_file(url: str) -> Path | None:
-    """The file of a journal storage URL (``journal:///PATH`` or a path ending in ``.log``)."""
-    if url.endswith(".log") or url.startswith("journal://"):
+    """The file of a journal storage URL (``journal:///PATH`` or a path ending in ``.log``); a
+    URL of another scheme ending in ``.log`` (``sqlite:///study.log``) names no journal."""
+    if url.startswith("journal://"):
         return Path(url.removeprefix("journal://"))
+    if url.endswith(".log") and "://" not in url:
+        return Path(url)
     return None
 
 
