@@ -163,6 +163,16 @@ def test_a_heartbeat_setting_that_is_not_whole_seconds(write_spec, sqlite_url, n
     )
 
 
+@pytest.mark.parametrize("grace", ["2", "4"])
+def test_a_heartbeat_grace_no_longer_than_the_interval_is_refused(write_spec, sqlite_url, grace):
+    """Between two beats a live worker's trial would look dead, and be failed and retried."""
+    env = {"TUNER_HEARTBEAT_INTERVAL": "4", "TUNER_HEARTBEAT_GRACE": grace}
+    _assert_bad_input(
+        tuner("create", str(write_spec(small_spec("x"))), "--storage", sqlite_url, env=env),
+        f"TUNER_HEARTBEAT_GRACE ({grace} s) must be longer than TUNER_HEARTBEAT_INTERVAL (4 s)",
+    )
+
+
 def test_unknown_study_names_the_storage_and_lists_the_known_ones(write_spec, sqlite_url):
     assert tuner("create", str(write_spec(small_spec("known-one"))), "--storage", sqlite_url).returncode == 0
     # The storage that TUNER_STORAGE chose unseen is named.

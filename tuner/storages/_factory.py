@@ -52,8 +52,15 @@ def _seconds_setting(name: str, default: int) -> int:
 
 
 def _heartbeat_settings() -> tuple[int, int]:
+    """The heartbeat interval and grace period; a grace no longer than the interval is bad
+    input: a live worker's trial would pass for dead between two beats, and be failed and
+    retried under it."""
     interval = _seconds_setting("TUNER_HEARTBEAT_INTERVAL", 10)
     grace = _seconds_setting("TUNER_HEARTBEAT_GRACE", 3 * interval)
+    if grace <= interval:
+        raise BadInputError(
+            f"TUNER_HEARTBEAT_GRACE ({grace} s) must be longer than TUNER_HEARTBEAT_INTERVAL ({interval} s)."
+        )
     return interval, grace
 
 
