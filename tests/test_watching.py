@@ -153,6 +153,29 @@ def test_report_of_two_objectives_has_a_pareto_front(write_spec, sqlite_url: str
     })
 
 
+def test_report_of_four_objectives_draws_the_front_on_the_first_three(sqlite_url: str, tmp_path: Path):
+    """Optuna's Pareto plot takes two or three objectives; a spec may name more."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import write_report
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+
+    names = [("val_accuracy", "maximize"), ("val_loss", "minimize"), ("train_loss", "minimize"), ("train_time_s", "minimize")]
+    spec = small_spec("four", objectives=[{"metric": metric, "direction": way} for metric, way in names])
+    del spec["objective"], spec["pruner"]
+    study = create_study(parse_spec(spec), sqlite_url)
+    for lr, values in [(0.01, [0.9, 0.3, 0.2, 5.0]), (0.02, [0.8, 0.5, 0.4, 1.0]), (0.03, [0.7, 0.6, 0.5, 6.0])]:
+        study.add_trial(create_trial(
+            params={"lr": lr}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, values=values,
+            user_attrs={"effective_batch_size": 32, "lr_used": lr, "train_time_s": values[3], "epochs_completed": 1},
+        ))
+    written = write_report(study, parse_spec(spec), tmp_path)
+    assert tmp_path / "pareto_front.png" in written
+    assert "<h2>Pareto front on val_accuracy, val_loss, train_loss</h2>" in (tmp_path / "index.html").read_text()
+
+
 def test_an_objective_named_like_a_record_shows_its_own_value(sqlite_url: str, tmp_path: Path):
     """``train_time_s`` as an objective is the time at the last report; the record of the same
     name, the function's whole time, must not take its column in the tables."""

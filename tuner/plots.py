@@ -140,8 +140,11 @@ def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str,
             lambda: optuna_plots.plot_intermediate_values(study)
         ))
     else:
-        figures["pareto_front.png"] = ("Pareto front", _optuna_figure(
-            lambda: optuna_plots.plot_pareto_front(study, target_names=metrics)
+        # Optuna draws two or three objectives; of more, the front (of them all) on the first three.
+        drawn = metrics[:3]
+        caption = "Pareto front" + ("" if drawn == metrics else f" on {', '.join(drawn)}")
+        figures["pareto_front.png"] = (caption, _optuna_figure(
+            lambda: optuna_plots.plot_pareto_front(study, target_names=drawn, targets=lambda t: t.values[:3])
         ))
     figures["batch_size_lr.png"] = (
         "Batch size x learning rate, coloured by " + metrics[quality],
