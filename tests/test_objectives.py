@@ -16,6 +16,7 @@ from tuner.cli import app
 from tuner.errors import BadInputError, SpecError
 from tuner.report import fastest_within
 from tuner.retrain import load_fixed_spec
+from tuner.space import suggest
 from tuner.spec import parse_spec
 from tuner.study import create_study
 from tuner.worker import WorkerOptions, run_worker
@@ -135,6 +136,21 @@ def test_best_within_tells_long_times_and_their_ratio_in_plain_digits(sqlite_url
     assert "the best, #0, has 0.97 in 15000 s (7500x the time)" in result.stdout
     listed = CliRunner().invoke(app, ["trials", "--study", "ratio", "--storage", sqlite_url], env={"COLUMNS": "200"})
     assert " 15000 " in listed.stdout and "e+04" not in listed.stdout
+
+
+@pytest.mark.parametrize("output", ["table", "json"])
+def test_best_within_prints_nothing_when_its_export_cannot_be_written(sqlite_url: str, tmp_path, output: str) -> None:
+    spec = parse_spec(small_spec("unwritten", budget={"n_trials": 1}))
+    study = create_study(spec, sqlite_url)
+    trial = study.ask()
+    suggest(trial, spec.search, seed=0)
+    trial.set_user_attr("train_time_s", 2.0)
+    study.tell(trial, 0.9)
+    (tmp_path / "a-file").touch()
+    export = tmp_path / "a-file" / "fast.yaml"
+    result = tuner("best", "--study", "unwritten", "--storage", sqlite_url, "--within", "1%", "--format", output, "--export", str(export))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith(f"error: --export {str(export)!r} cannot be written") and result.stdout == ""
 
 
 def _refuse(constant: str) -> None:

@@ -302,8 +302,9 @@ def _parse_percent(text: str) -> float:
     return percent / 100
 
 
-def _print_fastest_within(study_name: str, storage: str | None, text: str, output: str) -> FrozenTrial:
-    """Print the fastest trial nearly as good as the best, and return it."""
+def _print_fastest_within(study_name: str, storage: str | None, text: str, output: str, export: Path | None) -> None:
+    """Print the fastest trial nearly as good as the best, written to ``export`` first (as in
+    ``best``: an export that fails must not follow an answer that a script would take)."""
     from tuner.report import digits, fastest_within, format_value, quality_objective, trial_record
     from tuner.study import load_study
 
@@ -313,13 +314,14 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
     if found is None:
         raise TunerError(f"Study {study_name!r} has no completed trial with a recorded train_time_s yet.")
     best, fastest = found
+    _export(study_name, storage, export, fastest)
     objective = quality_objective(study)
     metric = (study.metric_names or ["value"] * len(study.directions))[objective]
     if output == "json":
         record = trial_record(study, fastest)
         record.update(within=tolerance, metric=metric, best_trial=best.number, best_value=best.values[objective])
         _print_json(record)
-        return fastest
+        return
     best_time, fast_time = best.user_attrs["train_time_s"], fastest.user_attrs["train_time_s"]
     console.print(
         f"fastest trial within {text.strip().removesuffix('%')}% of the best {metric}: #{fastest.number} "
@@ -329,7 +331,6 @@ def _print_fastest_within(study_name: str, storage: str | None, text: str, outpu
         highlight=False,
     )
     console.print(_trial_table(study, trial_record(study, fastest), f"fastest within {text}: #{fastest.number}"))
-    return fastest
 
 
 @app.command()
@@ -352,7 +353,7 @@ def best(
     if output not in ("table", "json"):
         raise BadInputError(f"--format must be table or json, not {output!r}.")
     if within is not None:
-        _export(study, storage, export, _print_fastest_within(study, storage, within, output))
+        _print_fastest_within(study, storage, within, output, export)
     else:
         # Written first: a study with no single best trial to write fails with its one sentence,
         # not after a table or JSON that a script would take for the answer.
