@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import optuna
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 from optuna_dashboard import get_note
 from rich.console import Console
 
-from conftest import small_spec, tuner
+from conftest import _python_path, small_spec, tuner
 from tuner.progress import ProgressHandler, log_output
 from tuner.spec import Objective
 from tuner.train import reporter as reporter_module
@@ -396,6 +397,32 @@ def test_train_refuses_an_unwritable_out_before_training(write_spec, tmp_path: P
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert str(out) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_that_cannot_be_saved_leaves_the_one_there(write_spec, tmp_path: Path):
+    """A save cut short after training (here a file-size limit, as a full disk) is an error of
+    one sentence, and the model already at --out is left whole rather than truncated."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "model.pt"
+    earlier = bytes(range(256)) * 400  # 100 KB: a model of an earlier run
+    out.write_bytes(earlier)
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tuner", "train", str(write_spec(_fixed())), "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, preexec_fn=limit_file_size,
+        env={**os.environ, "PYTHONPATH": _python_path()},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().endswith(f"error: --out {str(out)!r}: the trained model cannot be written (File too large).")
+    assert out.read_bytes() == earlier and [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
 
 
 def test_report_counts_failed_trials_among_the_finished(write_spec, sqlite_url: str, tmp_path: Path):

@@ -3,6 +3,8 @@ fragment, and ``tuner train`` trains the workload once with them and saves the m
 
 from __future__ import annotations
 
+import io
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -102,8 +104,22 @@ def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.p
         workload, hp, reporter, device=memory.resolve_device(device), checkpoint=checkpoint,
         precision=fixed.precision, ema_decay=fixed.ema_decay,
     )
-    torch.save(evaluated_weights(checkpoint.load()), out)  # type: ignore[arg-type]
+    save_model(evaluated_weights(checkpoint.load()), out)  # type: ignore[arg-type]
     return metrics, out
+
+
+def save_model(weights: dict, out: Path) -> None:
+    """Write the weights beside ``out`` and rename them onto it: a save cut short (a full disk,
+    a quota, a file-size limit) leaves the model that was there, not a truncated file."""
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_bytes(buffer.getvalue())
+        os.replace(partial, out)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise TunerError(f"--out {str(out)!r}: the trained model cannot be written ({error.strerror or error}).") from None
 
 
 def check_writable(out: Path) -> None:
