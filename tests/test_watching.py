@@ -72,6 +72,22 @@ def test_run_writes_learning_curves_to_the_given_artifact_dir(tmp_path: Path, wr
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_an_artifact_folder_that_cannot_be_made_stops_the_worker_before_its_first_trial(tmp_path: Path, sqlite_url):
+    """Found only at the upload, it cost a trial's training, left running, and the worker."""
+    from tuner.errors import BadInputError
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+    from tuner.worker import WorkerOptions, run_worker
+
+    create_study(parse_spec(small_spec("no-curves", budget={"n_trials": 1}, pruner={"name": "none"})), sqlite_url)
+    (tmp_path / "a-file").write_text("")
+    options = WorkerOptions(device="cpu", checkpoint_dir=tmp_path / "checkpoints", artifact_dir=tmp_path / "a-file" / "artifacts")
+    with pytest.raises(BadInputError, match="artifact folder .*a-file.* cannot be created or written .*--artifact-dir"):
+        run_worker("no-curves", sqlite_url, options)
+    trials = optuna.load_study(study_name="no-curves", storage=sqlite_url).trials
+    assert all(trial.state == TrialState.WAITING for trial in trials)
+
+
 @pytest.mark.parametrize("url", ["study.log", "journal:///{}/study.journal", "sqlite+pysqlite:///{}/study.db"])
 def test_checkpoints_and_curves_go_beside_a_storage_file(tmp_path: Path, write_spec, url: str):
     """Beside the file whatever its name or driver, not in the folder the command runs from."""

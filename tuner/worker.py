@@ -33,7 +33,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.artifacts import default_artifact_dir, upload_learning_curve
+from tuner.artifacts import check_artifact_dir, default_artifact_dir, upload_learning_curve
 from tuner.errors import TunerError
 from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
@@ -211,7 +211,9 @@ def run_worker(
     checkpoint_dir = study_checkpoint_dir(study, options.checkpoint_dir or default_checkpoint_dir(url))
     if isinstance(workload, Workload):  # a training function saves no checkpoint
         check_folder(checkpoint_dir)
-    options = replace(options, artifact_dir=options.artifact_dir or default_artifact_dir(url))
+    artifact_dir = options.artifact_dir or default_artifact_dir(url)
+    check_artifact_dir(artifact_dir)
+    options = replace(options, artifact_dir=artifact_dir)
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     # ``tuner run`` starts its workers with these held: one that came while this worker started
