@@ -138,6 +138,20 @@ def test_best_within_tells_long_times_and_their_ratio_in_plain_digits(sqlite_url
     assert " 15000 " in listed.stdout and "e+04" not in listed.stdout
 
 
+def test_times_just_below_the_whole_number_threshold_show_in_plain_digits(sqlite_url: str) -> None:
+    """999.7 s to three digits and 9999.7 s to four round up to a digit more: 1e+03, 1e+04."""
+    study = create_study(parse_spec(small_spec("rounded", budget={"n_trials": 2})), sqlite_url)
+    for accuracy, seconds in [(0.970, 999.7), (0.965, 9999.7)]:
+        trial = study.ask()
+        trial.set_user_attr("train_time_s", seconds)
+        study.tell(trial, accuracy)
+    result = CliRunner().invoke(app, ["best", "--study", "rounded", "--storage", sqlite_url, "--within", "1%"])
+    assert result.exit_code == 0, result.output
+    assert "(val_accuracy 0.97 in 1000 s); the best, #0, has 0.97 in 1000 s (1x the time)" in result.stdout
+    listed = CliRunner().invoke(app, ["trials", "--study", "rounded", "--storage", sqlite_url], env={"COLUMNS": "200"})
+    assert " 10000 " in listed.stdout and "e+0" not in listed.stdout
+
+
 @pytest.mark.parametrize("output", ["table", "json"])
 def test_best_within_prints_nothing_when_its_export_cannot_be_written(sqlite_url: str, tmp_path, output: str) -> None:
     spec = parse_spec(small_spec("unwritten", budget={"n_trials": 1}))

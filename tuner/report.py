@@ -132,7 +132,9 @@ def trial_rows(study: optuna.Study, every_record: bool = False) -> list[dict[str
 def digits(value: float, significant: int) -> str:
     """``value`` to ``significant`` digits, whole numbers past them: a trial of hours trains
     for 15000 s, not 1.5e+04 s."""
-    return f"{value:.{significant}g}" if abs(value) < 10**significant else f"{value:.0f}"
+    shown = f"{value:.{significant}g}"
+    # Judged once rounded: 9999.7 to 4 digits rounds up to 1e+04.
+    return shown if abs(float(shown)) < 10**significant else f"{value:.0f}"
 
 
 def format_value(value: Any) -> str:
