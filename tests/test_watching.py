@@ -51,6 +51,22 @@ def test_finished_trials_carry_their_learning_curve(finished_study: dict, tmp_pa
         assert {"epoch", "train_loss", "val_accuracy", "lr"} <= set(history[0])
 
 
+@pytest.mark.parametrize(("metrics", "shown"), [
+    (["val_accuracy", "train_time_s"], ["val_accuracy"]),
+    (["train_time_s"], ["train_time_s"]),
+])
+def test_the_curve_of_accuracy_against_time_shows_the_accuracy_on_its_own_scale(metrics: list[str], shown: list[str]):
+    """Seconds beside an accuracy of 0 to 1 flattened the accuracy's curve to a line."""
+    from tuner.artifacts import curve_figure
+
+    history = [
+        {"epoch": epoch, "train_loss": 1 / epoch, "val_loss": 1 / epoch, "val_accuracy": 0.8 + epoch / 100, "train_time_s": 2.0 * epoch, "lr": 0.01}
+        for epoch in (1, 2, 3)
+    ]
+    validation = curve_figure(history, metrics).axes[1]
+    assert [line.get_label() for line in validation.lines] == shown
+
+
 def test_learning_curve_png_can_be_left_out(tmp_path: Path, write_spec, sqlite_url):
     spec = small_spec("json-only", budget={"n_trials": 1}, workload="user_workloads:own_loop")
     spec["learning_curve_png"] = False

@@ -67,7 +67,10 @@ def curve_figure(history: Sequence[dict[str, float]], metrics: Sequence[str]) ->
     epochs = [entry["epoch"] for entry in history]
     figure = Figure(figsize=(12, 3.5))
     panels = figure.subplots(1, 3, gridspec_kw={"left": 0.05, "right": 0.98, "bottom": 0.15, "top": 0.9, "wspace": 0.25})
-    columns = (LOSSES, tuple(metrics), ("lr",))
+    # The time, when an objective, counts seconds: beside a metric of 0 to 1 it flattened that
+    # metric's curve to a line, so it is left out unless it is the only objective.
+    validation = tuple(name for name in metrics if name != "train_time_s") or tuple(metrics)
+    columns = (LOSSES, validation, ("lr",))
     for axes, names, title in zip(panels, columns, ("loss", "validation", "learning rate")):
         for name in names:
             if all(name in entry for entry in history):
