@@ -349,6 +349,24 @@ def test_the_time_plot_of_trials_without_times_draws_without_a_warning():
     assert figure.axes[0].get_legend() is None
 
 
+def test_a_report_whose_complete_trials_are_all_plain_optunas_is_written(sqlite_url: str, tmp_path: Path):
+    """Their trials record no batch or rate used: the batch x rate plot's empty log axis failed
+    the whole report with matplotlib's ValueError."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import write_report
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+
+    spec = parse_spec(small_spec("plain", budget={"n_trials": 2}))
+    study = create_study(spec, sqlite_url)
+    for lr, value in [(0.01, 0.9), (0.02, 0.8)]:
+        study.add_trial(create_trial(params={"lr": lr}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, value=value))
+    written = write_report(study, spec, tmp_path)
+    assert tmp_path / "batch_size_lr.png" in written and (tmp_path / "index.html").exists()
+
+
 def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_path: Path):
     fragment = tmp_path / "best.yaml"
     exported = tuner("best", "--study", "watched", "--storage", finished_study["url"], "--export", str(fragment))

@@ -70,7 +70,8 @@ def batch_lr_figure(trials: list[FrozenTrial], metric: str, direction: StudyDire
     )
     figure.colorbar(points, ax=axes, label=metric)
     _batch_axis(axes)
-    axes.set(yscale="log", ylabel="learning rate used", title="batch size x learning rate")
+    # Without a point (plain Optuna's trials record no rate used) a log axis has no range to draw.
+    axes.set(yscale="log" if recorded else "linear", ylabel="learning rate used", title="batch size x learning rate")
     axes.legend()
     return figure
 
