@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from tuner.errors import BadInputError
 from tuner.storages import beside_storage
 
 if TYPE_CHECKING:
@@ -25,21 +24,6 @@ def default_artifact_dir(url: str | None) -> Path:
     """Beside a SQLite or journal file, else ``./artifacts``: the workers and the dashboard of one
     storage agree on it without being told."""
     return beside_storage(url, "artifacts")
-
-
-def check_artifact_dir(directory: Path) -> None:
-    """Refuse an artifact folder that cannot be made or written before a trial is claimed: the
-    first trial to finish would fail its upload after training, its worker stop with the bare
-    OSError and the trial stay running, its training lost."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise BadInputError(
-            f"The artifact folder {str(directory)!r} cannot be created or written ({error.strerror or error}); "
-            "give one that every worker can write with --artifact-dir."
-        ) from None
 
 
 def artifact_store(directory: Path) -> FileSystemArtifactStore:

@@ -4,8 +4,6 @@ fragment, and ``tuner train`` trains the workload once with them and saves the m
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +14,7 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuner.errors import BadInputError, TunerError
+from tuner.files import check_folder, write_atomically
 from tuner.report import best_trials, quality_objective
 from tuner.space import Hyperparameters, suggest
 from tuner.spec import Objective, StudySpec, load_model
@@ -109,30 +108,19 @@ def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.p
 
 
 def save_model(weights: dict, out: Path) -> None:
-    """Write the weights beside ``out`` and rename them onto it: a save cut short (a full disk,
-    a quota, a file-size limit) leaves the model that was there, not a truncated file."""
+    """Write the weights whole or not at all: a save cut short (a full disk, a quota, a file-size
+    limit) leaves the model that was there, not a truncated file."""
     buffer = io.BytesIO()
     torch.save(weights, buffer)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        partial.write_bytes(buffer.getvalue())
-        os.replace(partial, out)
+        write_atomically(out, buffer.getvalue())
     except OSError as error:
-        partial.unlink(missing_ok=True)
         raise TunerError(f"--out {str(out)!r}: the trained model cannot be written ({error.strerror or error}).") from None
 
 
 def check_writable(out: Path) -> None:
-    """Refuse a model path that cannot be written before training, not after it: creating its
-    folder and a scratch file there is the one test that also holds for root and read-only mounts."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as error:
-        raise BadInputError(
-            f"--out {str(out)!r}: folder {str(out.parent)!r} cannot be created or written ({error.strerror or error})."
-        ) from None
+    """Refuse a model path that cannot be written before training, not after it."""
+    check_folder(out.parent, "model", "--out")
     if out.is_dir():
         raise BadInputError(f"--out {str(out)!r} is a folder; give a file such as {str(out / 'model.pt')!r}.")
 

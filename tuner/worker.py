@@ -33,8 +33,9 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.artifacts import check_artifact_dir, default_artifact_dir, upload_learning_curve
+from tuner.artifacts import default_artifact_dir, upload_learning_curve
 from tuner.errors import TunerError
+from tuner.files import check_folder
 from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
@@ -50,7 +51,7 @@ from tuner.storages import (
 )
 from tuner.study import UID_ATTR, BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
 from tuner.train import memory
-from tuner.train.checkpoint import Checkpoint, check_folder
+from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
 from tuner.train.reporter import Diverged, MissingMetric, OutOfMemory, Reporter, WorkerStopped
 from tuner.workloads import Workload, final_metrics, load_workload
@@ -209,10 +210,12 @@ def run_worker(
     # workers about a second of CPU.
     gc.freeze()
     checkpoint_dir = study_checkpoint_dir(study, options.checkpoint_dir or default_checkpoint_dir(url))
+    # Checked before a trial is claimed: a save or an upload failing after training stopped the
+    # worker with the bare OSError and left its trial running, its training lost.
     if isinstance(workload, Workload):  # a training function saves no checkpoint
-        check_folder(checkpoint_dir)
+        check_folder(checkpoint_dir, "checkpoint", "--checkpoint-dir")
     artifact_dir = options.artifact_dir or default_artifact_dir(url)
-    check_artifact_dir(artifact_dir)
+    check_folder(artifact_dir, "artifact", "--artifact-dir")
     options = replace(options, artifact_dir=artifact_dir)
     stop = _StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}

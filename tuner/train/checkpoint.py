@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tuner.errors import BadInputError
+from tuner.files import write_atomically
 
 logger = logging.getLogger("tuner.train")
 
@@ -35,14 +32,7 @@ class Checkpoint:
             self._in_memory = buffer.getvalue()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Not named by the process id alone: workers in containers are all process 1, and a paused
-        # one back while its trial's retry runs writes the same checkpoint as the retry.
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        with open(temporary, "xb") as file:
-            file.write(buffer.getvalue())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        write_atomically(self.path, buffer.getvalue())
 
     def load(self) -> dict[str, Any] | None:
         if self.path is None:
@@ -71,16 +61,3 @@ class Checkpoint:
             for temporary in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 temporary.unlink(missing_ok=True)
 
-
-def check_folder(folder: Path) -> None:
-    """Refuse a checkpoint folder that cannot be made or written before a trial is claimed:
-    every trial would fail on its first save, and the worker stop with the bare OSError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise BadInputError(
-            f"The checkpoint folder {str(folder)!r} cannot be created or written ({error.strerror or error}); "
-            "give one that every worker can write with --checkpoint-dir."
-        ) from None
