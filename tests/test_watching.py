@@ -209,6 +209,30 @@ def test_report_of_four_objectives_draws_the_front_on_the_first_three(sqlite_url
     assert "<h2>Pareto front on val_accuracy, val_loss, train_loss</h2>" in (tmp_path / "index.html").read_text()
 
 
+def test_a_study_too_small_to_rank_its_parameters_says_so_on_the_page_not_on_stderr(sqlite_url: str, tmp_path: Path):
+    import warnings
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.plots import write_report
+    from tuner.spec import parse_spec
+    from tuner.study import create_study
+
+    spec = parse_spec(small_spec("small"))
+    study = create_study(spec, sqlite_url)
+    study.add_trial(create_trial(
+        params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 1e-1)}, value=0.9,
+        user_attrs={"effective_batch_size": 32, "lr_used": 0.01, "train_time_s": 1.0, "epochs_completed": 1},
+    ))
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        write_report(study, spec, tmp_path)
+    assert [str(warning.message) for warning in escaped if "importances" in str(warning.message)] == []
+    page = (tmp_path / "index.html").read_text()
+    assert "<h2>Parameter importances (The number of trials is too small to compute importances." in page
+
+
 def test_an_objective_named_like_a_record_shows_its_own_value(sqlite_url: str, tmp_path: Path):
     """``train_time_s`` as an objective is the time at the last report; the record of the same
     name, the function's whole time, must not take its column in the tables."""

@@ -133,9 +133,15 @@ def report_figures(study: optuna.Study, spec: StudySpec) -> dict[str, tuple[str,
         figures[f"history_{metric}.png"] = (f"Optimization history of {metric}", _optuna_figure(
             lambda: optuna_plots.plot_optimization_history(study, target=target, target_name=metric)
         ))
-    figures["param_importances.png"] = ("Parameter importances", _optuna_figure(
-        lambda: optuna_plots.plot_param_importances(study) if single else _objective_importances(study, quality, metrics[quality])
-    ))
+    # Optuna warns of a study too small to rank its parameters ("importances will be equal") on
+    # stderr, in the middle of the command's output: the caption tells it beside the plot.
+    with warnings.catch_warnings(record=True) as caught:
+        importances = _optuna_figure(
+            lambda: optuna_plots.plot_param_importances(study) if single else _objective_importances(study, quality, metrics[quality])
+        )
+    told = (str(w.message) for w in caught if not issubclass(w.category, optuna.exceptions.ExperimentalWarning))
+    cautions = "".join(f" ({message})" for message in dict.fromkeys(told))
+    figures["param_importances.png"] = ("Parameter importances" + cautions, importances)
     if single:
         figures["intermediate_values.png"] = ("Per-epoch curves (intermediate values)", _optuna_figure(
             lambda: optuna_plots.plot_intermediate_values(study)
