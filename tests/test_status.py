@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 
@@ -86,6 +87,23 @@ def test_no_eta_for_a_trial_budget_while_no_worker_runs(sqlite_url: str):
         assert (status.eta_s is not None) == eta_known
         if eta_known:
             assert 3500 < status.eta_s <= 3600
+
+
+def test_the_pace_leaves_out_a_pause_between_runs(sqlite_url: str):
+    """Ten trials of a minute each yesterday, a night's pause (Ctrl-C, then the same command in
+    the morning), one more just now: the pace is one a minute, not ten a day."""
+    spec = parse_spec({**_known_spec(), "name": "paused", "budget": {"n_trials": 20}})
+    study = create_study(spec, sqlite_url)
+    now = datetime.datetime.now()
+    starts = [now - datetime.timedelta(days=1) + datetime.timedelta(minutes=i) for i in range(10)]
+    for start in [*starts, now - datetime.timedelta(minutes=1)]:
+        trial = optuna.trial.create_trial(value=0.9)
+        trial.datetime_start, trial.datetime_complete = start, start + datetime.timedelta(minutes=1)
+        study.add_trial(trial)
+    study.ask()  # a worker trains the next one
+    status = study_status(study, spec)
+    assert status.trials_per_hour == pytest.approx(60.0)
+    assert status.eta_s == pytest.approx(9 * 60.0)
 
 
 def test_trials_that_diverged_or_ran_out_of_memory_are_not_saved_by_pruning(sqlite_url: str):

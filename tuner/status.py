@@ -106,14 +106,16 @@ def _epochs_unpruned(trial: FrozenTrial) -> int:
 
 
 def _trials_per_hour(finished: list[FrozenTrial], last: int) -> float | None:
-    """Trials finished per hour over the ``last`` finished ones, from the first start among them
-    to the last end, so parallel workers count together."""
+    """Trials finished per hour over the ``last`` finished ones, in the time that one of them or
+    more was training: parallel workers count together, and a pause between runs of the study
+    (Ctrl-C at night, the same command in the morning) does not pass for a slow pace."""
     recent = sorted(finished, key=lambda t: t.datetime_complete)[-last:]
-    starts = [t.datetime_start for t in recent if t.datetime_start is not None]
-    if not recent or not starts:
-        return None
-    span = (recent[-1].datetime_complete - min(starts)).total_seconds()
-    return len(recent) * 3600.0 / span if span > 0 else None
+    busy_s, busy_until = 0.0, datetime.datetime.min
+    for start, end in sorted((t.datetime_start, t.datetime_complete) for t in recent if t.datetime_start is not None):
+        # Only the part of a trial past the end of those that started before it adds time.
+        busy_s += max((end - max(start, busy_until)).total_seconds(), 0.0)
+        busy_until = max(busy_until, end)
+    return len(recent) * 3600.0 / busy_s if busy_s > 0 else None
 
 
 def _eta_s(budget: BudgetState, per_hour: float | None) -> float | None:
