@@ -260,6 +260,24 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
     assert study.trials[1].user_attrs["retried_from"] == 0
 
 
+@pytest.mark.slow
+def test_ctrl_c_past_a_spent_time_budget_does_not_promise_a_resume(write_spec, sqlite_url):
+    """The time budget runs out while the worker trains its trial: Ctrl-C hands it back, and the
+    same command would start no worker for it."""
+    spec = small_spec("overtime", workload="paced_workload:paced", budget={"timeout_s": 1}, pruner={"name": "none"})
+    spec["search"]["epochs"] = {"low": 8, "high": 8}
+    create_study(parse_spec(spec), sqlite_url)
+    args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
+    run = start_tuner(*args)
+    _wait_for(lambda: _epochs_done(sqlite_url, "overtime") >= 2, what="two epochs, past the budget's second")
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, output
+    assert "interrupted: 0 trials finished; the budget is met: the same command starts no more trials" in output
+    again = tuner(*args)
+    assert "has met its budget (its 1 s have passed); no workers started" in again.stderr
+
+
 def _pg_cluster() -> tuple[str, str]:
     line = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True).stdout.split()
     return line[0], line[1]

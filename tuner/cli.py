@@ -667,9 +667,10 @@ def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finishe
     if stopped_by is not None:
         done = f"{state.finished} of {state.n_trials}" if state.n_trials is not None else str(state.finished)
         also = f"; {failures}" if failed else ""
-        errors.print(
-            f"interrupted: {done} trials finished{also}; run the same command again to resume", highlight=False
-        )
+        # A time budget runs out while the workers finish the trials they started: those handed
+        # back on the signal find it spent, and the same command starts no worker for them.
+        then = "the budget is met: the same command starts no more trials" if state.exhausted else "run the same command again to resume"
+        errors.print(f"interrupted: {done} trials finished{also}; {then}", highlight=False)
         raise typer.Exit(128 + stopped_by)
     if failed:
         # Workers that all stopped on bad input (a metric the workload does not report, a lost
