@@ -4,6 +4,7 @@ the same launching function show the ``CUDA_VISIBLE_DEVICES`` they were given.""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from pathlib import Path
@@ -12,12 +13,13 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import _python_path, small_spec, tuner
 from tuner.cli import app
 from tuner.errors import BadInputError
-from tuner.launch import gpu_environments, start_workers
+from tuner.launch import follow, gpu_environments, start_workers
 from tuner.spec import parse_spec
 from tuner.study import create_study
 from tuner.train.memory import resolve_device
@@ -157,3 +159,14 @@ def test_a_run_that_goes_on_with_a_study_does_not_repeat_its_trials(tmp_path: Pa
         runs[name] = [tuple(sorted(trial.params.items())) for trial in study.get_trials(states=(TrialState.COMPLETE,))]
     assert runs["twice"][:2] == runs["once"]
     assert len(set(runs["twice"])) == 4, runs["twice"]
+
+
+def test_the_progress_line_shows_a_best_value_of_10000_and_more_in_whole_numbers(sqlite_url: str) -> None:
+    """As the tables of ``tuner best`` do: 15000, not 1.5e+04."""
+    objective = {"metric": "val_loss", "direction": "minimize"}
+    spec = parse_spec(small_spec("loss", objective=objective, budget={"n_trials": 2}))
+    study = create_study(spec, sqlite_url)
+    study.tell(study.ask(), 15000.0)
+    shown = io.StringIO()
+    follow(study, spec, [], Console(file=shown, width=200))
+    assert "trials 1/2 · best val_loss=15000 · running 0" in shown.getvalue()

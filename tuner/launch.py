@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tuner.errors import BadInputError
+from tuner.report import format_value
 from tuner.spec import StudySpec
 from tuner.study import budget_state
 
@@ -159,7 +160,7 @@ def _summary(study: optuna.Study, spec: StudySpec) -> tuple[int, str]:
     pruned = sum(1 for t in trials if t.state == TrialState.PRUNED)
     text = f"running {state.running} · pruned {pruned}"
     if len(spec.all_objectives) == 1 and any(t.state == TrialState.COMPLETE for t in trials):
-        text = f"best {spec.all_objectives[0].metric}={study.best_value:.4g} · " + text
+        text = f"best {spec.all_objectives[0].metric}={format_value(study.best_value)} · " + text
     return state.finished, text
 
 
