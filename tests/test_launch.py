@@ -170,3 +170,14 @@ def test_the_progress_line_shows_a_best_value_of_10000_and_more_in_whole_numbers
     shown = io.StringIO()
     follow(study, spec, [], Console(file=shown, width=200))
     assert "trials 1/2 · best val_loss=15000 · running 0" in shown.getvalue()
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+def test_the_progress_line_shows_a_metric_named_with_brackets(sqlite_url: str, terminal: bool) -> None:
+    objective = {"metric": "val_loss[/train]", "direction": "minimize"}
+    spec = parse_spec(small_spec("brackets", objective=objective, budget={"n_trials": 2}))
+    study = create_study(spec, sqlite_url)
+    study.tell(study.ask(), 0.25)
+    shown = io.StringIO()
+    follow(study, spec, [], Console(file=shown, width=200, force_terminal=terminal))
+    assert "best val_loss[/train]=0.25" in shown.getvalue()

@@ -224,3 +224,12 @@ def test_status_of_every_study_leaves_out_those_tuner_did_not_make(sqlite_url: s
     assert result.exit_code == 0, result.output
     assert "known" in result.stdout and "6 left" in result.stdout
     assert "left out, not made by tuner (no spec, no budget): 'plain'" in result.stdout
+
+
+def test_status_shows_study_names_with_brackets_as_they_are(sqlite_url: str):
+    # Rich read them as styles: "resnet[cifar10]" showed as "resnet", and "sweep[/lr]" failed.
+    for name in ("resnet[cifar10]", "sweep[/lr]"):
+        create_study(parse_spec({**_known_spec(), "name": name}), sqlite_url)
+    result = tuner("status", "--storage", sqlite_url, env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "resnet[cifar10]" in result.stdout and "sweep[/lr]" in result.stdout

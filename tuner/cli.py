@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tuner.errors import BadInputError, StorageMissingError, TunerError
 
@@ -35,11 +36,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Tune batch size, learning rate and epochs together in an Optuna study.",
 )
-# Piped output keeps whole table rows instead of folding them to 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 200)
+# Piped output keeps whole table rows instead of folding them to 80 columns. Without markup:
+# a study, metric or path named with brackets ("sweep[/lr]") is shown as it is, where rich took
+# it for a style, dropped it or failed on it.
+console = Console(width=None if sys.stdout.isatty() else 200, markup=False)
 # The workers' relayed lines and the progress: a line stays one line, which rich would fold at
 # 80 columns in a log file or a pipe into grep.
-errors = Console(stderr=True, soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True, markup=False)
 
 StorageOption = Annotated[
     Optional[str],
@@ -387,7 +390,7 @@ def train_once(
         metrics, saved = retrain(fixed, device=device, out=out)
     table = Table(title=f"{fixed.workload} trained once", show_header=False)
     for name, value in metrics.items():
-        table.add_row(f"[bold]{name}[/]" if name == fixed.objective.metric else name, format_value(value))
+        table.add_row(Text(name, style="bold" if name == fixed.objective.metric else ""), format_value(value))
     console.print(table)
     console.print(f"model saved to {saved}" if saved else "the training function saves its own model")
 

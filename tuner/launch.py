@@ -235,7 +235,7 @@ def _show_progress(
     total = spec.budget.n_trials
     last = None
     with Progress(
-        TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(), console=console, disable=not console.is_terminal,
     ) as progress:
         task = progress.add_task("trials", total=total, info="")
@@ -244,7 +244,7 @@ def _show_progress(
             finished, info = _summary(study, spec)
             progress.update(task, completed=finished, info=info)
             if not console.is_terminal and (finished, info) != last:
-                console.print(f"trials {finished}/{total or '-'} · {info}", highlight=False)
+                console.print(f"trials {finished}/{total or '-'} · {info}", highlight=False, markup=False)
                 last = (finished, info)
             if done:
                 break

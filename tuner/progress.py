@@ -44,7 +44,7 @@ def log_output(console: Console | None = None) -> Iterator[None]:
         yield
         return
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs · {task.fields[metric]}"),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs · {task.fields[metric]}", markup=False),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
