@@ -101,6 +101,18 @@ def test_a_host_it_cannot_serve_on_is_bad_input(sqlite_url: str, host: str, reas
     assert "--host takes an IPv4 address or name of this machine, such as 127.0.0.1 or 0.0.0.0." in result.stderr
 
 
+def test_an_artifact_folder_it_cannot_make_is_bad_input(sqlite_url: str, tmp_path: Path):
+    """It exited 1 with the OS error alone (``FileExistsError: [Errno 17] File exists``)."""
+    create_study(parse_spec(small_spec("folders")), sqlite_url)
+    taken = tmp_path / "curves"
+    taken.write_text("a file of the folder's name")
+    result = tuner("dashboard", "--storage", sqlite_url, "--artifact-dir", str(taken), "--port", str(_free_port()))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: Cannot use {str(taken)!r} as the artifact folder: File exists; give another with --artifact-dir.\n"
+    )
+
+
 def _chromium() -> str:
     path = shutil.which("chromium")
     if path is None:

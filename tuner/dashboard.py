@@ -43,7 +43,15 @@ def serve(
     request being handled at that moment would swallow.
     """
     url = storage_url(storage)
-    app = optuna_dashboard.wsgi(make_storage(url, create=False), artifact_store=artifact_store(artifact_dir or default_artifact_dir(url)))
+    opened = make_storage(url, create=False)
+    folder = artifact_dir or default_artifact_dir(url)
+    try:
+        store = artifact_store(folder)
+    except OSError as error:  # a file of the name, a folder this user may not write in
+        raise BadInputError(
+            f"Cannot use {str(folder)!r} as the artifact folder: {error.strerror}; give another with --artifact-dir."
+        ) from None
+    app = optuna_dashboard.wsgi(opened, artifact_store=store)
     try:
         server = make_server(host, port, app, handler_class=_QuietHandler)
     except OSError as error:
