@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import datetime
+import io
 import re
 import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import small_spec, tuner
 from tuner.cli import app
 from tuner.spec import parse_spec
-from tuner.status import study_status
+from tuner.status import status_table, study_status
 from tuner.study import create_study
 
 
@@ -104,6 +106,21 @@ def test_the_pace_leaves_out_a_pause_between_runs(sqlite_url: str):
     status = study_status(study, spec)
     assert status.trials_per_hour == pytest.approx(60.0)
     assert status.eta_s == pytest.approx(9 * 60.0)
+
+
+def test_a_pace_below_one_a_day_shows_its_digits(sqlite_url: str):
+    """Trials of a day each on one worker: 0.042 an hour, where one decimal showed 0.0."""
+    spec = parse_spec({**_known_spec(), "name": "slow", "budget": {"n_trials": 5}})
+    study = create_study(spec, sqlite_url)
+    first = datetime.datetime.now() - datetime.timedelta(days=2)
+    for day in range(2):
+        trial = optuna.trial.create_trial(value=0.9)
+        trial.datetime_start = first + datetime.timedelta(days=day)
+        trial.datetime_complete = trial.datetime_start + datetime.timedelta(days=1)
+        study.add_trial(trial)
+    console = Console(file=io.StringIO(), width=200)
+    console.print(status_table([study_status(study, spec)]))
+    assert re.search(r"trials per hour\s+│\s+0\.042\s", console.file.getvalue()), console.file.getvalue()
 
 
 def test_trials_that_diverged_or_ran_out_of_memory_are_not_saved_by_pruning(sqlite_url: str):

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from tuner.report import format_value
+from tuner.report import digits, format_value
 from tuner.spec import StudySpec
 from tuner.storages import slot_holders
 from tuner.study import FINISHED, BudgetState, budget_state
@@ -187,7 +187,8 @@ def _cells(status: StudyStatus) -> dict[str, str]:
         "best": (format_value(status.best_value) or "-") if status.pareto_size is None else f"{status.pareto_size} on the Pareto front",
         "epochs trained": f"{status.epochs_trained} of {status.epochs_unpruned} without pruning",
         "saved by pruning": "-" if savings is None else f"{savings:.0f}%",
-        "trials per hour": "-" if pace is None else f"{pace:.0f}" if pace >= 100 else f"{pace:.1f}",
+        # Two digits: trials of a day each are 0.042 an hour, which one decimal showed as 0.0.
+        "trials per hour": "-" if pace is None else digits(pace, 2),
         "ETA": "budget met" if budget.exhausted else _duration(status.eta_s),
         "live workers": "\n".join(
             f"trial {t.number} on {t.worker or '?'}" + (f" ({t.device})" if t.device else "")
