@@ -442,6 +442,7 @@ def _fixed(workload: str = "digits_mlp", **hyperparameters: object) -> dict:
     ("seed", -1, "greater than or equal to 0"),
     ("seed", 2**32, "less than 4294967296"),
     ("lr", float("inf"), "finite number"),
+    ("schedule", {"name": "adaptive", "low": 64, "high": 16}, "low (64) must not be above high (16)"),
 ])
 def test_train_refuses_out_of_range_hyperparameters(write_spec, tmp_path: Path, field: str, value: object, shown: str):
     model = tmp_path / "model.pt"

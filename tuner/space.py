@@ -28,6 +28,11 @@ class BatchSchedule:
     high: Annotated[int | None, Field(ge=1)] = None
     lr_exponent: Annotated[float, Field(ge=0)] = 0.0
 
+    def __post_init__(self) -> None:
+        # A hand-written fragment's range, as the spec's batch range is checked.
+        if self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not be above high ({self.high})")
+
 
 @dataclass(frozen=True)
 class Hyperparameters:
