@@ -221,6 +221,22 @@ def test_status_watch_shows_a_budget_raised_while_it_watches(sqlite_url: str, mo
     assert not re.search(r"ETA\s+│\s+budget met", result.stdout), result.stdout
 
 
+def test_status_watch_shows_a_study_made_while_it_watches(sqlite_url: str, monkeypatch):
+    create_study(parse_spec(_known_spec()), sqlite_url)
+    refreshes = []
+
+    def make_a_study_then_stop(seconds: float) -> None:
+        refreshes.append(seconds)
+        if len(refreshes) > 1:
+            raise KeyboardInterrupt
+        create_study(parse_spec({**_known_spec(), "name": "later"}), sqlite_url)
+
+    monkeypatch.setattr(time, "sleep", make_a_study_then_stop)
+    result = CliRunner().invoke(app, ["status", "--storage", sqlite_url, "--watch"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"┃\s+known\s+┃\s+later\s+┃", result.stdout), result.stdout
+
+
 def test_status_of_a_storage_without_studies_says_so(tmp_path):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     optuna.create_study(study_name="gone", storage=url)

@@ -450,11 +450,17 @@ def status(
     from tuner.study import load_study, stored_spec
 
     opened = make_storage(storage, create=False)
-    names = [study] if study else sorted(optuna.get_all_study_names(opened))
-    # Plain Optuna's studies may share the database: with no stored spec they have no budget to
-    # show, and loading them would fail the status of every study.
-    others = [] if study else [name for name in names if stored_spec(opened, name) is None]
-    names = [name for name in names if name not in others]
+
+    def studies() -> tuple[list[str], list[str]]:
+        """tuner's studies, and the others: plain Optuna's studies may share the database, and
+        with no stored spec they have no budget to show and would fail the status of every study."""
+        if study:
+            return [study], []
+        names = sorted(optuna.get_all_study_names(opened))
+        others = [name for name in names if stored_spec(opened, name) is None]
+        return [name for name in names if name not in others], others
+
+    names, others = studies()
     if others:
         console.print(f"left out, not made by tuner (no spec, no budget): {', '.join(map(repr, others))}", highlight=False)
     if not names:
@@ -462,9 +468,10 @@ def status(
         return
 
     def table() -> Table:
-        # Each study and its stored spec are loaded at every refresh: `tuner create` or `tuner run
-        # --n-trials` may have raised a budget since the last, which --watch would show as met.
-        return status_table([study_status(*load_study(name, opened), last=last) for name in names])
+        # The studies, each with its stored spec, are read again at every refresh: a study made
+        # since the last shows, and `tuner create` or `tuner run --n-trials` may have raised a
+        # budget, which --watch would show as met.
+        return status_table([study_status(*load_study(name, opened), last=last) for name in studies()[0]])
 
     if not watch:
         console.print(table())
