@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("postgres"))
 
 
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers_restored():
+    """A worker run in this process and stopped by a signal keeps its stop handler as it exits
+    (``tuner.worker.run_worker``): the next test gets the process's own handlers back."""
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 def small_spec(name: str, **overrides: object) -> dict:
     """A spec that trains in about a second per trial on the digits MLP."""
     spec = {

@@ -235,10 +235,12 @@ def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stopped", "stop_signal"), [("run", signal.SIGINT), ("its worker", signal.SIGTERM)])
+@pytest.mark.parametrize(
+    ("stopped", "stop_signal"), [("run", signal.SIGINT), ("run twice", signal.SIGINT), ("its worker", signal.SIGTERM)]
+)
 def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlite_url, stopped, stop_signal):
-    """Ctrl-C on the run, or a SIGTERM sent to its one worker alone (kill PID), which leaves the
-    budget as unmet."""
+    """Ctrl-C on the run, once or twice (the second abandons the epoch), or a SIGTERM sent to its
+    one worker alone (kill PID), which leaves the budget as unmet."""
     spec = small_spec("midrun", workload="paced_workload:paced", budget={"n_trials": 1}, pruner={"name": "none"})
     # A stop in the last epoch lets the trial finish: six epochs of 0.5 s after the first is
     # seen leave time for the signal on a loaded machine.
@@ -247,9 +249,16 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
     args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
     run = start_tuner(*args)
     _wait_for(lambda: _epochs_done(sqlite_url, "midrun") >= 1, what="an epoch")
-    (run if stopped == "run" else psutil.Process(run.pid).children()[0]).send_signal(stop_signal)
+    target = psutil.Process(run.pid).children()[0] if stopped == "its worker" else run
+    target.send_signal(stop_signal)
+    if stopped == "run twice":
+        time.sleep(0.1)  # two signals at once may reach the process as one
+        target.send_signal(stop_signal)
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 128 + stop_signal, output
+    if stopped != "its worker":
+        assert "SIGINT: stopping workers after their current epoch" in output
+        assert ("SIGINT: stopping workers now, their current epoch abandoned" in output) == (stopped == "run twice")
     assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output
     study = optuna.load_study(study_name="midrun", storage=sqlite_url)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]

@@ -187,11 +187,10 @@ def run_workers(
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signum)
+        then = "after their current epoch" if len(received) == 1 else "now, their current epoch abandoned"
         # Printed by a thread of its own: the handler may have interrupted this thread in the
         # middle of importing one of rich's modules, which its print would then find half made.
-        threading.Thread(
-            target=console.print, args=(f"{received[-1].name}: stopping workers after their current epoch",)
-        ).start()
+        threading.Thread(target=console.print, args=(f"{received[-1].name}: stopping workers {then}",)).start()
 
     with _stop_signals_held():
         processes = start_workers(study.study_name, storage_url, count, **options)

@@ -160,29 +160,30 @@ def _fail_stale_trials(study: optuna.Study) -> None:
 
 class _StopRequest:
     """SIGTERM/SIGINT: finish the current epoch, hand the trial back, exit; a second signal
-    abandons the epoch at once, but never the trial's last writes (``telling``)."""
+    abandons the epoch at once. Only the epoch: raised in the trial's last writes it broke them
+    off and could leave a handed-back trial with no copy queued, lost to the budget; raised in
+    a claim or as the worker exits, it failed the worker."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.telling = False
+        self.training = False
         self.signal: signal.Signals | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
         self.signal = self.signal or signal.Signals(signum)
         logger.warning("worker %s: stop requested (%s)", worker_id(), signal.Signals(signum).name)
-        if self.count > 1 and not self.telling:
+        if self.count > 1 and self.training:
             raise WorkerStopped("second stop signal")
 
     @contextmanager
-    def told(self) -> Iterator[None]:
-        """Let the trial's end reach the storage whatever signal comes: broken off there, a
-        handed-back trial could end with no copy queued, lost to the budget."""
-        self.telling = True
+    def abandonable(self) -> Iterator[None]:
+        """Where a second signal breaks off: the trial's training, which its checkpoint resumes."""
+        self.training = True
         try:
             yield
         finally:
-            self.telling = False
+            self.training = False
 
     def __bool__(self) -> bool:
         return self.count > 0
@@ -193,7 +194,10 @@ def run_worker(
     storage: str | None = None,
     options: WorkerOptions | None = None,
 ) -> WorkerSummary:
-    """Pull trials of ``study_name`` until its budget is met; return what this worker ran."""
+    """Pull trials of ``study_name`` until its budget is met; return what this worker ran.
+
+    SIGTERM and SIGINT stop it (``_StopRequest``); after such a stop their handler stays, so that
+    one more signal while the process exits is logged rather than raised."""
     options = options or WorkerOptions()
     url = storage_url(storage)
     study, spec = load_study(study_name, url, seed_offset=seed_offset(options.worker_index))
@@ -267,8 +271,11 @@ def run_worker(
         if not stop:
             note.final()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # Once stopped, the handler stays: a second signal as the worker exits has no epoch to
+        # abandon, and the default handlers turned the exit into a failure (exit 1, "Aborted!").
+        if not stop:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     summary.stopped_by = stop.signal
     logger.info("worker %s done: %s", worker_id(), summary.trials)
     return summary
@@ -308,18 +315,17 @@ def _run_trial(
         # The heartbeat runs until the trial is told: a slow final write must not look like death.
         with get_heartbeat_thread(trial._trial_id, study._storage):
             try:
-                state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint)
+                state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint, stop)
             except MissingMetric as error:
                 reporter.records["error"] = str(error)
                 _finish(study, spec, trial, TrialState.FAIL, None, "failed", reporter, options)
                 raise
             reporter.records["duration_s"] = time.perf_counter() - started
-            with stop.told():
-                if outcome == "worker_stopped":
-                    reporter.write_records()
-                    _hand_back(study, trial)
-                else:
-                    _finish(study, spec, trial, state, values, outcome, reporter, options)
+            if outcome == "worker_stopped":
+                reporter.write_records()
+                _hand_back(study, trial)
+            else:
+                _finish(study, spec, trial, state, values, outcome, reporter, options)
     except UpdateFinishedTrialError:
         # This worker sent no heartbeat for longer than the grace period (a paused process, a
         # cut link) and another worker failed the trial and queued its retry, which resumes from
@@ -368,24 +374,27 @@ def _train(
     reporter: Reporter,
     device: torch.device,
     checkpoint: Checkpoint,
+    stop: _StopRequest,
 ) -> tuple[TrialState, list[float] | None, str]:
     """Run the workload; turn how it ended into a trial state, values and an outcome word."""
     try:
-        if isinstance(workload, Workload):
-            metrics = _train_workload(study, spec, workload, hp, reporter, device, checkpoint)
-        else:
-            started = time.perf_counter()
-            returned = workload(hp, reporter)
-            reporter.records["train_time_s"] = time.perf_counter() - started
-            reporter.raise_caught_stop()
-            metrics = final_metrics(returned, reporter.history)
-            if not reporter.history:
-                # Its metrics stand, but it has no curve, and no pruner could have stopped it.
-                logger.warning(
-                    "trial %d: the training function never called report(epoch, metrics), so no epoch is "
-                    "recorded and the pruner could not stop it; call report after every epoch",
-                    reporter.trial.number,
-                )
+        # Inside the try: a second signal that lands as the training ends still hands it back.
+        with stop.abandonable():
+            if isinstance(workload, Workload):
+                metrics = _train_workload(study, spec, workload, hp, reporter, device, checkpoint)
+            else:
+                started = time.perf_counter()
+                returned = workload(hp, reporter)
+                reporter.records["train_time_s"] = time.perf_counter() - started
+                reporter.raise_caught_stop()
+                metrics = final_metrics(returned, reporter.history)
+                if not reporter.history:
+                    # Its metrics stand, but it has no curve, and no pruner could have stopped it.
+                    logger.warning(
+                        "trial %d: the training function never called report(epoch, metrics), so no epoch is "
+                        "recorded and the pruner could not stop it; call report after every epoch",
+                        reporter.trial.number,
+                    )
         # A training function's own metrics lack what the reporter adds, such as train_time_s.
         final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
         values = [float(final[o.metric]) for o in spec.all_objectives]
@@ -404,6 +413,9 @@ def _train(
         reporter.records["stop_reason"] = "worker_stopped"
         return TrialState.FAIL, None, "worker_stopped"
     except Exception as error:  # a workload's own error fails its trial, never the worker
+        if _stopped_within(error):
+            reporter.records["stop_reason"] = "worker_stopped"
+            return TrialState.FAIL, None, "worker_stopped"
         reporter.records["error"] = _describe_error(error)
         logger.warning("trial %d failed: %s", reporter.trial.number, reporter.records["error"].splitlines()[0])
         return TrialState.FAIL, None, "failed"
@@ -438,6 +450,18 @@ def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
     handed = copy.copy(study.tell(trial, state=TrialState.FAIL))
     handed.system_attrs = {**handed.system_attrs, HAND_BACKS: handed.system_attrs.get(HAND_BACKS, 0) + 1}
     optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, handed)
+
+
+def _stopped_within(error: BaseException) -> bool:
+    """Whether a second stop signal broke a write to the storage off (an epoch's value, say):
+    the storage's error wraps it, the write is rolled back, and the trial is handed back like any
+    stopped one, where it failed for good with the storage's error."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, WorkerStopped):
+            return True
+        seen = seen.__cause__ or seen.__context__ or getattr(seen, "orig", None)
+    return False
 
 
 def _describe_error(error: BaseException) -> str:
