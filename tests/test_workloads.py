@@ -128,6 +128,8 @@ def test_a_training_function_that_ends_without_metrics_fails_its_trial_saying_wh
     [
         ("per_sample_blobs", "Metric 'val_accuracy' is a Tensor of shape (64,), not a number; report one float"),
         ("reports_a_list", "Metric 'val_accuracy' is a list, not a number; report one float"),
+        ("reports_from_epoch_zero", "report() got epoch 0 after epoch 0; report each epoch once, counted from 1"),
+        ("reports_an_epoch_twice", "report() got epoch 1 after epoch 1; report each epoch once, counted from 1"),
     ],
 )
 def test_a_metric_that_is_not_a_number_fails_its_trial_naming_the_metric(sqlite_url, workload, error):

@@ -238,6 +238,19 @@ def reports_a_list(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     return {"val_accuracy": 0.6}
 
 
+def reports_from_epoch_zero(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """Counts its epochs from 0, as ``range(epochs)`` does."""
+    for epoch in range(hp.epochs):
+        report(epoch, {"val_accuracy": 0.5})
+    return {"val_accuracy": 0.5}
+
+
+def reports_an_epoch_twice(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    report(1, {"val_accuracy": 0.5})
+    report(1, {"val_accuracy": 0.6})
+    return {"val_accuracy": 0.6}
+
+
 def never_reports(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     """Trains and returns its metrics, but forgets to report its epochs."""
     return {"val_accuracy": 0.5}

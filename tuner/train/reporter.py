@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -152,6 +153,13 @@ class Reporter:
         ``train_time_s``, the seconds trained so far, is added when the metrics lack it (a
         training function's), so that it can be an objective whatever the workload's form.
         """
+        last = self.history[-1]["epoch"] if self.history else 0
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch <= last:
+            # Epoch 0, or one reported twice, would stand at the pruner's step before or on
+            # another's: the warm-up and the comparison at an epoch count epochs from 1.
+            raise WorkloadError(
+                f"report() got epoch {epoch!r} after epoch {last}; report each epoch once, counted from 1."
+            )
         metrics = {"train_time_s": time.perf_counter() - self.started, **metrics}
         missing = [o.metric for o in self.objectives if o.metric not in metrics]
         if missing:
