@@ -236,11 +236,12 @@ def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignor
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stopped", "stop_signal"), [("run", signal.SIGINT), ("run twice", signal.SIGINT), ("its worker", signal.SIGTERM)]
+    ("stopped", "stop_signal"),
+    [("run", signal.SIGINT), ("run twice", signal.SIGINT), ("run", signal.SIGHUP), ("its worker", signal.SIGTERM)],
 )
 def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlite_url, stopped, stop_signal):
-    """Ctrl-C on the run, once or twice (the second abandons the epoch), or a SIGTERM sent to its
-    one worker alone (kill PID), which leaves the budget as unmet."""
+    """Ctrl-C on the run, once or twice (the second abandons the epoch), its terminal closed
+    (SIGHUP), or a SIGTERM sent to its one worker alone (kill PID), which leaves the budget as unmet."""
     spec = small_spec("midrun", workload="paced_workload:paced", budget={"n_trials": 1}, pruner={"name": "none"})
     # A stop in the last epoch lets the trial finish: six epochs of 0.5 s after the first is
     # seen leave time for the signal on a loaded machine.
@@ -257,7 +258,7 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 128 + stop_signal, output
     if stopped != "its worker":
-        assert "SIGINT: stopping workers after their current epoch" in output
+        assert f"{stop_signal.name}: stopping workers after their current epoch" in output
         assert ("SIGINT: stopping workers now, their current epoch abandoned" in output) == (stopped == "run twice")
     assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output
     study = optuna.load_study(study_name="midrun", storage=sqlite_url)

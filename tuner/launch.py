@@ -179,14 +179,18 @@ def run_workers(
     """Start ``count`` workers (``options`` as ``start_workers`` takes them) and follow them
     until they exit. Each SIGINT or SIGTERM to this process is forwarded to the live workers: the
     first stops them after their current epoch, a second abandons it. The signals are held from
-    before the first worker starts until the handler knows them all, so none is missed."""
+    before the first worker starts until the handler knows them all, so none is missed.
+
+    A hang-up (the terminal closed, the ssh link lost) stops them as SIGTERM does: in sessions of
+    their own, the workers would train on with no one following them. Under ``nohup``, which
+    ignores it, they run on as asked."""
     received: list[signal.Signals] = []
 
     def forward(signum: int, frame: object) -> None:
         received.append(signal.Signals(signum))
         for process in processes:
             if process.poll() is None:
-                process.send_signal(signum)
+                process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
         then = "after their current epoch" if len(received) == 1 else "now, their current epoch abandoned"
         # Printed by a thread of its own: the handler may have interrupted this thread in the
         # middle of importing one of rich's modules, which its print would then find half made.
@@ -194,7 +198,8 @@ def run_workers(
 
     with _stop_signals_held():
         processes = start_workers(study.study_name, storage_url, count, **options)
-        previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+        hang_up = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+        previous = {sig: signal.signal(sig, forward) for sig in (*STOP_SIGNALS, *hang_up)}
     try:
         codes = follow(study, spec, processes, console)
     finally:
