@@ -114,12 +114,17 @@ def known_optimizer(name: str) -> str:
     return name
 
 
+def _repeated(values: list[str]) -> str | None:
+    """The first value listed more than once, if any."""
+    return next((value for value in values if values.count(value) > 1), None)
+
+
 def listed_once(choices: list[str]) -> list[str]:
     """Refuse a choice listed twice: the sampler would draw it more often than the others,
     which no spec asks for that way."""
-    for choice in choices:
-        if choices.count(choice) > 1:
-            raise ValueError(f"{choice!r} is listed twice; the sampler would draw it twice as often")
+    choice = _repeated(choices)
+    if choice is not None:
+        raise ValueError(f"{choice!r} is listed twice; the sampler would draw it twice as often")
     return choices
 
 
@@ -177,10 +182,9 @@ class Objective(_Strict):
 def distinct_metrics(objectives: list[Objective]) -> list[Objective]:
     """Refuse a metric named twice: the trial tables and the note show each metric once, by name,
     so one of its objectives would go unseen."""
-    metrics = [objective.metric for objective in objectives]
-    for metric in metrics:
-        if metrics.count(metric) > 1:
-            raise ValueError(f"metric {metric!r} is named twice; each objective measures another metric")
+    metric = _repeated([objective.metric for objective in objectives])
+    if metric is not None:
+        raise ValueError(f"metric {metric!r} is named twice; each objective measures another metric")
     return objectives
 
 

@@ -409,9 +409,6 @@ def _train(
         return TrialState.PRUNED, None, reason
     except (MissingMetric, UpdateFinishedTrialError):
         raise
-    except WorkerStopped:
-        reporter.records["stop_reason"] = "worker_stopped"
-        return TrialState.FAIL, None, "worker_stopped"
     except Exception as error:  # a workload's own error fails its trial, never the worker
         if _stopped_within(error):
             reporter.records["stop_reason"] = "worker_stopped"
@@ -453,9 +450,9 @@ def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 def _stopped_within(error: BaseException) -> bool:
-    """Whether a second stop signal broke a write to the storage off (an epoch's value, say):
-    the storage's error wraps it, the write is rolled back, and the trial is handed back like any
-    stopped one, where it failed for good with the storage's error."""
+    """Whether the worker's stop ended the training: the stop itself, or a storage error that
+    wraps it where a second signal broke a write off (an epoch's value, say), which is rolled
+    back; either way the trial is handed back, not failed for good with the storage's error."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, WorkerStopped):

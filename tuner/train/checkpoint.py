@@ -60,4 +60,3 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
             for temporary in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 temporary.unlink(missing_ok=True)
-
