@@ -234,6 +234,17 @@ def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignor
     assert not any(worker.is_running() for worker in workers)
 
 
+def _paced_run(write_spec, sqlite_url: str, name: str, budget: dict) -> tuple[tuple[str, ...], subprocess.Popen]:
+    """``tuner run`` of a study of one paced trial of 8 epochs, without a pruner: its arguments
+    and the process. A stop in the last epoch lets the trial finish: six epochs of 0.5 s after
+    the first is seen leave time for a signal on a loaded machine."""
+    spec = small_spec(name, workload="paced_workload:paced", budget=budget, pruner={"name": "none"})
+    spec["search"]["epochs"] = {"low": 8, "high": 8}
+    create_study(parse_spec(spec), sqlite_url)
+    args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
+    return args, start_tuner(*args)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("stopped", "stop_signal"),
@@ -242,13 +253,7 @@ def test_ctrl_c_while_workers_start_stops_them_all(write_spec, sqlite_url, ignor
 def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlite_url, stopped, stop_signal):
     """Ctrl-C on the run, once or twice (the second abandons the epoch), its terminal closed
     (SIGHUP), or a SIGTERM sent to its one worker alone (kill PID), which leaves the budget as unmet."""
-    spec = small_spec("midrun", workload="paced_workload:paced", budget={"n_trials": 1}, pruner={"name": "none"})
-    # A stop in the last epoch lets the trial finish: six epochs of 0.5 s after the first is
-    # seen leave time for the signal on a loaded machine.
-    spec["search"]["epochs"] = {"low": 8, "high": 8}
-    create_study(parse_spec(spec), sqlite_url)
-    args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
-    run = start_tuner(*args)
+    args, run = _paced_run(write_spec, sqlite_url, "midrun", {"n_trials": 1})
     _wait_for(lambda: _epochs_done(sqlite_url, "midrun") >= 1, what="an epoch")
     target = psutil.Process(run.pid).children()[0] if stopped == "its worker" else run
     target.send_signal(stop_signal)
@@ -274,11 +279,7 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
 def test_ctrl_c_past_a_spent_time_budget_does_not_promise_a_resume(write_spec, sqlite_url):
     """The time budget runs out while the worker trains its trial: Ctrl-C hands it back, and the
     same command would start no worker for it."""
-    spec = small_spec("overtime", workload="paced_workload:paced", budget={"timeout_s": 1}, pruner={"name": "none"})
-    spec["search"]["epochs"] = {"low": 8, "high": 8}
-    create_study(parse_spec(spec), sqlite_url)
-    args = ("run", str(write_spec(spec)), "--storage", sqlite_url)
-    run = start_tuner(*args)
+    args, run = _paced_run(write_spec, sqlite_url, "overtime", {"timeout_s": 1})
     _wait_for(lambda: _epochs_done(sqlite_url, "overtime") >= 2, what="two epochs, past the budget's second")
     run.send_signal(signal.SIGINT)
     output, _ = run.communicate(timeout=120)

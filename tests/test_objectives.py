@@ -125,12 +125,17 @@ def test_best_within_on_the_command_line(sqlite_url: str, tmp_path) -> None:
     assert f"fastest trial within 50% of the best val_accuracy: #{expected.number}" in table.stdout
 
 
-def test_best_within_tells_long_times_and_their_ratio_in_plain_digits(sqlite_url: str) -> None:
-    study = create_study(parse_spec(small_spec("ratio", budget={"n_trials": 2})), sqlite_url)
-    for accuracy, seconds in [(0.970, 15000.0), (0.965, 2.0)]:
+def _stored_timed_study(sqlite_url: str, name: str, trials: list[tuple[float, float]]) -> None:
+    """A tuner study in ``sqlite_url`` of two trials told their accuracy, each with its training seconds."""
+    study = create_study(parse_spec(small_spec(name, budget={"n_trials": 2})), sqlite_url)
+    for accuracy, seconds in trials:
         trial = study.ask()
         trial.set_user_attr("train_time_s", seconds)
         study.tell(trial, accuracy)
+
+
+def test_best_within_tells_long_times_and_their_ratio_in_plain_digits(sqlite_url: str) -> None:
+    _stored_timed_study(sqlite_url, "ratio", [(0.970, 15000.0), (0.965, 2.0)])
     result = CliRunner().invoke(app, ["best", "--study", "ratio", "--storage", sqlite_url, "--within", "1%"])
     assert result.exit_code == 0, result.output
     assert "the best, #0, has 0.97 in 15000 s (7500x the time)" in result.stdout
@@ -140,11 +145,7 @@ def test_best_within_tells_long_times_and_their_ratio_in_plain_digits(sqlite_url
 
 def test_times_just_below_the_whole_number_threshold_show_in_plain_digits(sqlite_url: str) -> None:
     """999.7 s to three digits and 9999.7 s to four round up to a digit more: 1e+03, 1e+04."""
-    study = create_study(parse_spec(small_spec("rounded", budget={"n_trials": 2})), sqlite_url)
-    for accuracy, seconds in [(0.970, 999.7), (0.965, 9999.7)]:
-        trial = study.ask()
-        trial.set_user_attr("train_time_s", seconds)
-        study.tell(trial, accuracy)
+    _stored_timed_study(sqlite_url, "rounded", [(0.970, 999.7), (0.965, 9999.7)])
     result = CliRunner().invoke(app, ["best", "--study", "rounded", "--storage", sqlite_url, "--within", "1%"])
     assert result.exit_code == 0, result.output
     assert "(val_accuracy 0.97 in 1000 s); the best, #0, has 0.97 in 1000 s (1x the time)" in result.stdout
