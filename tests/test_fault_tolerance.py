@@ -16,10 +16,11 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import small_spec, start_tuner, tuner
+from test_proxy import storage_of_kind
 from tuner.errors import BadInputError
 from tuner.space import Hyperparameters
 from tuner.spec import Objective, parse_spec
-from tuner.storages import sqlalchemy_url
+from tuner.storages import make_storage, sqlalchemy_url
 from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
@@ -49,8 +50,12 @@ def _wait_for(condition, timeout: float = 180.0, what: str = "condition") -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=make_storage(url, create=False))
+
+
 def _epochs_done(url: str, name: str) -> int:
-    trials = optuna.load_study(study_name=name, storage=sqlalchemy_url(url)).get_trials(states=(TrialState.RUNNING,))
+    trials = _load(url, name).get_trials(states=(TrialState.RUNNING,))
     return max((max(t.intermediate_values, default=0) for t in trials), default=0)
 
 
@@ -64,8 +69,7 @@ def _uninterrupted_history(monkeypatch) -> list[dict]:
 
 
 def _assert_resumed(url: str, name: str, checkpoints: Path, monkeypatch, first_reason: str) -> None:
-    study = optuna.load_study(study_name=name, storage=sqlalchemy_url(url))
-    original, retry = study.trials
+    original, retry = _load(url, name).trials
     assert original.state == TrialState.FAIL
     assert (original.user_attrs.get("stop_reason") or original.user_attrs.get("error", "")).startswith(first_reason)
     assert retry.state == TrialState.COMPLETE
@@ -82,20 +86,21 @@ def _assert_resumed(url: str, name: str, checkpoints: Path, monkeypatch, first_r
     assert not list(checkpoints.rglob("*.pt")), "a finished trial's checkpoint is removed"
 
 
-@pytest.mark.postgres
 @pytest.mark.slow
-def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, write_spec, postgres_url, monkeypatch):
+@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "journal", "grpc"])
+def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, write_spec, kind, request, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
-    assert tuner("create", str(write_spec(_fixed_spec("kill9"))), "--storage", postgres_url).returncode == 0
-    args = ("worker", "--study", "kill9", "--storage", postgres_url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
-    first = start_tuner(*args)
-    _wait_for(lambda: _epochs_done(postgres_url, "kill9") >= 2, what="two epochs")
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    second = start_tuner(*args)
-    output, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, output
-    _assert_resumed(postgres_url, "kill9", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
+    with storage_of_kind(kind, request, tmp_path) as url:
+        assert tuner("create", str(write_spec(_fixed_spec("kill9"))), "--storage", url).returncode == 0
+        args = ("worker", "--study", "kill9", "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+        first = start_tuner(*args)
+        _wait_for(lambda: _epochs_done(url, "kill9") >= 2, what="two epochs")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = start_tuner(*args)
+        output, _ = second.communicate(timeout=120)
+        assert second.returncode == 0, output
+        _assert_resumed(url, "kill9", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
 
 
 @pytest.mark.slow

@@ -76,6 +76,20 @@ def serve_proxy(
         output.close()
 
 
+@contextmanager
+def storage_of_kind(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A storage URL of each kind that tells a dead worker's trial: a database with its own
+    heartbeats (``postgres``), leases on a journal file (``journal``) and through ``tuner proxy``
+    on SQLite (``grpc``)."""
+    if kind == "postgres":
+        yield request.getfixturevalue("postgres_url")
+    elif kind == "journal":
+        yield str(tmp_path / "journal.log")
+    else:
+        with serve_proxy(request.getfixturevalue("sqlite_url")) as url:
+            yield url
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.create_server((host, 0), family=family) as probe:

@@ -17,6 +17,7 @@ from conftest import small_spec, tuner
 from tuner.cli import app
 from tuner.spec import parse_spec
 from tuner.status import status_table, study_status
+from tuner.storages import LEASE, claim_next_waiting_trial
 from tuner.study import create_study
 
 
@@ -197,6 +198,18 @@ def test_status_tells_a_trial_whose_worker_stopped_beating_from_a_live_one(sqlit
     result = tuner("status", "--study", "beats", "--storage", sqlite_url, env={"COLUMNS": "200", "TUNER_HEARTBEAT_GRACE": "300"})
     assert re.search(rf"trial {gone.number} .*heartbeat 6\d\d s ago: its worker is gone; the next worker retries it", result.stdout)
     assert re.search(rf"trial {live.number} .*heartbeat \d+ s ago\s", result.stdout), result.stdout
+
+
+def test_status_tells_a_trial_whose_worker_stopped_renewing_its_lease_on_a_journal(tmp_path):
+    journal = str(tmp_path / "journal.log")
+    spec = parse_spec(small_spec("leases", budget={"n_trials": 2}))
+    study = create_study(spec, journal)
+    gone, live = (claim_next_waiting_trial(study._storage, study._study_id, {"worker": "w1"}) for _ in range(2))
+    study._storage.set_trial_system_attr(gone, LEASE, time.time() - 600)
+    assert [(t.stale, round(t.heartbeat_age_s, -1)) for t in study_status(study, spec).live] == [(True, 600), (False, 0)]
+    result = tuner("status", "--study", "leases", "--storage", journal, env={"COLUMNS": "200", "TUNER_HEARTBEAT_GRACE": "300"})
+    assert re.search(r"trial 0 .*heartbeat 6\d\d s ago: its worker is gone; the next worker retries it", result.stdout)
+    assert re.search(r"trial 1 .*heartbeat \d+ s ago\s", result.stdout), result.stdout
 
 
 def test_status_watch_shows_a_budget_raised_while_it_watches(sqlite_url: str, monkeypatch):

@@ -16,13 +16,15 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import fail_stale_trials
 from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from conftest import small_spec, tuner
+from test_proxy import storage_of_kind
 from tuner.storages import _rdb_reads
 from tuner.spec import Objective
-from tuner.storages import PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
+from tuner.storages import LEASE, PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
 from tuner.train import reporter as reporter_module
 
 
@@ -461,6 +463,35 @@ def test_a_claim_beats_for_its_trial_so_a_worker_killed_before_its_first_beat_is
     assert backend_storage._get_stale_trial_ids(study._study_id) == [trial_id]
     backend_storage.record_heartbeat(trial_id)
     assert backend_storage._get_stale_trial_ids(study._study_id) == []
+
+
+@pytest.mark.parametrize("kind", ["journal", "grpc"])
+def test_a_lease_tells_a_dead_workers_trial_where_optuna_has_no_heartbeats(kind, request, tmp_path):
+    """On a journal and through the proxy, a claimed trial holds a lease from its claim, turns
+    stale once its worker stops renewing it, and is retried without it; a trial that plain
+    Optuna runs there holds none and is never failed for it."""
+    with storage_of_kind(kind, request, tmp_path) as url:
+        storage = make_storage(url)
+        study = optuna.create_study(study_name="lease", storage=storage)
+        plain = study.ask()
+        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+        trial_id = claim_next_waiting_trial(storage, study._study_id, {"worker": "w1"})
+        claimed = storage.get_trial(trial_id).system_attrs[LEASE]
+        assert abs(time.time() - claimed) < 5
+        storage.record_heartbeat(trial_id)
+        assert storage.get_trial(trial_id).system_attrs[LEASE] == claimed, "the claim's lease stands for the first beat"
+        assert storage._get_stale_trial_ids(study._study_id) == []
+        storage.set_trial_system_attr(trial_id, LEASE, time.time() - 60)  # its worker gone for a minute
+        assert storage._get_stale_trial_ids(study._study_id) == [trial_id]
+        storage.record_heartbeat(trial_id)
+        assert storage._get_stale_trial_ids(study._study_id) == []
+        storage.set_trial_system_attr(trial_id, LEASE, time.time() - 60)
+        fail_stale_trials(study)
+        (retry,) = study.get_trials(states=(TrialState.WAITING,))
+        assert retry.system_attrs["retry_history"] == [1] and LEASE not in retry.system_attrs
+        storage.record_heartbeat(trial_id)  # a late beat of the failed trial's worker is dropped
+        assert storage.get_trial(trial_id).state == TrialState.FAIL
+        assert storage.get_trial(plain._trial_id).state == TrialState.RUNNING
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

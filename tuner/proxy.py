@@ -67,11 +67,13 @@ class SlotMakingStorage(_CachedStorage):
             self._make_slots(self.database.get_study_id_of_trial(trial_id))
         return won
 
-    def claim_trial(self, study_id: int, attrs: Mapping[str, Any]) -> FrozenTrial | None:
+    def claim_trial(
+        self, study_id: int, attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]
+    ) -> FrozenTrial | None:
         """The database's claim in one transaction, then the slots after it, as after a claim
         by Optuna's protocol; the trial as claimed, for its worker to keep. The cache is told
         of the trial, which it may not have read: it takes parameters only for trials it knows."""
-        trial = self.database.claim_trial(study_id, attrs)
+        trial = self.database.claim_trial(study_id, attrs, system_attrs=system_attrs)
         if trial is None:
             return None
         cache_claimed_trial(self, study_id, trial)
@@ -136,12 +138,12 @@ def write_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
 
 def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
     """The call ``GrpcStorageProxy.claim_next_waiting_trial`` makes: the next waiting trial set
-    running with who runs it, in one round trip and one transaction, where Optuna's protocol
+    running with who runs it and its first lease, in one round trip and one transaction, where Optuna's protocol
     reads every waiting trial, then races the other workers for each, then writes each
     attribute."""
 
     def claim(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
-        trial = storage.claim_trial(request["study_id"], request["user_attrs"])
+        trial = storage.claim_trial(request["study_id"], request["user_attrs"], request.get("system_attrs", {}))
         if trial is None:
             return {"trial_id": None}
         return {"trial_id": trial._trial_id, "trial": encode_trial(trial)}

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tuner.report import digits, format_value
 from tuner.spec import StudySpec
-from tuner.storages import slot_holders
+from tuner.storages import LeaseHeartbeat, lease_ages, slot_holders
 from tuner.study import FINISHED, BudgetState, budget_state
 
 # A finished trial trained ``epochs_completed`` of its ``epochs``; a pruned one stopped early.
@@ -60,16 +60,20 @@ class StudyStatus:
 
 
 def _grace_s(study: optuna.Study) -> float | None:
-    """Seconds without a heartbeat after which a trial is stale, as Optuna's RDB storage decides."""
+    """Seconds without a heartbeat after which a trial is stale, as the storage decides."""
+    if isinstance(study._storage, LeaseHeartbeat):
+        return study._storage.grace_period
     backend = getattr(study._storage, "_backend", study._storage)
     if not isinstance(backend, optuna.storages.RDBStorage) or backend.heartbeat_interval is None:
         return None
     return backend.grace_period or 2 * backend.heartbeat_interval
 
 
-def _heartbeat_ages(study: optuna.Study) -> dict[int, float]:
+def _heartbeat_ages(study: optuna.Study, running: list[FrozenTrial]) -> dict[int, float]:
     """Seconds since each running trial's last heartbeat, by trial id, as the database's clock
-    sees it; empty for storages without heartbeats."""
+    sees it (a lease's, as this machine's); empty for storages without heartbeats."""
+    if isinstance(study._storage, LeaseHeartbeat):
+        return lease_ages(running)
     backend = getattr(study._storage, "_backend", study._storage)
     if not isinstance(backend, optuna.storages.RDBStorage) or backend.engine.name not in ("sqlite", "postgresql"):
         return {}
@@ -136,7 +140,8 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
     budget = budget_state(study, spec)
     per_hour = _trials_per_hour([t for t in trials if t.state in FINISHED and t.datetime_complete], last)
     single = len(study.directions) == 1
-    heartbeats = _heartbeat_ages(study) if states["RUNNING"] else {}
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    heartbeats = _heartbeat_ages(study, running) if running else {}
     grace_s = _grace_s(study)
     has_complete = states["COMPLETE"] > 0
     live = [
@@ -145,8 +150,7 @@ def study_status(study: optuna.Study, spec: StudySpec, *, last: int = 10) -> Stu
             t.params.get("epochs"), heartbeats.get(t._trial_id),
             stale=grace_s is not None and heartbeats.get(t._trial_id, 0.0) > grace_s,
         )
-        for t in trials
-        if t.state == TrialState.RUNNING
+        for t in running
     ]
     # The recent pace tells when the budget is met only while someone trains: with no worker
     # running, only a time budget's clock goes on.

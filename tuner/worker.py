@@ -46,6 +46,7 @@ from tuner.storages import (
     cache_claimed_trial,
     claim_next_waiting_trial,
     one_write,
+    queue_retry,
     set_user_attrs,
     storage_url,
 )
@@ -446,7 +447,7 @@ def _hand_back(study: optuna.Study, trial: optuna.Trial) -> None:
     counts the hand-back, which does not use up its retries after a dead worker (``RetryStaleTrial``)."""
     handed = copy.copy(study.tell(trial, state=TrialState.FAIL))
     handed.system_attrs = {**handed.system_attrs, HAND_BACKS: handed.system_attrs.get(HAND_BACKS, 0) + 1}
-    optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, handed)
+    queue_retry(study, handed, None)
 
 
 def _stopped_within(error: BaseException) -> bool:

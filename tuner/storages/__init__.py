@@ -4,7 +4,8 @@ any of them.
 Each storage is Optuna's own with what tuner adds: a database reconnects and writes a trial's
 records in one transaction (``_rdb``), the journal appends them in one go (``_journal``), the
 gRPC client sends them in one round trip to ``tuner proxy`` (``_grpc``). Budget slots are
-claimed through the atomic WAITING -> RUNNING transition (``_slots``, ``_trials``).
+claimed through the atomic WAITING -> RUNNING transition (``_slots``, ``_trials``). Where Optuna
+has no heartbeats (the journal, the gRPC client), a lease on the trial stands in (``_lease``).
 """
 
 from tuner.storages._factory import make_storage, storage_name
@@ -20,7 +21,16 @@ from tuner.storages._grpc import (
 )
 from tuner.storages._journal import JournalFileSlots, JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
-from tuner.storages._slots import HAND_BACKS, RETRY_HISTORY, RetryStaleTrial, claim_order, enough_waiting, slot_holders
+from tuner.storages._lease import LEASE, LeaseHeartbeat, lease_ages
+from tuner.storages._slots import (
+    HAND_BACKS,
+    RETRY_HISTORY,
+    RetryStaleTrial,
+    claim_order,
+    enough_waiting,
+    queue_retry,
+    slot_holders,
+)
 from tuner.storages._trials import (
     cache_claimed_trial,
     claim_by_racing,
@@ -43,6 +53,8 @@ __all__ = [
     "HAND_BACKS",
     "JournalFileSlots",
     "JournalStorage",
+    "LEASE",
+    "LeaseHeartbeat",
     "PromptJournalFileLock",
     "RETRY_HISTORY",
     "ReconnectingRDBStorage",
@@ -61,9 +73,11 @@ __all__ = [
     "enough_waiting",
     "forget_values",
     "journal_file",
+    "lease_ages",
     "make_storage",
     "mask_url",
     "one_write",
+    "queue_retry",
     "rdb_backend",
     "record_epochs",
     "set_user_attrs",

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from tuner.errors import BadInputError, StorageError, StorageMissingError
 from tuner.storages._grpc import GrpcStorageProxy
 from tuner.storages._journal import JournalStorage, PromptJournalFileLock
+from tuner.storages._lease import LeaseHeartbeat
 from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._reconnect import first_line, permanent_error
 from tuner.storages._slots import RetryStaleTrial
@@ -195,6 +196,14 @@ def _check_journal(url: str, path: Path) -> None:
 
 
 def _open_storage(url: str, max_retries: int, create: bool) -> optuna.storages.BaseStorage:
+    storage = _open_storage_of_kind(url, max_retries, create)
+    if isinstance(storage, LeaseHeartbeat):
+        interval, grace = _heartbeat_settings()
+        storage.use_heartbeats(interval, grace, RetryStaleTrial(max_retries))
+    return storage
+
+
+def _open_storage_of_kind(url: str, max_retries: int, create: bool) -> optuna.storages.BaseStorage:
     journal = journal_file(url)
     if journal is not None:
         _storage_file(url, journal, create)

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from tuner.errors import StorageError
 from tuner.storages._held import HeldWrites
+from tuner.storages._lease import LeaseHeartbeat
 from tuner.storages._reconnect import retry_seconds
 
 _logger = logging.getLogger("tuner.storages")
@@ -52,8 +53,8 @@ class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Calls retried with back-off while the proxy does not answer (restarted, rescheduled, its
     link down), for up to ``TUNER_DB_RETRY_S`` seconds as a lost database is, then a
     ``StorageError`` that says so. Without it the first call after the proxy went away failed
-    the worker's trial, which then stayed RUNNING for good (no heartbeats behind the proxy), and
-    the worker exited with gRPC's raw error."""
+    the worker's trial, which then waited out the heartbeat grace to be retried, and the worker
+    exited with gRPC's raw error."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -73,7 +74,7 @@ class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             delay = min(2 * delay, 10.0)
 
 
-class GrpcStorageProxy(HeldWrites, optuna.storages.GrpcStorageProxy):
+class GrpcStorageProxy(HeldWrites, LeaseHeartbeat, optuna.storages.GrpcStorageProxy):
     """Optuna's gRPC client, which claims a trial and writes to a trial in one round trip each
     where ``tuner proxy`` serves: Optuna's protocol has no claim, and a call for each parameter
     and attribute.
@@ -82,7 +83,8 @@ class GrpcStorageProxy(HeldWrites, optuna.storages.GrpcStorageProxy):
     until told, writes within ``one_transaction`` are held and sent together as the block ends,
     and a kept trial's end goes with them: a trial takes three round trips (its claim, its
     parameters, its end) instead of nine. Behind Optuna's own proxy, which has none of tuner's
-    calls, each write goes as Optuna's protocol allows.
+    calls, each write goes as Optuna's protocol allows. Heartbeats are leases (``LeaseHeartbeat``):
+    the database's own do not pass through the proxy.
     """
 
     def _setup(self) -> None:
@@ -187,10 +189,12 @@ class GrpcStorageProxy(HeldWrites, optuna.storages.GrpcStorageProxy):
             self._running_here.pop(trial_id, None)
 
     def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
-        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``, in one round trip, the trial
-        kept here as the proxy read it; the proxy then makes the study's next slots, as it does
+        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``, with the trial's first lease,
+        in one round trip, the trial kept here as the proxy read it; the proxy then makes the study's next slots, as it does
         after a claim by Optuna's protocol."""
-        answer = self._call_tuner(self._claim_next_waiting_trial, {"study_id": study_id, "user_attrs": dict(attrs)})
+        lease = self.claim_lease()
+        request = {"study_id": study_id, "user_attrs": dict(attrs), "system_attrs": lease}
+        answer = self._call_tuner(self._claim_next_waiting_trial, request)
         if answer is None:
             # Imported here: the module that claims on any storage imports this one.
             from tuner.storages._trials import claim_by_racing
@@ -198,6 +202,8 @@ class GrpcStorageProxy(HeldWrites, optuna.storages.GrpcStorageProxy):
             return claim_by_racing(self, study_id, attrs)
         if answer["trial_id"] is not None:
             self._running_here[answer["trial_id"]] = decode_trial(answer["trial"])
+            if lease:
+                self.lease_claimed(answer["trial_id"])
         return answer["trial_id"]
 
 

@@ -14,15 +14,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from tuner.storages._lease import LeaseHeartbeat, write_claim_lease
 from tuner.storages._slots import claim_order, enough_waiting, slot_holders
 
 
-class JournalStorage(optuna.storages.JournalStorage):
-    """Optuna's journal storage, whose writes within ``one_append()`` reach the journal together.
+class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
+    """Optuna's journal storage, whose writes within ``one_append()`` reach the journal together,
+    with leases for heartbeats.
 
     Each append takes the journal's lock and, on a file, flushes it to disk: the writes of a
-    trial that belong together (a claim and who runs it, the sampled parameters, the records of
-    its end and its state) cost one append instead of one each.
+    trial that belong together (a claim, who runs it and its lease, the sampled parameters, the
+    records of its end and its state) cost one append instead of one each.
     """
 
     def __init__(self, backend: optuna.storages.journal.BaseJournalBackend) -> None:
@@ -165,8 +167,8 @@ class JournalFileSlots:
         return waiting + added
 
     def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
-        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``: the claim and the attributes in
-        one append. Under the lock no other worker claims; in a race, a loser's attributes
+        """As ``ReconnectingRDBStorage.claim_next_waiting_trial``: the claim, the attributes and
+        the first lease in one append. Under the lock no other worker claims; in a race, a loser's attributes
         would land on the winner's trial."""
         with self._locked():
             waiting = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
@@ -177,6 +179,7 @@ class JournalFileSlots:
                 self.storage.set_trial_state_values(trial_id, TrialState.RUNNING)
                 for key, value in attrs.items():
                     self.storage.set_trial_user_attr(trial_id, key, value)
+                write_claim_lease(self.storage, trial_id)
         return trial_id
 
 

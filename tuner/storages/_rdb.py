@@ -369,9 +369,16 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
                 rows.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
             self._upsert(session, models.TrialValueModel, rows, ("trial_id", "objective"), ("value", "value_type"))
 
-    def claim_trial(self, study_id: int, attrs: Mapping[str, Any], *, beat: bool = False) -> optuna.trial.FrozenTrial | None:
+    def claim_trial(
+        self,
+        study_id: int,
+        attrs: Mapping[str, Any],
+        *,
+        system_attrs: Mapping[str, Any] | None = None,
+        beat: bool = False,
+    ) -> optuna.trial.FrozenTrial | None:
         """Set the next WAITING trial (retries first, then by number) RUNNING with user
-        attributes, in one transaction; return it as claimed, or None when none waits.
+        attributes ``attrs`` and system attributes ``system_attrs``, in one transaction; return it as claimed, or None when none waits.
 
         One query finds and locks it: on PostgreSQL and MySQL ``SKIP LOCKED`` passes over the
         trials other workers are claiming instead of queueing behind them, and SQLite's
@@ -387,13 +394,14 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
             started = datetime.now()  # stored as naive UTC, read back as naive local time
             session.execute(_START, {"claimed_id": trial_id, "start": started.astimezone(timezone.utc).replace(tzinfo=None)})
             self._write_attrs(session, models.TrialUserAttributeModel, trial_id, attrs)
+            self._write_attrs(session, models.TrialSystemAttributeModel, trial_id, system_attrs or {})
             if has_rows:
                 trial = self._build_frozen_trial_from_trial_model(session.get(models.TrialModel, trial_id))
             else:
                 trial = optuna.trial.FrozenTrial(
                     number=number, state=TrialState.RUNNING, value=None, values=None,
                     datetime_start=started, datetime_complete=None, params={},
-                    distributions={}, user_attrs=as_read(attrs), system_attrs={},
+                    distributions={}, user_attrs=as_read(attrs), system_attrs=as_read(system_attrs or {}),
                     intermediate_values={}, trial_id=trial_id,
                 )
             # Beaten with the claim: a worker killed before its heartbeat thread's first beat

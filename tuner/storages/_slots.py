@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import optuna
+
+from tuner.storages._lease import LEASE
 
 RETRY_HISTORY = "retry_history"  # the system attribute Optuna's retry callback writes on a retry
 # On a retry: how many of the trials before it in its retry history were handed back by a stopped
@@ -20,8 +24,17 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         hand_backs = trial.system_attrs.get(HAND_BACKS, 0)
-        limit = None if self.max_retry is None else self.max_retry + hand_backs
-        optuna.storages.RetryHeartbeatStaleTrialCallback(limit, inherit_intermediate_values=True)(study, trial)
+        queue_retry(study, trial, None if self.max_retry is None else self.max_retry + hand_backs)
+
+
+def queue_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int | None) -> None:
+    """Optuna's retry of ``trial``, its intermediate values inherited, unless it was retried
+    ``max_retry`` times. Without the lease, which Optuna would copy with the other system
+    attributes: a worker racing for the copy claims it before it writes a lease of its own, and
+    the old one would make the copy pass for stale in between."""
+    trial = copy.copy(trial)
+    trial.system_attrs = {key: value for key, value in trial.system_attrs.items() if key != LEASE}
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)(study, trial)
 
 
 def enough_waiting(waiting: int, ahead: int) -> bool:

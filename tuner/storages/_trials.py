@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from tuner.storages._grpc import GrpcStorageProxy
 from tuner.storages._journal import JournalFileSlots, JournalStorage
+from tuner.storages._lease import write_claim_lease
 from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._slots import claim_order
 
@@ -45,8 +46,8 @@ def slot_counts(storage: object, study_id: int) -> tuple[dict[TrialState, int], 
 
 def claim_by_racing(storage: optuna.storages.BaseStorage, study_id: int, attrs: Mapping[str, Any]) -> int | None:
     """Claim as Optuna's storage interface allows, where nothing claims in one step: read the
-    waiting trials and race the other workers for each (retries first), then write ``attrs`` on
-    the trial won; read them again when every one was lost. None when none waits."""
+    waiting trials and race the other workers for each (retries first), then write ``attrs`` and
+    the first lease on the trial won; read them again when every one was lost. None when none waits."""
     while True:
         waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:
@@ -57,7 +58,9 @@ def claim_by_racing(storage: optuna.storages.BaseStorage, study_id: int, attrs: 
             except UpdateFinishedTrialError:
                 continue
             if won:
-                _write_user_attrs(storage, frozen._trial_id, attrs)
+                with one_write(storage):
+                    _write_user_attrs(storage, frozen._trial_id, attrs)
+                    write_claim_lease(storage, frozen._trial_id)
                 return frozen._trial_id
 
 
