@@ -17,6 +17,8 @@ os.environ.setdefault("TUNER_HEARTBEAT_INTERVAL", "1")
 os.environ.setdefault("TUNER_HEARTBEAT_GRACE", "4")
 
 POSTGRES_URL = os.environ.get("TUNER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# A Redis database that the tests empty: tuner's journal keys there take no prefix of their own.
+REDIS_URL = os.environ.get("TUNER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_SERVICES = os.environ.get("TUNER_REQUIRE_SERVICES") == "1"
 TESTS = Path(__file__).parent
 
@@ -24,10 +26,13 @@ TESTS = Path(__file__).parent
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n`` (xdist), every test that talks to PostgreSQL runs on one worker, one
-    after the other: one of them restarts the server, and another's connections would drop."""
+    after the other: one of them restarts the server, and another's connections would drop. So
+    do the tests on Redis, which share one database."""
     for item in items:
         if item.get_closest_marker("postgres") or "postgres_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("postgres"))
+        elif "redis_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("redis"))
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +103,22 @@ def postgres_url() -> str:
     # A new connection: a test may have restarted the server meanwhile.
     with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=30) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The Redis database of ``TUNER_TEST_REDIS_URL``, emptied for each test."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as error:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"Redis at {REDIS_URL} is required (TUNER_REQUIRE_SERVICES=1): {error}")
+        pytest.skip(f"Redis not reachable: {error}")
+    yield REDIS_URL
+    client.flushdb()
 
 
 def reporter_stopped_after_two_epochs():

@@ -126,6 +126,8 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         ("postgresql://alice@127.0.0.1:1/db?password=s3cret", "Cannot open storage 'postgresql://alice@127.0.0.1:1/db?password=***'"),
         ("postgresql://alice:pa?s3cret@127.0.0.1:1/db", "Cannot open storage 'postgresql://alice:***@127.0.0.1:1/db'"),
         ("grpc://alice:s3cret@127.0.0.1:1", "'grpc://alice:***@127.0.0.1:1' must be grpc://HOST:PORT"),
+        # redis connects at its first command, which failed with its bare ConnectionError (exit 1).
+        ("redis://:s3cret@127.0.0.1:1/0", "Cannot open storage 'redis://:***@127.0.0.1:1/0': Error 111"),
         ("postgresql://alice:s3cret@127.0.0.1:5432x/db", "'postgresql://alice:***@127.0.0.1:5432x/db' is not a valid database URL"),
         # A driver that is not installed: Optuna re-raises it as a bare ImportError.
         ("mysql+mysqldb://bob:hunter2@127.0.0.1:1/db", "'mysql+mysqldb://bob:***@127.0.0.1:1/db' needs the Python package 'MySQLdb'"),

@@ -87,7 +87,7 @@ def _assert_resumed(url: str, name: str, checkpoints: Path, monkeypatch, first_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "journal", "grpc"])
+@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "journal", "redis", "grpc"])
 def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, write_spec, kind, request, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     with storage_of_kind(kind, request, tmp_path) as url:

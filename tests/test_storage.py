@@ -465,9 +465,9 @@ def test_a_claim_beats_for_its_trial_so_a_worker_killed_before_its_first_beat_is
     assert backend_storage._get_stale_trial_ids(study._study_id) == []
 
 
-@pytest.mark.parametrize("kind", ["journal", "grpc"])
+@pytest.mark.parametrize("kind", ["journal", "redis", "grpc"])
 def test_a_lease_tells_a_dead_workers_trial_where_optuna_has_no_heartbeats(kind, request, tmp_path):
-    """On a journal and through the proxy, a claimed trial holds a lease from its claim, turns
+    """On a journal file, on Redis and through the proxy, a claimed trial holds a lease from its claim, turns
     stale once its worker stops renewing it, and is retried without it; a trial that plain
     Optuna runs there holds none and is never failed for it."""
     with storage_of_kind(kind, request, tmp_path) as url:

@@ -213,9 +213,12 @@ def _open_storage_of_kind(url: str, max_retries: int, create: bool) -> optuna.st
     if url.startswith("redis://"):
         try:
             backend = optuna.storages.journal.JournalRedisBackend(url)
+            # Connected at once: redis connects at the first command, which failed later with
+            # its bare ConnectionError, not naming the storage.
+            backend._redis.ping()
+            return JournalStorage(backend)
         except Exception as error:  # redis raises its own connection errors
             raise StorageError(f"Cannot open storage {mask_url(url)!r}: {error}") from None
-        return JournalStorage(backend)
     if url.startswith("grpc://"):
         # The last colon: an IPv6 address ([::1], as ``tuner proxy`` prints it) holds others.
         host, _, port = url.removeprefix("grpc://").rpartition(":")
