@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -15,8 +16,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import small_spec, start_tuner, tuner
-from test_proxy import storage_of_kind
+from conftest import REQUIRE_SERVICES, small_spec, start_tuner, tuner
+from test_proxy import free_port, storage_of_kind
 from tuner.errors import BadInputError
 from tuner.space import Hyperparameters
 from tuner.spec import Objective, parse_spec
@@ -144,26 +145,28 @@ def test_a_hand_back_does_not_use_up_the_retries_of_a_killed_worker(tmp_path, wr
 
 
 @pytest.mark.slow
-def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_path, write_spec, sqlite_url, monkeypatch):
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "grpc"])
+def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_path, write_spec, kind, request, monkeypatch):
     """A worker paused (or cut off) past the heartbeat grace finds, when it runs again, that its
     trial was failed and its retry taken by another worker: it leaves the trial to the retry and
     goes on, where it stopped with an error."""
     checkpoints = tmp_path / "checkpoints"
-    assert tuner("create", str(write_spec(_fixed_spec("paused"))), "--storage", sqlite_url).returncode == 0
-    args = ("worker", "--study", "paused", "--storage", sqlite_url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
-    first = start_tuner(*args)
-    _wait_for(lambda: _epochs_done(sqlite_url, "paused") >= 2, what="two epochs")
-    first.send_signal(signal.SIGSTOP)
-    second = start_tuner(*args)
-    study = optuna.load_study(study_name="paused", storage=sqlite_url)
-    _wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 1 and len(study.trials) == 2, what="the retry")
-    first.send_signal(signal.SIGCONT)
-    output, _ = first.communicate(timeout=120)
-    assert first.returncode == 0, output
-    assert "trial 0 was failed as stale and retried while this worker ran it" in output
-    output, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, output
-    _assert_resumed(sqlite_url, "paused", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
+    with storage_of_kind(kind, request, tmp_path) as url:
+        assert tuner("create", str(write_spec(_fixed_spec("paused"))), "--storage", url).returncode == 0
+        args = ("worker", "--study", "paused", "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+        first = start_tuner(*args)
+        _wait_for(lambda: _epochs_done(url, "paused") >= 2, what="two epochs")
+        first.send_signal(signal.SIGSTOP)
+        second = start_tuner(*args)
+        study = _load(url, "paused")
+        _wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 1 and len(study.trials) == 2, what="the retry")
+        first.send_signal(signal.SIGCONT)
+        output, _ = first.communicate(timeout=120)
+        assert first.returncode == 0, output
+        assert "trial 0 was failed as stale and retried while this worker ran it" in output
+        output, _ = second.communicate(timeout=120)
+        assert second.returncode == 0, output
+        _assert_resumed(url, "paused", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
 
 
 @pytest.mark.postgres
@@ -324,6 +327,50 @@ def test_workers_survive_a_database_restart(tmp_path, write_spec, postgres_url):
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def _start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A Redis server of the test's own, which keeps its data in an append-only file in
+    ``folder`` across a restart, as a production server would."""
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    _wait_for(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0, 30, "Redis")
+    return server
+
+
+@pytest.mark.slow
+def test_a_worker_that_loses_redis_stops_and_its_trial_resumes_once_redis_is_back(tmp_path, write_spec, monkeypatch):
+    """redis's own ConnectionError, raised by an epoch's write, failed the trial for good as
+    the workload's error; the worker now stops naming the server, and the trial, left running,
+    is retried when its lease runs out."""
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is required (TUNER_REQUIRE_SERVICES=1)")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    checkpoints = tmp_path / "checkpoints"
+    server = _start_redis(port, tmp_path)
+    try:
+        assert tuner("create", str(write_spec(_fixed_spec("lost"))), "--storage", url).returncode == 0
+        args = ("worker", "--study", "lost", "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+        first = start_tuner(*args)
+        _wait_for(lambda: _epochs_done(url, "lost") >= 2, what="two epochs")
+        server.terminate()  # SIGTERM: Redis writes its file and exits
+        server.wait(timeout=30)
+        output, _ = first.communicate(timeout=120)
+        assert first.returncode == 2, output
+        assert f"Lost Redis at '{url}'" in output
+        server = _start_redis(port, tmp_path)
+        second = start_tuner(*args)
+        output, _ = second.communicate(timeout=120)
+        assert second.returncode == 0, output
+        _assert_resumed(url, "lost", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.postgres

@@ -79,9 +79,9 @@ def serve_proxy(
 @contextmanager
 def storage_of_kind(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A storage URL of each kind that tells a dead worker's trial: a database with its own
-    heartbeats (``postgres``), leases on a journal file (``journal``), on Redis (``redis``) and
+    heartbeats (``sqlite``, ``postgres``), leases on a journal file (``journal``), on Redis (``redis``) and
     through ``tuner proxy`` on SQLite (``grpc``)."""
-    if kind in ("postgres", "redis"):
+    if kind in ("sqlite", "postgres", "redis"):
         yield request.getfixturevalue(f"{kind}_url")
     elif kind == "journal":
         yield str(tmp_path / "journal.log")

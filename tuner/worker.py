@@ -34,7 +34,7 @@ from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.artifacts import default_artifact_dir, upload_learning_curve
-from tuner.errors import TunerError
+from tuner.errors import StorageError, TunerError
 from tuner.files import check_folder
 from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
@@ -408,7 +408,9 @@ def _train(
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
         reporter.records.update(stop_reason=reason, stop_detail=str(stopped))
         return TrialState.PRUNED, None, reason
-    except (MissingMetric, UpdateFinishedTrialError):
+    except (MissingMetric, UpdateFinishedTrialError, StorageError):
+        # A storage lost for good (past TUNER_DB_RETRY_S, or Redis) is no fault of the trial: the
+        # worker stops with it, and the trial, left running, is retried after the grace period.
         raise
     except Exception as error:  # a workload's own error fails its trial, never the worker
         if _stopped_within(error):

@@ -16,7 +16,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from tuner.errors import BadInputError, StorageError, StorageMissingError
 from tuner.storages._grpc import GrpcStorageProxy
-from tuner.storages._journal import JournalStorage, PromptJournalFileLock
+from tuner.storages._journal import JournalStorage, PromptJournalFileLock, RedisJournalBackend
 from tuner.storages._lease import LeaseHeartbeat
 from tuner.storages._rdb import ReconnectingRDBStorage
 from tuner.storages._reconnect import first_line, permanent_error
@@ -212,7 +212,7 @@ def _open_storage_of_kind(url: str, max_retries: int, create: bool) -> optuna.st
         return JournalStorage(optuna.storages.journal.JournalFileBackend(path, lock_obj=PromptJournalFileLock(path)))
     if url.startswith("redis://"):
         try:
-            backend = optuna.storages.journal.JournalRedisBackend(url)
+            backend = RedisJournalBackend(url)
             # Connected at once: redis connects at the first command, which failed later with
             # its bare ConnectionError, not naming the storage.
             backend._redis.ping()

@@ -1,4 +1,5 @@
-"""Optuna's journal storage with writes appended together, a prompt file lock, and slots under a lock."""
+"""Optuna's journal storage with writes appended together, a prompt file lock, slots under a lock,
+and a lost Redis named."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from tuner.errors import StorageError
 from tuner.storages._lease import LeaseHeartbeat, write_claim_lease
 from tuner.storages._slots import claim_order, enough_waiting, slot_holders
+from tuner.storages._urls import mask_url
 
 
 class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
@@ -84,6 +87,29 @@ class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
                 with self._thread_lock:
                     self._backend.append_logs(logs)
                     self._sync_with_backend()
+
+
+class RedisJournalBackend(optuna.storages.journal.JournalRedisBackend):
+    """Optuna's journal on Redis, whose lost server is a ``StorageError`` that names it: redis's
+    own ConnectionError, raised by a write in a trial's training, failed the trial as if the
+    workload had raised it, where the trial belongs to a retry once its lease runs out."""
+
+    @contextlib.contextmanager
+    def _server_lost(self) -> Iterator[None]:
+        import redis  # the optional client: only a Redis URL needs it
+
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StorageError(f"Lost Redis at {mask_url(self._url)!r}: {error}") from None
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        with self._server_lost():
+            yield from super().read_logs(log_number_from)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with self._server_lost():
+            super().append_logs(logs)
 
 
 class PromptJournalFileLock(optuna.storages.journal.JournalFileSymlinkLock):

@@ -3,6 +3,7 @@ trial, a system attribute its worker refreshes and any worker judges by its age.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -10,6 +11,10 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
+
+from tuner.errors import StorageError
+
+_logger = logging.getLogger("tuner.storages")
 
 # The Unix time of the trial's last heartbeat, by its worker's clock: workers on several
 # machines need clocks that agree to well within the grace period (NTP does).
@@ -55,7 +60,8 @@ class LeaseHeartbeat(BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         """The lease renewed; the claim's stands for the first beat, when younger than half an
         interval. A trial ended meanwhile (told, or failed as stale by another worker while
-        this one was paused) takes no beat, and its worker learns of it at its next write."""
+        this one was paused) takes no beat, and its worker learns of it at its next write, as
+        it learns of a storage lost."""
         claimed_at = self._claim_beats().pop(trial_id, None)
         if claimed_at is not None and time.monotonic() - claimed_at < (self.heartbeat_interval or 0) / 2:
             return
@@ -63,6 +69,9 @@ class LeaseHeartbeat(BaseHeartbeat):
             self.set_trial_system_attr(trial_id, LEASE, time.time())  # type: ignore[attr-defined]
         except UpdateFinishedTrialError:
             pass
+        except StorageError as error:
+            # The worker's own next write stops it; until then, the next beat tries again.
+            _logger.warning("heartbeat of trial id %d not written: %s", trial_id, error)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         if self.grace_period is None:
