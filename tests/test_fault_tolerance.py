@@ -60,6 +60,16 @@ def _epochs_done(url: str, name: str) -> int:
     return max((max(t.intermediate_values, default=0) for t in trials), default=0)
 
 
+def _worker_two_epochs_in(write_spec, url: str, name: str, checkpoints: Path) -> tuple[tuple[str, ...], subprocess.Popen]:
+    """Create the one-trial study ``name`` and start a worker on it; return the worker's
+    arguments, for the next worker, and the worker, once its trial has stored two epochs."""
+    assert tuner("create", str(write_spec(_fixed_spec(name))), "--storage", url).returncode == 0
+    args = ("worker", "--study", name, "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
+    first = start_tuner(*args)
+    _wait_for(lambda: _epochs_done(url, name) >= 2, what="two epochs")
+    return args, first
+
+
 def _uninterrupted_history(monkeypatch) -> list[dict]:
     monkeypatch.setenv("SLOW_EVAL_S", "0")
     torch.set_num_threads(1)
@@ -92,10 +102,7 @@ def _assert_resumed(url: str, name: str, checkpoints: Path, monkeypatch, first_r
 def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, write_spec, kind, request, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     with storage_of_kind(kind, request, tmp_path) as url:
-        assert tuner("create", str(write_spec(_fixed_spec("kill9"))), "--storage", url).returncode == 0
-        args = ("worker", "--study", "kill9", "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
-        first = start_tuner(*args)
-        _wait_for(lambda: _epochs_done(url, "kill9") >= 2, what="two epochs")
+        args, first = _worker_two_epochs_in(write_spec, url, "kill9", checkpoints)
         first.send_signal(signal.SIGKILL)
         first.wait()
         second = start_tuner(*args)
@@ -107,10 +114,7 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, write_spec, k
 @pytest.mark.slow
 def test_sigterm_hands_the_trial_back(tmp_path, write_spec, sqlite_url, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
-    assert tuner("create", str(write_spec(_fixed_spec("term"))), "--storage", sqlite_url).returncode == 0
-    args = ("worker", "--study", "term", "--storage", sqlite_url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
-    first = start_tuner(*args)
-    _wait_for(lambda: _epochs_done(sqlite_url, "term") >= 2, what="two epochs")
+    args, first = _worker_two_epochs_in(write_spec, sqlite_url, "term", checkpoints)
     first.send_signal(signal.SIGTERM)
     output, _ = first.communicate(timeout=120)
     # 128 + SIGTERM, as a shell reports it: exit 0 would tell an orchestrator the budget is met.
@@ -152,10 +156,7 @@ def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_pat
     goes on, where it stopped with an error."""
     checkpoints = tmp_path / "checkpoints"
     with storage_of_kind(kind, request, tmp_path) as url:
-        assert tuner("create", str(write_spec(_fixed_spec("paused"))), "--storage", url).returncode == 0
-        args = ("worker", "--study", "paused", "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
-        first = start_tuner(*args)
-        _wait_for(lambda: _epochs_done(url, "paused") >= 2, what="two epochs")
+        args, first = _worker_two_epochs_in(write_spec, url, "paused", checkpoints)
         first.send_signal(signal.SIGSTOP)
         second = start_tuner(*args)
         study = _load(url, "paused")
@@ -354,10 +355,7 @@ def test_a_worker_that_loses_redis_stops_and_its_trial_resumes_once_redis_is_bac
     checkpoints = tmp_path / "checkpoints"
     server = _start_redis(port, tmp_path)
     try:
-        assert tuner("create", str(write_spec(_fixed_spec("lost"))), "--storage", url).returncode == 0
-        args = ("worker", "--study", "lost", "--storage", url, "--threads", "1", "--checkpoint-dir", str(checkpoints))
-        first = start_tuner(*args)
-        _wait_for(lambda: _epochs_done(url, "lost") >= 2, what="two epochs")
+        args, first = _worker_two_epochs_in(write_spec, url, "lost", checkpoints)
         server.terminate()  # SIGTERM: Redis writes its file and exits
         server.wait(timeout=30)
         output, _ = first.communicate(timeout=120)

@@ -465,6 +465,22 @@ def test_a_claim_beats_for_its_trial_so_a_worker_killed_before_its_first_beat_is
     assert backend_storage._get_stale_trial_ids(study._study_id) == []
 
 
+def test_an_append_refused_on_a_trial_ended_elsewhere_raises_once_in_its_own_block(tmp_path):
+    """The writes of a block are one append: refused on a trial another worker failed meanwhile,
+    the block raises, and the next read does not raise again on the append's later lines."""
+    journal = str(tmp_path / "journal.log")
+    mine, other = make_storage(journal), make_storage(journal)
+    study = optuna.create_study(study_name="ended", storage=mine)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    trial_id = claim_next_waiting_trial(mine, study._study_id, {"worker": "w1"})
+    assert other.set_trial_state_values(trial_id, TrialState.FAIL)
+    with pytest.raises(UpdateFinishedTrialError), one_write(mine):
+        mine.set_trial_user_attr(trial_id, "epochs_completed", 3)
+        mine.set_trial_intermediate_value(trial_id, 3, 0.5)
+    trial = mine.get_trial(trial_id)
+    assert trial.state == TrialState.FAIL and trial.intermediate_values == {} and trial.user_attrs == {"worker": "w1"}
+
+
 @pytest.mark.parametrize("kind", ["journal", "redis", "grpc"])
 def test_a_lease_tells_a_dead_workers_trial_where_optuna_has_no_heartbeats(kind, request, tmp_path):
     """On a journal file, on Redis and through the proxy, a claimed trial holds a lease from its claim, turns

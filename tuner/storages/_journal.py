@@ -61,11 +61,25 @@ class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
             held.append({"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields})
 
     def _sync_with_backend(self) -> None:
-        # Within ``one_append`` reads see the journal as it was when the block began: the
-        # thread's own writes are not in it yet, and reading after each of them is what the
-        # block saves.
-        if self._holding() is None:
-            super()._sync_with_backend()
+        """Optuna's replay of the journal's new lines, which goes on past a line of this process
+        that is refused (a write to a trial another worker failed meanwhile) and raises its
+        error at the end. Optuna's stopped there, leaving the rest of an append's lines to the
+        next read, in whichever thread: a worker left its taken-over trial, then failed in its
+        next claim on the same trial's error.
+
+        Within ``one_append`` reads see the journal as it was when the block began: the thread's
+        own writes are not in it yet, and reading after each of them is what the block saves.
+        """
+        if self._holding() is not None:
+            return
+        refused: Exception | None = None
+        for log in self._backend.read_logs(self._replay_result.log_number_read):
+            try:
+                self._replay_result.apply_logs([log])
+            except Exception as error:  # raised only for this process's own lines
+                refused = refused or error
+        if refused is not None:
+            raise refused
 
     @contextlib.contextmanager
     def one_append(self) -> Iterator[None]:
