@@ -138,9 +138,9 @@ def write_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
 
 def claim_handler(storage: SlotMakingStorage) -> grpc.GenericRpcHandler:
     """The call ``GrpcStorageProxy.claim_next_waiting_trial`` makes: the next waiting trial set
-    running with who runs it and its first lease, in one round trip and one transaction, where Optuna's protocol
-    reads every waiting trial, then races the other workers for each, then writes each
-    attribute."""
+    running with who runs it and its first lease, in one round trip and one transaction, where
+    Optuna's protocol reads every waiting trial, then races the other workers for each, then
+    writes each attribute."""
 
     def claim(request: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
         trial = storage.claim_trial(request["study_id"], request["user_attrs"], request.get("system_attrs", {}))

@@ -190,8 +190,8 @@ class GrpcStorageProxy(HeldWrites, LeaseHeartbeat, optuna.storages.GrpcStoragePr
 
     def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
         """As ``ReconnectingRDBStorage.claim_next_waiting_trial``, with the trial's first lease,
-        in one round trip, the trial kept here as the proxy read it; the proxy then makes the study's next slots, as it does
-        after a claim by Optuna's protocol."""
+        in one round trip, the trial kept here as the proxy read it; the proxy then makes the
+        study's next slots, as it does after a claim by Optuna's protocol."""
         lease = self.claim_lease()
         request = {"study_id": study_id, "user_attrs": dict(attrs), "system_attrs": lease}
         answer = self._call_tuner(self._claim_next_waiting_trial, request)

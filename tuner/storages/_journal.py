@@ -208,8 +208,8 @@ class JournalFileSlots:
 
     def claim_next_waiting_trial(self, study_id: int, attrs: Mapping[str, Any]) -> int | None:
         """As ``ReconnectingRDBStorage.claim_next_waiting_trial``: the claim, the attributes and
-        the first lease in one append. Under the lock no other worker claims; in a race, a loser's attributes
-        would land on the winner's trial."""
+        the first lease in one append. Under the lock no other worker claims; in a race, a
+        loser's attributes would land on the winner's trial."""
         with self._locked():
             waiting = self.storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
             if not waiting:

@@ -76,7 +76,8 @@ class LeaseHeartbeat(BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         if self.grace_period is None:
             return []
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))  # type: ignore[attr-defined]
+        states = (TrialState.RUNNING,)
+        running = self.get_all_trials(study_id, deepcopy=False, states=states)  # type: ignore[attr-defined]
         now = time.time()
         return [t._trial_id for t in running if now - t.system_attrs.get(LEASE, now) > self.grace_period]
 

@@ -378,7 +378,8 @@ class ReconnectingRDBStorage(HeldWrites, optuna.storages.RDBStorage):
         beat: bool = False,
     ) -> optuna.trial.FrozenTrial | None:
         """Set the next WAITING trial (retries first, then by number) RUNNING with user
-        attributes ``attrs`` and system attributes ``system_attrs``, in one transaction; return it as claimed, or None when none waits.
+        attributes ``attrs`` and system attributes ``system_attrs``, in one transaction; return
+        it as claimed, or None when none waits.
 
         One query finds and locks it: on PostgreSQL and MySQL ``SKIP LOCKED`` passes over the
         trials other workers are claiming instead of queueing behind them, and SQLite's
