@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.launch import worker_command
 from tuner.spec import parse_spec
-from tuner.storages import sqlalchemy_url
+from tuner.storages import make_storage
 from tuner.study import create_study
 
 os.environ.setdefault("TUNER_HEARTBEAT_INTERVAL", "1")
@@ -120,7 +120,7 @@ def _run(url: str, name: str, workers: int, n_trials: int, checkpoints: Path, ki
             next_kill = now + kill_every
         time.sleep(0.2)
     wall = time.perf_counter() - started
-    study = optuna.load_study(study_name=name, storage=sqlalchemy_url(url))
+    study = optuna.load_study(study_name=name, storage=make_storage(url, create=False))
     trials = study.get_trials()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     counted = [t for t in trials if t.number not in retried]
