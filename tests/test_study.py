@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -148,3 +152,23 @@ def test_warmup_counts_the_epochs_never_pruned(pruner, never_pruned):
             first_pruned = epoch
             break
     assert first_pruned == never_pruned + 1
+
+
+def test_the_python_api_warns_of_the_experimental_optuna_apis_the_user_calls_not_of_tuners_own(tmp_path):
+    """Optuna's ExperimentalWarnings are errors here: tuner's own calls (metric names, heartbeats)
+    pass, and the user's own call to an experimental API still raises."""
+    script = (
+        "import warnings, optuna\n"
+        "warnings.simplefilter('error', optuna.exceptions.ExperimentalWarning)\n"
+        "import tuner\n"
+        "from conftest import small_spec\n"
+        f"study = tuner.create_study(tuner.parse_spec(small_spec('api')), {str(tmp_path / 'journal.log')!r})\n"
+        "print('created', study.metric_names)\n"
+        "optuna.storages.fail_stale_trials(study)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
+    )
+    assert "created ['val_accuracy']" in result.stdout, result.stderr
+    assert result.returncode == 1 and "ExperimentalWarning: optuna.storages._heartbeat.fail_stale_trials is experimental" in result.stderr

@@ -7,7 +7,15 @@ best``, ``status``, ``dashboard``) start without loading PyTorch.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
+
+from optuna.exceptions import ExperimentalWarning
+
+# Optuna marks what tuner builds on experimental (heartbeats, the retry callback, metric names,
+# artifacts, the gRPC client): warned at tuner's own calls, which a user cannot change. A user's
+# own calls to experimental Optuna APIs still warn.
+warnings.filterwarnings("ignore", category=ExperimentalWarning, module=r"tuner(\.|$)")
 
 _EXPORTS = {
     "BadInputError": "tuner.errors",
