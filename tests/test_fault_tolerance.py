@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +20,9 @@ from optuna.trial import TrialState
 from conftest import REQUIRE_SERVICES, small_spec, start_tuner, tuner
 from test_proxy import free_port, storage_of_kind
 from tuner.errors import BadInputError
-from tuner.space import Hyperparameters
-from tuner.spec import Objective, parse_spec
-from tuner.storages import make_storage, sqlalchemy_url
+from tuner.space import Hyperparameters, suggest
+from tuner.spec import Objective, SearchSpace, parse_spec
+from tuner.storages import RetryStaleTrial, make_storage, sqlalchemy_url
 from tuner.study import create_study
 from tuner.train.loop import train
 from tuner.train.reporter import Reporter
@@ -168,6 +169,31 @@ def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_pat
         output, _ = second.communicate(timeout=120)
         assert second.returncode == 0, output
         _assert_resumed(url, "paused", checkpoints, monkeypatch, "its worker stopped sending heartbeats")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "grpc"])
+def test_a_trial_failed_as_stale_while_its_worker_samples_it_is_left_to_its_retry(tmp_path, kind, request, monkeypatch):
+    """The heartbeat beats while the trial is sampled, which may outlast the grace period. Where
+    another worker failed the trial and queued its retry meanwhile (this one paused), the worker
+    leaves the trial to the retry and goes on, where its refused parameters stopped it with
+    UpdateFinishedTrialError."""
+    with storage_of_kind(kind, request, tmp_path) as url:
+        create_study(parse_spec(small_spec("sampled", budget={"n_trials": 1})), url)
+        other = _load(url, "sampled")
+        beating = []
+
+        def sampled_while_failed_elsewhere(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparameters:
+            beating.append(any("_record_heartbeat" in thread.name for thread in threading.enumerate()))
+            if trial.number == 0:
+                other._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                RetryStaleTrial(2)(other, other._storage.get_trial(trial._trial_id))
+            return suggest(trial, space, seed=seed)
+
+        monkeypatch.setattr("tuner.worker.suggest", sampled_while_failed_elsewhere)
+        summary = run_worker("sampled", url, WorkerOptions(device="cpu", checkpoint_dir=tmp_path))
+        assert summary.trials == {"taken_over": 1, "complete": 1}
+        assert [t.state for t in other.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+        assert beating == [True, True]
 
 
 @pytest.mark.postgres

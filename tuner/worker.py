@@ -295,26 +295,28 @@ def _run_trial(
 ) -> str:
     """Train one trial and tell its end; return the outcome as a word."""
     origin = frozen.system_attrs.get(RETRY_HISTORY, [frozen.number])[0]
-    with one_write(study._storage):
-        if origin != frozen.number:
-            # A retry inherits its original's records; how the original ended is not its own.
-            set_user_attrs(trial, {"error": None, "stop_reason": None})
-        hp = suggest(trial, spec.search, seed=origin)
-    reporter = Reporter(trial, spec.all_objectives, stop_requested=lambda: bool(stop))
-    reporter.records.update(
-        effective_batch_size=hp.batch_size,
-        lr_used=hp.lr,
-        device=str(device),
-        device_name=memory.device_name(device),
-        worker=worker_id(),
-    )
-    if origin != frozen.number:
-        reporter.records["retried_from"] = frozen.system_attrs[RETRY_HISTORY][-1]
-    checkpoint = Checkpoint(checkpoint_dir / f"trial-{origin}.pt")
-    started = time.perf_counter()
     try:
-        # The heartbeat runs until the trial is told: a slow final write must not look like death.
+        # The heartbeat runs from the claim until the trial is told: neither the sampling (a large
+        # study's, a paused worker's) nor a slow final write may look like death. A trial failed
+        # as stale in its sampling is the retry's too.
         with get_heartbeat_thread(trial._trial_id, study._storage):
+            with one_write(study._storage):
+                if origin != frozen.number:
+                    # A retry inherits its original's records; how the original ended is not its own.
+                    set_user_attrs(trial, {"error": None, "stop_reason": None})
+                hp = suggest(trial, spec.search, seed=origin)
+            reporter = Reporter(trial, spec.all_objectives, stop_requested=lambda: bool(stop))
+            reporter.records.update(
+                effective_batch_size=hp.batch_size,
+                lr_used=hp.lr,
+                device=str(device),
+                device_name=memory.device_name(device),
+                worker=worker_id(),
+            )
+            if origin != frozen.number:
+                reporter.records["retried_from"] = frozen.system_attrs[RETRY_HISTORY][-1]
+            checkpoint = Checkpoint(checkpoint_dir / f"trial-{origin}.pt")
+            started = time.perf_counter()
             try:
                 state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint, stop)
             except MissingMetric as error:
