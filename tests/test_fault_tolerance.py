@@ -300,7 +300,7 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
     if stopped != "its worker":
         assert f"{stop_signal.name}: stopping workers after their current epoch" in output
         assert ("SIGINT: stopping workers now, their current epoch abandoned" in output) == (stopped == "run twice")
-    assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output
+    assert "interrupted: 0 of 1 trials finished; run the same command again to resume" in output, output
     study = optuna.load_study(study_name="midrun", storage=sqlite_url)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
     assert study.trials[0].user_attrs["stop_reason"] == "worker_stopped"

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 from conftest import small_spec, tuner
 from test_proxy import storage_of_kind
 from tuner.storages import _rdb_reads
-from tuner.spec import Objective
+from tuner.spec import Objective, parse_spec
+from tuner.study import create_study
 from tuner.storages import LEASE, PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
 from tuner.train import reporter as reporter_module
 
@@ -508,6 +509,41 @@ def test_a_lease_tells_a_dead_workers_trial_where_optuna_has_no_heartbeats(kind,
         storage.record_heartbeat(trial_id)  # a late beat of the failed trial's worker is dropped
         assert storage.get_trial(trial_id).state == TrialState.FAIL
         assert storage.get_trial(plain._trial_id).state == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("kind", ["journal", "redis", "grpc"])
+def test_a_trial_a_worker_makes_under_a_time_budget_holds_a_lease_from_its_making(kind, request, tmp_path):
+    """No slot waits under a time budget alone: the worker makes its trial, and a worker killed
+    before its first beat leaves a trial that its lease still tells."""
+    from tuner.worker import _claim
+
+    with storage_of_kind(kind, request, tmp_path) as url:
+        study = create_study(parse_spec(small_spec("timed", budget={"timeout_s": 600})), url)
+        _claim(study, False, {"worker": "w0"})  # the trial of the spec's defaults, enqueued
+        trial, _ = _claim(study, False, {"worker": "w1"})
+        stored = make_storage(url).get_trial(trial._trial_id)
+        assert stored.user_attrs == {"worker": "w1"} and abs(time.time() - stored.system_attrs[LEASE]) < 5
+
+
+def test_a_heartbeat_that_cannot_be_written_is_logged_and_the_next_one_tried(tmp_path, monkeypatch, caplog):
+    """Raised, a failed beat ended the heartbeat thread, and the trial passed for dead while it
+    trained."""
+    storage = make_storage(str(tmp_path / "journal.log"))
+    study = optuna.create_study(study_name="beats", storage=storage)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    trial_id = claim_next_waiting_trial(storage, study._study_id, {"worker": "w1"})
+    storage.record_heartbeat(trial_id)  # the claim's lease stands for this one
+    storage.set_trial_system_attr(trial_id, LEASE, time.time() - 60)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "set_trial_system_attr", disk_full)
+    storage.record_heartbeat(trial_id)
+    assert f"heartbeat of trial id {trial_id} not written: [Errno 28] No space left on device" in caplog.text
+    monkeypatch.undo()
+    storage.record_heartbeat(trial_id)
+    assert storage._get_stale_trial_ids(study._study_id) == []
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -49,6 +49,7 @@ from tuner.storages import (
     queue_retry,
     set_user_attrs,
     storage_url,
+    write_claim_lease,
 )
 from tuner.study import UID_ATTR, BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
 from tuner.train import memory
@@ -122,7 +123,11 @@ def _claim(study: optuna.Study, budgeted: bool, attrs: dict[str, Any]) -> tuple[
     if budgeted:
         return None
     trial = optuna.Trial(study, storage.create_new_trial(study._study_id))
-    set_user_attrs(trial, attrs)
+    with one_write(storage):
+        set_user_attrs(trial, attrs)
+        # A trial made here is claimed as it is made: its lease goes with who runs it, as a
+        # claim's does.
+        write_claim_lease(storage, trial._trial_id)
     return trial, storage.get_trial(trial._trial_id)
 
 

@@ -21,7 +21,7 @@ from tuner.storages._grpc import (
 )
 from tuner.storages._journal import JournalFileSlots, JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
-from tuner.storages._lease import LEASE, LeaseHeartbeat, lease_ages
+from tuner.storages._lease import LEASE, LeaseHeartbeat, lease_ages, write_claim_lease
 from tuner.storages._slots import (
     HAND_BACKS,
     RETRY_HISTORY,
@@ -88,4 +88,5 @@ __all__ = [
     "sqlalchemy_url",
     "storage_name",
     "storage_url",
+    "write_claim_lease",
 ]

@@ -12,8 +12,6 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.errors import StorageError
-
 _logger = logging.getLogger("tuner.storages")
 
 # The Unix time of the trial's last heartbeat, by its worker's clock: workers on several
@@ -69,8 +67,10 @@ class LeaseHeartbeat(BaseHeartbeat):
             self.set_trial_system_attr(trial_id, LEASE, time.time())  # type: ignore[attr-defined]
         except UpdateFinishedTrialError:
             pass
-        except StorageError as error:
-            # The worker's own next write stops it; until then, the next beat tries again.
+        except Exception as error:  # a lost storage, a refused call, the journal's file
+            # Raised, it would end the heartbeat thread, and the trial would pass for dead while
+            # it trains: the next beat tries again, and a storage lost for good stops the worker
+            # at its own next write.
             _logger.warning("heartbeat of trial id %d not written: %s", trial_id, error)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
