@@ -415,14 +415,16 @@ def _train(
         reason = {Diverged: "diverged", OutOfMemory: "out_of_memory"}.get(type(stopped), "pruned")
         reporter.records.update(stop_reason=reason, stop_detail=str(stopped))
         return TrialState.PRUNED, None, reason
-    except (MissingMetric, UpdateFinishedTrialError, StorageError):
-        # A storage lost for good (past TUNER_DB_RETRY_S, or Redis) is no fault of the trial: the
-        # worker stops with it, and the trial, left running, is retried after the grace period.
+    except (MissingMetric, UpdateFinishedTrialError):
         raise
     except Exception as error:  # a workload's own error fails its trial, never the worker
         if _stopped_within(error):
             reporter.records["stop_reason"] = "worker_stopped"
             return TrialState.FAIL, None, "worker_stopped"
+        if isinstance(error, StorageError):
+            # A storage lost for good (past TUNER_DB_RETRY_S, or Redis) is no fault of the trial:
+            # the worker stops with it, and the trial, left running, is retried after the grace.
+            raise
         reporter.records["error"] = _describe_error(error)
         logger.warning("trial %d failed: %s", reporter.trial.number, reporter.records["error"].splitlines()[0])
         return TrialState.FAIL, None, "failed"
