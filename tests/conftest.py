@@ -107,16 +107,16 @@ def postgres_url() -> str:
 
 @pytest.fixture
 def redis_url() -> str:
-    """The Redis database of ``TUNER_TEST_REDIS_URL``, emptied for each test."""
+    """The Redis database of ``TUNER_TEST_REDIS_URL``, emptied for each test; skipped where no
+    Redis answers."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
     try:
         client.flushdb()
     except redis.ConnectionError as error:
-        if REQUIRE_SERVICES:
-            pytest.fail(f"Redis at {REDIS_URL} is required (TUNER_REQUIRE_SERVICES=1): {error}")
-        pytest.skip(f"Redis not reachable: {error}")
+        # Optional beside PostgreSQL, even in CI: the redis:// URLs are an extra (tuner[redis]).
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {error}")
     yield REDIS_URL
     client.flushdb()
 
