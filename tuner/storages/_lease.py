@@ -50,10 +50,7 @@ class LeaseHeartbeat(BaseHeartbeat):
 
     def _claim_beats(self) -> dict[int, float]:
         # Set on first use: the storages' own __init__ and __setstate__ stay Optuna's.
-        beats = self.__dict__.get("_leases_claimed")
-        if beats is None:
-            beats = self.__dict__["_leases_claimed"] = {}
-        return beats
+        return self.__dict__.setdefault("_leases_claimed", {})
 
     def record_heartbeat(self, trial_id: int) -> None:
         """The lease renewed; the claim's stands for the first beat, when younger than half an
