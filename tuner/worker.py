@@ -28,7 +28,6 @@ from typing import Any
 import optuna
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
@@ -151,17 +150,21 @@ def _unmade_slots(study: optuna.Study, state: BudgetState) -> int:
 
 
 def _fail_stale_trials(study: optuna.Study) -> None:
-    """Optuna's ``fail_stale_trials``, after writing on each stale trial why it fails, so that a
-    trial out of retries keeps the reason."""
+    """Optuna's ``fail_stale_trials``, writing on each stale trial why it fails, so that a trial
+    out of retries keeps the reason. The stale trials are read once: read again, as Optuna's
+    reads them, one turned stale in between was failed without its reason."""
     storage = study._storage
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         try:
             storage.set_trial_user_attr(
                 trial_id, "error", "its worker stopped sending heartbeats (killed, preempted or cut off)"
             )
+            failed = storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue
-    fail_stale_trials(study)
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if failed and callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
 
 
 class _StopRequest:
