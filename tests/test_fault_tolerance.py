@@ -311,6 +311,30 @@ def test_ctrl_c_mid_run_exits_130_and_the_same_command_resumes(write_spec, sqlit
 
 
 @pytest.mark.slow
+def test_workers_of_a_killed_run_hand_their_trials_back_and_stop(write_spec, sqlite_url):
+    """``tuner run`` SIGKILLed (the OOM killer, kill -9) forwards no signal: its workers see it
+    gone, hand their trials back after the epoch and exit, and the same command resumes."""
+    spec = small_spec("orphans", workload="paced_workload:paced", budget={"n_trials": 2}, pruner={"name": "none"})
+    spec["search"]["epochs"] = {"low": 8, "high": 8}
+    create_study(parse_spec(spec), sqlite_url)
+    args = ("run", str(write_spec(spec)), "--workers", "2", "--storage", sqlite_url)
+    run = start_tuner(*args)
+    _wait_for(lambda: len(_load(sqlite_url, "orphans").get_trials(states=(TrialState.RUNNING,))) == 2, what="two trials")
+    workers = psutil.Process(run.pid).children()
+    run.kill()
+    run.communicate(timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive
+    study = _load(sqlite_url, "orphans")
+    handed_back = study.get_trials(states=(TrialState.FAIL,))
+    assert len(handed_back) == 2 and all(t.user_attrs["stop_reason"] == "worker_stopped" for t in handed_back)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    again = tuner(*args)
+    assert again.returncode == 0, again.stderr
+    assert len(_load(sqlite_url, "orphans").get_trials(states=(TrialState.COMPLETE,))) == 2
+
+
+@pytest.mark.slow
 def test_ctrl_c_past_a_spent_time_budget_does_not_promise_a_resume(write_spec, sqlite_url):
     """The time budget runs out while the worker trains its trial: Ctrl-C hands it back, and the
     same command would start no worker for it."""

@@ -25,6 +25,9 @@ from tuner.spec import StudySpec
 from tuner.study import budget_state
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The process id of the command that started a worker, which the worker outlives only as far
+# as its current epoch (``tuner.worker``).
+PARENT_ENV = "TUNER_PARENT_PID"
 
 
 def worker_command(
@@ -76,7 +79,11 @@ def start_workers(
     ``first_index`` it is drawn from this host name and process id, as a lone worker's offset
     is: the workers of ``tuner worker --gpus`` on several machines, or started after an earlier
     launch, would otherwise repeat each other's seeds and propose the same trials. ``tuner run``
-    passes 0 for a fresh study, so that a seeded local run repeats."""
+    passes 0 for a fresh study, so that a seeded local run repeats.
+
+    A worker stops as on SIGTERM once this process is gone (``PARENT_ENV``): killed with
+    SIGKILL or by the kernel's OOM killer, it could forward no signal, and its workers trained
+    on unwatched beside those of the same command run again."""
     if first_index is None:
         from tuner.worker import seed_offset  # imports torch, which only these launches need
 
@@ -85,7 +92,7 @@ def start_workers(
     processes = []
     with _stop_signals_held():
         for index in range(count):
-            env = {**os.environ, "TUNER_STORAGE": storage_url, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "TUNER_STORAGE": storage_url, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
             if environments:
                 env.update(environments[index])
             command = worker_command(

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 import traceback
 import zlib
@@ -35,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.artifacts import default_artifact_dir, upload_learning_curve
 from tuner.errors import StorageError, TunerError
 from tuner.files import check_folder
+from tuner.launch import PARENT_ENV
 from tuner.notes import REFRESH_INTERVAL_S, NoteKeeper
 from tuner.space import Hyperparameters, lr_param_name, suggest
 from tuner.spec import StudySpec
@@ -198,6 +200,20 @@ class _StopRequest:
         return self.count > 0
 
 
+def _stop_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Send this worker SIGTERM once ``parent_pid``, the command that started it, is gone
+    (it is then another process's child): the trial under way is handed back after its epoch,
+    as when the command forwards a stop."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        logger.warning("worker %s: the command that started it (pid %d) is gone; stopping", worker_id(), parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tuner-parent-watch", daemon=True).start()
+
+
 def run_worker(
     study_name: str,
     storage: str | None = None,
@@ -235,6 +251,8 @@ def run_worker(
     # ``tuner run`` starts its workers with these held: one that came while this worker started
     # is delivered now, to the handler, and it stops before claiming a trial.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
+    if PARENT_ENV in os.environ:
+        _stop_when_orphaned(int(os.environ[PARENT_ENV]))
     summary = WorkerSummary()
     consecutive_failures = 0
     heartbeat = is_heartbeat_enabled(study._storage)
