@@ -392,12 +392,15 @@ def _start_redis(port: int, folder: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_worker_that_loses_redis_stops_and_its_trial_resumes_once_redis_is_back(tmp_path, write_spec, monkeypatch):
-    """redis's own ConnectionError, raised by an epoch's write, failed the trial for good as
-    the workload's error; the worker now stops naming the server, and the trial, left running,
-    is retried when its lease runs out."""
+@pytest.mark.parametrize("outage", ["within the wait", "past the wait"])
+def test_a_lost_redis_is_waited_for_and_past_the_wait_the_trial_resumes_once_it_is_back(tmp_path, write_spec, monkeypatch, outage):
+    """A Redis restarted within ``TUNER_DB_RETRY_S`` is waited for and the trial trains on; one
+    gone longer stops the worker, naming the server, and the trial, left running, is retried
+    when its lease runs out. redis's own ConnectionError failed the trial for good, as the
+    workload's error."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
+    monkeypatch.setenv("TUNER_DB_RETRY_S", "60" if outage == "within the wait" else "1")
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     checkpoints = tmp_path / "checkpoints"
@@ -406,9 +409,19 @@ def test_a_worker_that_loses_redis_stops_and_its_trial_resumes_once_redis_is_bac
         args, first = _worker_two_epochs_in(write_spec, url, "lost", checkpoints)
         server.terminate()  # SIGTERM: Redis writes its file and exits
         server.wait(timeout=30)
+        if outage == "within the wait":
+            time.sleep(2)
+            server = _start_redis(port, tmp_path)
+            output, _ = first.communicate(timeout=120)
+            assert first.returncode == 0, output
+            assert "Redis unreachable" in output
+            (trial,) = _load(url, "lost").trials
+            assert trial.state == TrialState.COMPLETE
+            assert sorted(trial.intermediate_values) == list(range(1, EPOCHS + 1))
+            return
         output, _ = first.communicate(timeout=120)
         assert first.returncode == 2, output
-        assert f"Lost Redis at '{url}'" in output
+        assert f"Lost Redis at '{url}' and it did not come back" in output
         server = _start_redis(port, tmp_path)
         second = start_tuner(*args)
         output, _ = second.communicate(timeout=120)

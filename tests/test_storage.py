@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from conftest import small_spec, tuner
 from test_proxy import storage_of_kind
 from tuner.storages import _rdb_reads
+from tuner.errors import StorageError
 from tuner.spec import Objective, parse_spec
 from tuner.study import create_study
 from tuner.storages import LEASE, PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
@@ -523,6 +524,31 @@ def test_a_trial_a_worker_makes_under_a_time_budget_holds_a_lease_from_its_makin
         trial, _ = _claim(study, False, {"worker": "w1"})
         stored = make_storage(url).get_trial(trial._trial_id)
         assert stored.user_attrs == {"worker": "w1"} and abs(time.time() - stored.system_attrs[LEASE]) < 5
+
+
+def test_a_redis_append_sent_again_is_written_once_and_lines_come_in_order(redis_url):
+    """A retry after a lost reply sends the same append, token and all: Redis writes it once.
+    Lines are read a thousand a round trip, from where the reader has got to."""
+    backend = make_storage(redis_url)._backend
+    backend.append_logs([{"line": n} for n in range(2500)])
+    for _ in range(2):
+        backend._append_once(args=[backend._prefix, "one-token", '{"line": "retried"}'])
+    lines = list(backend.read_logs(0))
+    assert [line["line"] for line in lines] == [*range(2500), "retried"]
+    assert [line["line"] for line in backend.read_logs(2499)] == [2499, "retried"]
+
+
+def test_a_redis_back_without_its_journal_is_an_error_not_an_empty_study(redis_url):
+    """Restarted without its data, Redis would take this worker's writes as a new journal's
+    first lines, which no reader sees: the worker stops, saying what happened."""
+    import redis
+
+    storage = make_storage(redis_url)
+    study = optuna.create_study(study_name="forgotten", storage=storage)
+    study.ask()
+    redis.Redis.from_url(redis_url).flushdb()
+    with pytest.raises(StorageError, match="holds 0 lines of the journal, of the [0-9]+ this process read"):
+        study.ask()
 
 
 def test_a_heartbeat_that_cannot_be_written_is_logged_and_the_next_one_tried(tmp_path, monkeypatch, caplog):

@@ -443,7 +443,7 @@ def _train(
             reporter.records["stop_reason"] = "worker_stopped"
             return TrialState.FAIL, None, "worker_stopped"
         if isinstance(error, StorageError):
-            # A storage lost for good (past TUNER_DB_RETRY_S, or Redis) is no fault of the trial:
+            # A storage lost for good (past TUNER_DB_RETRY_S) is no fault of the trial:
             # the worker stops with it, and the trial, left running, is retried after the grace.
             raise
         reporter.records["error"] = _describe_error(error)

@@ -1,24 +1,31 @@
 """Optuna's journal storage with writes appended together, a prompt file lock, slots under a lock,
-and a lost Redis named."""
+and Redis waited for."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import TrialState
 
 from tuner.errors import StorageError
 from tuner.storages._lease import LeaseHeartbeat, write_claim_lease
+from tuner.storages._reconnect import retry_seconds
 from tuner.storages._slots import claim_order, enough_waiting, slot_holders
 from tuner.storages._urls import mask_url
+
+_logger = logging.getLogger("tuner.storages")
+_T = TypeVar("_T")
 
 
 class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
@@ -103,27 +110,93 @@ class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
                     self._sync_with_backend()
 
 
-class RedisJournalBackend(optuna.storages.journal.JournalRedisBackend):
-    """Optuna's journal on Redis, whose lost server is a ``StorageError`` that names it: redis's
-    own ConnectionError, raised by a write in a trial's training, failed the trial as if the
-    workload had raised it, where the trial belongs to a retry once its lease runs out."""
+# One append, whole or not at all, and once: a retry after a lost reply finds its token and
+# writes nothing. The lines are numbered and keyed as Optuna's ``JournalRedisBackend`` writes them.
+_APPEND_ONCE = """
+local done = string.format('%s:append:%s', ARGV[1], ARGV[2])
+if redis.call('exists', done) == 1 then return 0 end
+local counter = string.format('%s:log_number', ARGV[1])
+redis.call('setnx', counter, -1)
+for i = 3, #ARGV do
+    local number = redis.call('incr', counter)
+    redis.call('set', string.format('%s:log:%d', ARGV[1], number), ARGV[i])
+end
+redis.call('set', done, 1, 'EX', 3600)
+return 1
+"""
+# Lines fetched per round trip: Optuna's backend fetches one at a time, and a worker joining a
+# study of thousands of trials read its hundreds of thousands of lines one round trip each.
+_READ_BATCH = 1000
 
-    @contextlib.contextmanager
-    def _server_lost(self) -> Iterator[None]:
+
+class RedisJournalBackend(optuna.storages.journal.JournalRedisBackend):
+    """Optuna's journal on Redis, which waits out a lost server as a database is waited for
+    (``TUNER_DB_RETRY_S``), then raises a ``StorageError`` that names it.
+
+    Waiting is safe because an append is one script, applied whole and only once however often
+    it is sent, where Optuna's appends a command per line: a retried line could be written
+    twice, or an append cut short. A server back without the journal it held (restarted
+    without its data) is an error, not an empty study this worker would write into unseen.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._append_once = self._redis.register_script(_APPEND_ONCE)
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._append_once = self._redis.register_script(_APPEND_ONCE)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_append_once"]
+        return state
+
+    def _waited(self, call: Callable[[], _T]) -> _T:
         import redis  # the optional client: only a Redis URL needs it
 
-        try:
-            yield
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise StorageError(f"Lost Redis at {mask_url(self._url)!r}: {error}") from None
+        deadline = time.monotonic() + retry_seconds()
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(f"Lost Redis at {mask_url(self._url)!r} and it did not come back: {error}") from None
+                _logger.warning("Redis unreachable (%s); retrying in %.1f s", error, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
-        with self._server_lost():
-            yield from super().read_logs(log_number_from)
+        counter = self._waited(lambda: self._redis.get(f"{self._prefix}:log_number"))
+        lines_there = 0 if counter is None else int(counter) + 1
+        if lines_there < log_number_from:
+            raise StorageError(
+                f"Redis at {mask_url(self._url)!r} holds {lines_there} lines of the journal, of the "
+                f"{log_number_from} this process read: it lost them (restarted without its data; "
+                "keep them with appendonly yes)."
+            )
+        number = log_number_from
+        while number < lines_there:
+            keys = [self._key_log_id(n) for n in range(number, min(number + _READ_BATCH, lines_there))]
+            for line in self._waited(lambda: self._redis.mget(keys)):
+                if line is None:
+                    # Numbered but not yet written: an append of Optuna's own, a command per line.
+                    time.sleep(0.1)
+                    break
+                yield json.loads(line)
+                number += 1
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        with self._server_lost():
-            super().append_logs(logs)
+        token = uuid.uuid4().hex
+        lines = [json.dumps(log) for log in logs]
+        self._waited(lambda: self._append_once(args=[self._prefix, token, *lines]))
+
+    def save_snapshot(self, snapshot: bytes) -> None:
+        self._waited(lambda: super(RedisJournalBackend, self).save_snapshot(snapshot))
+
+    def load_snapshot(self) -> bytes | None:
+        return self._waited(super().load_snapshot)
 
 
 class PromptJournalFileLock(optuna.storages.journal.JournalFileSymlinkLock):
