@@ -18,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import small_spec, start_tuner, tuner
-from test_proxy import free_port, storage_of_kind
+from test_proxy import free_port, serve_proxy, storage_of_kind
 from tuner.errors import BadInputError
 from tuner.space import Hyperparameters, suggest
 from tuner.spec import Objective, SearchSpace, parse_spec
@@ -378,6 +378,39 @@ def test_workers_survive_a_database_restart(tmp_path, write_spec, postgres_url):
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+@pytest.mark.postgres
+def test_a_worker_whose_proxy_loses_its_database_stops_and_leaves_its_trial_running(tmp_path, write_spec, postgres_url, monkeypatch):
+    """The proxy's storage error reached the worker as gRPC's UNKNOWN, and the worker failed its
+    trial for good as the workload's error; it now stops naming the proxy and its storage (exit
+    2, as on a lost database), and leaves the trial running, to be retried once its lease runs
+    out. A trigger ends the connection of every epoch's write, as a server that goes down does:
+    the proxy waits its TUNER_DB_RETRY_S for nothing, while a trial's end could be written."""
+    import psycopg
+
+    database = f"{postgres_url.rsplit('/', 1)[1]}_proxied"
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{database}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    monkeypatch.setenv("TUNER_DB_RETRY_S", "1")  # the proxy's, and its worker's
+    try:
+        with serve_proxy(url) as grpc_url:
+            _, worker = _worker_two_epochs_in(write_spec, grpc_url, "proxied", tmp_path / "checkpoints")
+            with psycopg.connect(url, autocommit=True) as owner:
+                owner.execute("""
+                    CREATE FUNCTION lost() RETURNS trigger LANGUAGE plpgsql AS $$
+                        BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END $$;
+                    CREATE TRIGGER lost BEFORE INSERT ON trial_intermediate_values
+                        FOR EACH ROW EXECUTE FUNCTION lost()""")
+            output, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 2, output
+        assert f"error: The gRPC proxy at '{grpc_url}' cannot use its storage: Lost the storage" in output
+        [trial] = _load(url, "proxied").trials
+        assert trial.state == TrialState.RUNNING and "error" not in trial.user_attrs
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 def _start_redis(port: int, folder: Path) -> subprocess.Popen:

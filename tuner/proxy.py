@@ -7,6 +7,7 @@ them share the proxy's one pool, and reach it with ``--storage grpc://HOST:PORT`
 from __future__ import annotations
 
 import json
+import logging
 import signal
 from datetime import timezone
 from collections.abc import Callable, Mapping, Sequence
@@ -15,29 +16,34 @@ from typing import Any
 
 import grpc
 from optuna.distributions import BaseDistribution, json_to_distribution
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._grpc import servicer as grpc_servicer
 from optuna.storages._grpc.auto_generated import api_pb2_grpc
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
-from tuner.errors import BadInputError
+from tuner.errors import BadInputError, StorageError
 from tuner.storages import (
     CLAIM_METHOD,
     SLOT_COUNTS_METHOD,
+    STORAGE_FAILED,
     WRITE_METHOD,
     ReconnectingRDBStorage,
     cache_claimed_trial,
     decode_json,
     encode_json,
     encode_trial,
+    first_line,
     journal_file,
     make_storage,
     mask_url,
     storage_url,
 )
 from tuner.study import SPEC_ATTR, WAITING_AHEAD
+
+_logger = logging.getLogger("tuner.proxy")
 
 # One thread per database connection of the storage (tuner.storages: pool_size=2, max_overflow=2),
 # so that requests queue in gRPC instead of timing out in the connection pool.
@@ -175,11 +181,39 @@ def _json_handler(
     return grpc.method_handlers_generic_handler(service, {method: handler})
 
 
+class StorageFailures(grpc.ServerInterceptor):  # type: ignore[misc]
+    """A call, Optuna's or tuner's, whose storage failed (lost past the proxy's own
+    ``TUNER_DB_RETRY_S``, or refusing) is answered UNAVAILABLE with details that begin with
+    ``STORAGE_FAILED``, which the worker raises as a ``StorageError``. gRPC answered UNKNOWN,
+    which the worker took for its workload's error, and it failed the trial for good. The
+    storage's own errors show its URL masked; SQLAlchemy's first line shows none."""
+
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:  # the proxy's calls are all unary
+            return handler
+        behaviour = handler.unary_unary
+
+        def answer(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behaviour(request, context)
+            except (StorageError, SQLAlchemyError, StorageInternalError) as error:
+                reason = first_line(str(error))
+                _logger.error("%s failed: %s", handler_call_details.method, reason)
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{STORAGE_FAILED}{reason}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            answer, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
 def make_server(storage: BaseStorage, host: str, port: int) -> grpc.Server:
     """Optuna's proxy server (its ``make_server``) without the SO_REUSEPORT that gRPC sets by
     default: with it a second proxy on a port already served starts without a word, and the
     kernel splits the workers' calls between the two, and so between their databases."""
-    server = grpc.server(ThreadPoolExecutor(max_workers=THREADS), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=THREADS), interceptors=[StorageFailures()], options=[("grpc.so_reuseport", 0)]
+    )
     api_pb2_grpc.add_StorageServiceServicer_to_server(grpc_servicer.OptunaStorageProxyService(storage), server)
     server.add_insecure_port(f"{host}:{port}")
     return server

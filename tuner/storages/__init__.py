@@ -12,6 +12,7 @@ from tuner.storages._factory import make_storage, storage_name
 from tuner.storages._grpc import (
     CLAIM_METHOD,
     SLOT_COUNTS_METHOD,
+    STORAGE_FAILED,
     WRITE_METHOD,
     GrpcStorageProxy,
     decode_json,
@@ -21,6 +22,7 @@ from tuner.storages._grpc import (
 )
 from tuner.storages._journal import JournalFileSlots, JournalStorage, PromptJournalFileLock
 from tuner.storages._rdb import ReconnectingRDBStorage
+from tuner.storages._reconnect import first_line
 from tuner.storages._lease import LEASE, LeaseHeartbeat, lease_ages, write_claim_lease
 from tuner.storages._slots import (
     HAND_BACKS,
@@ -60,6 +62,7 @@ __all__ = [
     "ReconnectingRDBStorage",
     "RetryStaleTrial",
     "SLOT_COUNTS_METHOD",
+    "STORAGE_FAILED",
     "WRITE_METHOD",
     "beside_storage",
     "cache_claimed_trial",
@@ -71,6 +74,7 @@ __all__ = [
     "encode_json",
     "encode_trial",
     "enough_waiting",
+    "first_line",
     "forget_values",
     "journal_file",
     "lease_ages",

@@ -30,6 +30,9 @@ _logger = logging.getLogger("tuner.storages")
 WRITE_METHOD = "/tuner.Proxy/WriteTrial"
 CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
 SLOT_COUNTS_METHOD = "/tuner.Proxy/SlotCounts"
+# How ``tuner proxy`` begins the details of an UNAVAILABLE answer where its own storage failed
+# (past its own TUNER_DB_RETRY_S): the proxy answered, so its worker does not wait for it again.
+STORAGE_FAILED = "storage failed: "
 
 
 def encode_json(message: Any) -> bytes:
@@ -54,7 +57,9 @@ class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     link down), for up to ``TUNER_DB_RETRY_S`` seconds as a lost database is, then a
     ``StorageError`` that says so. Without it the first call after the proxy went away failed
     the worker's trial, which then waited out the heartbeat grace to be retried, and the worker
-    exited with gRPC's raw error."""
+    exited with gRPC's raw error. A proxy that lost its own storage says so (``STORAGE_FAILED``):
+    that too is a ``StorageError``, for every call, Optuna's and tuner's, where it was an
+    error of the workload's and failed the trial."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -66,7 +71,10 @@ class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             outcome = continuation(client_call_details, request)
             if outcome.code() != grpc.StatusCode.UNAVAILABLE:
                 return outcome
-            reason = outcome.details()
+            reason = outcome.details() or ""
+            if reason.startswith(STORAGE_FAILED):
+                failure = reason.removeprefix(STORAGE_FAILED)
+                raise StorageError(f"The gRPC proxy at {self.address!r} cannot use its storage: {failure}")
             if time.monotonic() + delay > deadline:
                 raise StorageError(f"Lost the gRPC proxy at {self.address!r} and it did not come back: {reason}")
             _logger.warning("gRPC proxy unreachable (%s); retrying in %.1f s", reason, delay)
