@@ -44,6 +44,10 @@ def serve_proxy(
     """Run ``tuner proxy`` (or Optuna's own) on ``port``, else a free port of ``host`` (an IPv6
     address in brackets, as gRPC takes it); yield its ``grpc://`` URL."""
     address = host.strip("[]")
+    if storage.startswith("sqlite:///"):
+        # tuner proxy serves a SQLite file that is there, as `tuner create` leaves it; in an
+        # empty one it makes the tables.
+        Path(storage.removeprefix("sqlite:///")).touch()
     if port is None:
         port = free_port(address)
     command = (
@@ -96,11 +100,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def test_proxy_refuses_a_storage_it_cannot_serve(tmp_path: Path):
-    result = tuner("proxy", "--storage", str(tmp_path / "study.log"))
-    assert result.returncode == 2
-    assert "database storages only" in result.stderr
-    assert not (tmp_path / "study.log").exists()
+@pytest.mark.parametrize(
+    ("where", "refusal"),
+    [
+        ("{}/study.log", "The gRPC proxy serves database storages only"),
+        # As every command but `tuner create` and `tuner run` refuses it: an empty file was made.
+        ("sqlite:///{}/missing.db", "{url}: no such file; studies are created by `tuner create` or `tuner run`."),
+    ],
+    ids=["journal", "missing sqlite"],
+)
+def test_proxy_refuses_a_storage_it_cannot_serve_and_makes_no_file(tmp_path: Path, where: str, refusal: str):
+    url = where.format(tmp_path)
+    result = tuner("proxy", "--storage", url, "--port", str(free_port()), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert refusal.format(url=url) in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def _has_ipv6_loopback() -> bool:
@@ -127,6 +141,7 @@ def test_a_second_proxy_on_a_served_port_is_refused(tmp_path: Path, sqlite_url):
     two proxies' databases; it must fail as any taken port does."""
     with serve_proxy(sqlite_url) as url:
         port = url.rpartition(":")[2]
+        (tmp_path / "other.db").touch()
         result = tuner("proxy", "--storage", f"sqlite:///{tmp_path / 'other.db'}", "--port", port, timeout=30)
     assert result.returncode == 2, result.stderr
     assert f"Cannot listen on 127.0.0.1:{port}" in result.stderr

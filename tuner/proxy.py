@@ -227,8 +227,10 @@ def serve(storage: str | None = None, *, host: str = "127.0.0.1", port: int = 13
             f"The gRPC proxy serves database storages only, not {mask_url(url)!r}; "
             "use sqlite:///..., postgresql://... or mysql://..."
         )
-    # The cached wrapper keeps finished trials in memory, as Optuna advises for the proxy.
-    database = make_storage(url)
+    # The cached wrapper keeps finished trials in memory, as Optuna advises for the proxy. A
+    # SQLite file is not made, as by every command but `tuner create` and `tuner run`: where its
+    # name was mistyped the proxy served an empty database.
+    database = make_storage(url, create=False)
     cached = SlotMakingStorage(database)  # type: ignore[arg-type]
     # SIGTERM (docker stop, Kubernetes, Slurm) ends it as Ctrl-C does; and Ctrl-C works even
     # where the proxy was started in the background by a shell, which makes children ignore it.
