@@ -392,6 +392,7 @@ def test_a_worker_whose_proxy_loses_its_database_stops_and_leaves_its_trial_runn
     database = f"{postgres_url.rsplit('/', 1)[1]}_proxied"
     url = f"{postgres_url.rsplit('/', 1)[0]}/{database}"
     with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")  # left by a run cut short
         admin.execute(f"CREATE DATABASE {database}")
     monkeypatch.setenv("TUNER_DB_RETRY_S", "1")  # the proxy's, and its worker's
     try:

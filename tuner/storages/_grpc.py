@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import logging
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -23,9 +21,7 @@ from optuna.trial import TrialState
 from tuner.errors import StorageError
 from tuner.storages._held import HeldWrites
 from tuner.storages._lease import LeaseHeartbeat
-from tuner.storages._reconnect import retry_seconds
-
-_logger = logging.getLogger("tuner.storages")
+from tuner.storages._reconnect import Backoff
 
 WRITE_METHOD = "/tuner.Proxy/WriteTrial"
 CLAIM_METHOD = "/tuner.Proxy/ClaimNextWaitingTrial"
@@ -65,8 +61,7 @@ class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         self.address = address
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        deadline = time.monotonic() + retry_seconds()
-        delay = 0.5
+        backoff = Backoff()
         while True:
             outcome = continuation(client_call_details, request)
             if outcome.code() != grpc.StatusCode.UNAVAILABLE:
@@ -75,11 +70,9 @@ class _WaitForProxy(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             if reason.startswith(STORAGE_FAILED):
                 failure = reason.removeprefix(STORAGE_FAILED)
                 raise StorageError(f"The gRPC proxy at {self.address!r} cannot use its storage: {failure}")
-            if time.monotonic() + delay > deadline:
+            if backoff.expired():
                 raise StorageError(f"Lost the gRPC proxy at {self.address!r} and it did not come back: {reason}")
-            _logger.warning("gRPC proxy unreachable (%s); retrying in %.1f s", reason, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, 10.0)
+            backoff.pause("gRPC proxy", reason)
 
 
 class GrpcStorageProxy(HeldWrites, LeaseHeartbeat, optuna.storages.GrpcStorageProxy):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import random
 import threading
@@ -20,11 +19,10 @@ from optuna.trial import TrialState
 
 from tuner.errors import StorageError
 from tuner.storages._lease import LeaseHeartbeat, write_claim_lease
-from tuner.storages._reconnect import retry_seconds
+from tuner.storages._reconnect import Backoff
 from tuner.storages._slots import claim_order, enough_waiting, slot_holders
 from tuner.storages._urls import mask_url
 
-_logger = logging.getLogger("tuner.storages")
 _T = TypeVar("_T")
 
 
@@ -155,17 +153,14 @@ class RedisJournalBackend(optuna.storages.journal.JournalRedisBackend):
     def _waited(self, call: Callable[[], _T]) -> _T:
         import redis  # the optional client: only a Redis URL needs it
 
-        deadline = time.monotonic() + retry_seconds()
-        delay = 0.5
+        backoff = Backoff()
         while True:
             try:
                 return call()
             except (redis.ConnectionError, redis.TimeoutError) as error:
-                if time.monotonic() + delay > deadline:
+                if backoff.expired():
                     raise StorageError(f"Lost Redis at {mask_url(self._url)!r} and it did not come back: {error}") from None
-                _logger.warning("Redis unreachable (%s); retrying in %.1f s", error, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, 10.0)
+                backoff.pause("Redis", str(error))
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
         counter = self._waited(lambda: self._redis.get(f"{self._prefix}:log_number"))

@@ -107,13 +107,30 @@ def retry_seconds() -> float:
     return seconds
 
 
+class Backoff:
+    """The pauses between the tries of a storage that does not answer (a database, the gRPC
+    proxy, Redis): 0.5 s doubling up to 10 s, for up to ``TUNER_DB_RETRY_S`` in all."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + retry_seconds()
+        self.delay = 0.5
+
+    def expired(self) -> bool:
+        """Whether the next pause would end past the deadline: time to give up."""
+        return time.monotonic() + self.delay > self.deadline
+
+    def pause(self, what: str, reason: str) -> None:
+        _logger.warning("%s unreachable (%s); retrying in %.1f s", what, reason, self.delay)
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, 10.0)
+
+
 def with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: optuna.storages.RDBStorage, *args: Any, **kwargs: Any) -> Any:
         if getattr(_retrying, "active", False):
             return method(self, *args, **kwargs)
-        deadline = time.monotonic() + retry_seconds()
-        delay = 0.5
+        backoff = Backoff()
         _retrying.active = True
         try:
             while True:
@@ -126,7 +143,7 @@ def with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
                     if not is_connection_error(error):
                         raise
                     reason = first_line(str(error.__cause__ or error))
-                    if time.monotonic() + delay > deadline:
+                    if backoff.expired():
                         raise StorageError(
                             f"Lost the storage {mask_url(str(self.url))!r} and it did not come "
                             f"back: {reason}"
@@ -138,9 +155,7 @@ def with_reconnect(method: Callable[..., Any]) -> Callable[..., Any]:
                         _logger.debug("SQLite busy (%s); retrying", reason)
                         time.sleep(random.uniform(0, 0.005))
                         continue
-                    _logger.warning("storage unreachable (%s); retrying in %.1f s", reason, delay)
-                    time.sleep(delay)
-                    delay = min(2 * delay, 10.0)
+                    backoff.pause("storage", reason)
         finally:
             _retrying.active = False
 
