@@ -129,6 +129,9 @@ def test_missing_spec_file(tmp_path, sqlite_url):
         # redis connects at its first command, which failed with its bare ConnectionError (exit 1).
         ("redis://:s3cret@127.0.0.1:1/0", "Cannot open storage 'redis://:***@127.0.0.1:1/0': Error 111"),
         ("postgresql://alice:s3cret@127.0.0.1:5432x/db", "'postgresql://alice:***@127.0.0.1:5432x/db' is not a valid database URL"),
+        # The '@host' left out: the password reads as a port that is no number.
+        ("postgresql://alice:s3cret/db", "'postgresql://alice:***/db' is not a valid database URL"),
+        ("postgresql://alice:s3cret127.0.0.1:5432/db", "'postgresql://alice:***/db' is not a valid database URL"),
         # A driver that is not installed: Optuna re-raises it as a bare ImportError.
         ("mysql+mysqldb://bob:hunter2@127.0.0.1:1/db", "'mysql+mysqldb://bob:***@127.0.0.1:1/db' needs the Python package 'MySQLdb'"),
     ],

@@ -47,6 +47,13 @@ def mask_url(url: str) -> str:
     by ``***``."""
     start, credentials = _credentials(url)
     rest = _QUERY_PASSWORD.sub(r"\1***", url[start + len(credentials):])
+    if not credentials and start:
+        # No '@': a 'user:password' whose '@host' was left out reads as a host and a port
+        # that is no number, and would be printed whole.
+        authority = re.match(r"[^/?]*", rest).group()
+        host, colon, port = authority.partition(":")
+        if colon and port and not port.isdigit() and not host.startswith("["):
+            return f"{url[:start]}{host}:***{rest[len(authority):]}"
     if ":" not in credentials:
         return f"{url[:start]}{credentials}{rest}"
     user = credentials.split(":", 1)[0]
