@@ -335,6 +335,25 @@ def test_workers_of_a_killed_run_hand_their_trials_back_and_stop(write_spec, sql
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_a_study_deleted_while_it_runs_is_named(write_spec, sqlite_url, command):
+    """``optuna delete-study`` while workers train (a study started over): Optuna's next read
+    raised a bare KeyError('Record does not exist.')."""
+    spec = small_spec("deleted", workload="paced_workload:paced", budget={"n_trials": 4}, pruner={"name": "none"})
+    spec["search"]["epochs"] = {"low": 8, "high": 8}
+    create_study(parse_spec(spec), sqlite_url)
+    if command == "run":
+        process = start_tuner("run", str(write_spec(spec)), "--storage", sqlite_url)
+    else:
+        process = start_tuner("worker", "--study", "deleted", "--storage", sqlite_url)
+    _wait_for(lambda: _epochs_done(sqlite_url, "deleted") >= 1, what="an epoch")
+    optuna.delete_study(study_name="deleted", storage=sqlite_url)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert output.rstrip().endswith("error: Study 'deleted' was deleted from the storage while in use."), output
+
+
+@pytest.mark.slow
 def test_ctrl_c_past_a_spent_time_budget_does_not_promise_a_resume(write_spec, sqlite_url):
     """The time budget runs out while the worker trains its trial: Ctrl-C hands it back, and the
     same command would start no worker for it."""

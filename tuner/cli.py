@@ -121,7 +121,7 @@ def run(
     from tuner.launch import Finished, run_workers
     from tuner.spec import load_spec
     from tuner.storages import storage_url
-    from tuner.study import budget_state, create_study
+    from tuner.study import budget_state, create_study, deletion_named
 
     spec = load_spec(spec_path)
     if n_trials is not None:
@@ -154,15 +154,17 @@ def run(
         # (after Ctrl-C, or with a budget raised) draws them, or its workers would propose the
         # trials that the last run's proposed again.
         proposed = any(trial.params for trial in created.get_trials(deepcopy=False))
-        finished = run_workers(
-            created, spec, url, len(environments) if environments else workers or 1, errors,
-            device="cuda" if environments else device, environments=environments,
-            checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
-            first_index=None if proposed else 0,
-        )
-    _print_best(created.study_name, url, "table", required=False)
-    _exit_as_workers_did(created, spec, finished)
-    _fail_without_an_answer(created)
+        with deletion_named(created):
+            finished = run_workers(
+                created, spec, url, len(environments) if environments else workers or 1, errors,
+                device="cuda" if environments else device, environments=environments,
+                checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
+                first_index=None if proposed else 0,
+            )
+    with deletion_named(created):
+        _print_best(created.study_name, url, "table", required=False)
+        _exit_as_workers_did(created, spec, finished)
+        _fail_without_an_answer(created)
 
 
 def _fail_without_an_answer(study: optuna.Study) -> None:
@@ -646,15 +648,16 @@ def _work_on_gpus(
 ) -> None:
     from tuner.launch import run_workers
     from tuner.storages import storage_url
-    from tuner.study import load_study
+    from tuner.study import deletion_named, load_study
 
     url = storage_url(storage)
     loaded, spec = load_study(study_name, url)
-    finished = run_workers(
-        loaded, spec, url, len(environments), errors, device="cuda", environments=environments, threads=threads,
-        checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
-    )
-    _exit_as_workers_did(loaded, spec, finished)
+    with deletion_named(loaded):
+        finished = run_workers(
+            loaded, spec, url, len(environments), errors, device="cuda", environments=environments, threads=threads,
+            checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
+        )
+        _exit_as_workers_did(loaded, spec, finished)
 
 
 def _exit_as_workers_did(study: optuna.Study, spec: StudySpec, finished: Finished) -> None:

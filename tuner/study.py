@@ -12,6 +12,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner.errors import BadInputError, SpecError, StudyNotFoundError
+from tuner.errors import BadInputError, SpecError, StudyNotFoundError, TunerError
 from tuner.space import centre
 from tuner.spec import SEED_LIMIT, StudySpec, parse_spec
 from tuner.storages import RetryStaleTrial, enough_waiting, make_storage, slot_counts, slot_holders, slot_maker, storage_name
@@ -314,6 +315,26 @@ def load_study(
         pruner=make_pruner(spec),
     )
     return study, spec
+
+
+@contextmanager
+def deletion_named(study: optuna.Study) -> Iterator[None]:
+    """A study deleted while in use (``optuna delete-study``, a study started over under its
+    name) named as such: Optuna's storages raise a bare ``KeyError('Record does not exist.')``
+    at its next read or write, and a lookup by name finds no such study."""
+    try:
+        yield
+    except (KeyError, StudyNotFoundError):
+        # Looked up by name: a cache of the storage's may still know the study by its id.
+        try:
+            deleted = study._storage.get_study_id_from_name(study.study_name) != study._study_id
+        except KeyError:
+            deleted = True
+        if deleted:
+            raise TunerError(
+                f"Study {study.study_name!r} was deleted from {storage_name(study._storage)} while in use."
+            ) from None
+        raise
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,15 @@ from tuner.storages import (
     storage_url,
     write_claim_lease,
 )
-from tuner.study import UID_ATTR, BudgetState, add_waiting_trials, budget_state, load_study, no_slots_message
+from tuner.study import (
+    UID_ATTR,
+    BudgetState,
+    add_waiting_trials,
+    budget_state,
+    deletion_named,
+    load_study,
+    no_slots_message,
+)
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
@@ -264,39 +272,40 @@ def run_worker(
     # reading the whole study: each looks first at a random moment of the interval.
     note_due = time.monotonic() + random.uniform(0, REFRESH_INTERVAL_S)
     try:
-        while not stop:
-            if spec.budget.timeout_s is not None and budget_state(study, spec).exhausted:
-                break
-            if heartbeat and time.monotonic() - stale_checked_at >= stale_check_s:
-                _fail_stale_trials(study)
-                stale_checked_at = time.monotonic()
-            claimed = _claim(study, spec.budget.n_trials is not None, {"worker": worker_id(), "device": str(device)})
-            if claimed is None:
-                # Only a trial whose worker dies can add work now, and only heartbeats tell.
-                state = budget_state(study, spec)
-                if not state.exhausted and state.running and heartbeat:
-                    time.sleep(options.poll_s)
-                    continue
-                missing = _unmade_slots(study, state)
-                if missing:
-                    raise TunerError(no_slots_message(study_name, missing))
-                break
-            trial, frozen = claimed
-            outcome = _run_trial(study, spec, workload, trial, frozen, device, checkpoint_dir, options, stop)
-            summary.count(outcome)
-            if outcome != "worker_stopped" and time.monotonic() >= note_due:
-                note.refresh()
-                note_due = time.monotonic() + REFRESH_INTERVAL_S
-            fresh = RETRY_HISTORY not in frozen.system_attrs
-            consecutive_failures = consecutive_failures + 1 if outcome == "failed" and fresh else 0
-            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                raise TunerError(
-                    f"Worker stopped after {consecutive_failures} consecutive failed trials; "
-                    f"the workload {spec.workload!r} looks broken (see the 'error' of the trials "
-                    f"with: tuner trials --study {study_name})."
-                )
-        if not stop:
-            note.final()
+        with deletion_named(study):
+            while not stop:
+                if spec.budget.timeout_s is not None and budget_state(study, spec).exhausted:
+                    break
+                if heartbeat and time.monotonic() - stale_checked_at >= stale_check_s:
+                    _fail_stale_trials(study)
+                    stale_checked_at = time.monotonic()
+                claimed = _claim(study, spec.budget.n_trials is not None, {"worker": worker_id(), "device": str(device)})
+                if claimed is None:
+                    # Only a trial whose worker dies can add work now, and only heartbeats tell.
+                    state = budget_state(study, spec)
+                    if not state.exhausted and state.running and heartbeat:
+                        time.sleep(options.poll_s)
+                        continue
+                    missing = _unmade_slots(study, state)
+                    if missing:
+                        raise TunerError(no_slots_message(study_name, missing))
+                    break
+                trial, frozen = claimed
+                outcome = _run_trial(study, spec, workload, trial, frozen, device, checkpoint_dir, options, stop)
+                summary.count(outcome)
+                if outcome != "worker_stopped" and time.monotonic() >= note_due:
+                    note.refresh()
+                    note_due = time.monotonic() + REFRESH_INTERVAL_S
+                fresh = RETRY_HISTORY not in frozen.system_attrs
+                consecutive_failures = consecutive_failures + 1 if outcome == "failed" and fresh else 0
+                if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise TunerError(
+                        f"Worker stopped after {consecutive_failures} consecutive failed trials; "
+                        f"the workload {spec.workload!r} looks broken (see the 'error' of the trials "
+                        f"with: tuner trials --study {study_name})."
+                    )
+            if not stop:
+                note.final()
     finally:
         # Once stopped, the handler stays: a second signal as the worker exits has no epoch to
         # abandon, and the default handlers turned the exit into a failure (exit 1, "Aborted!").
