@@ -350,7 +350,7 @@ def test_a_study_deleted_while_it_runs_is_named(write_spec, sqlite_url, command)
     optuna.delete_study(study_name="deleted", storage=sqlite_url)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 1, output
-    assert output.rstrip().endswith("error: Study 'deleted' was deleted from the storage while in use."), output
+    assert output.rstrip().endswith(f"error: Study 'deleted' was deleted from storage {sqlite_url!r} while in use."), output
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.storages._cached_storage import _CachedStorage
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -178,7 +179,8 @@ def make_storage(
 def storage_name(storage: optuna.storages.BaseStorage) -> str:
     """The storage as messages name it: with the masked URL ``make_storage`` opened it from,
     which ``TUNER_STORAGE`` may have chosen unseen."""
-    url = _opened_from.get(storage)
+    # A study wraps a database in Optuna's cache, which was not what was opened.
+    url = _opened_from.get(storage._backend if isinstance(storage, _CachedStorage) else storage)
     return "the storage" if url is None else f"storage {mask_url(url)!r}"
 
 
