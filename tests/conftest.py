@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _stop_signal_handlers_restored():
-    """A worker run in this process and stopped by a signal keeps its stop handler as it exits
+    """A worker run in this process and stopped by a signal ignores the stop signals as it exits
     (``tuner.worker.run_worker``): the next test gets the process's own handlers back."""
     import signal
 

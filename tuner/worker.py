@@ -229,8 +229,8 @@ def run_worker(
 ) -> WorkerSummary:
     """Pull trials of ``study_name`` until its budget is met; return what this worker ran.
 
-    SIGTERM and SIGINT stop it (``_StopRequest``); after such a stop their handler stays, so that
-    one more signal while the process exits is logged rather than raised."""
+    SIGTERM and SIGINT stop it (``_StopRequest``); after such a stop they are ignored, so that
+    one more signal while the process exits changes nothing."""
     options = options or WorkerOptions()
     url = storage_url(storage)
     study, spec = load_study(study_name, url, seed_offset=seed_offset(options.worker_index))
@@ -307,11 +307,13 @@ def run_worker(
             if not stop:
                 note.final()
     finally:
-        # Once stopped, the handler stays: a second signal as the worker exits has no epoch to
-        # abandon, and the default handlers turned the exit into a failure (exit 1, "Aborted!").
-        if not stop:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        # Once stopped, a second signal as the worker exits has no epoch to abandon, and is
+        # ignored: the default handlers turned the exit into a failure (exit 1, "Aborted!"), and
+        # the stop handler, which the interpreter resets to the default as it finishes, let one
+        # that came in its last moments kill the worker (exit -2), which `tuner run` took for
+        # an error.
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if stop else handler)
     summary.stopped_by = stop.signal
     logger.info("worker %s done: %s", worker_id(), summary.trials)
     return summary
