@@ -532,7 +532,7 @@ def test_a_redis_append_sent_again_is_written_once_and_lines_come_in_order(redis
     backend = make_storage(redis_url)._backend
     backend.append_logs([{"line": n} for n in range(2500)])
     for _ in range(2):
-        backend._append_once(args=[backend._prefix, "one-token", '{"line": "retried"}'])
+        backend._append_once(args=[backend._prefix, "one-token", 60, '{"line": "retried"}'])
     lines = list(backend.read_logs(0))
     assert [line["line"] for line in lines] == [*range(2500), "retried"]
     assert [line["line"] for line in backend.read_logs(2499)] == [2499, "retried"]

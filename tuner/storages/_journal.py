@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import random
 import threading
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 
 from tuner.errors import StorageError
 from tuner.storages._lease import LeaseHeartbeat, write_claim_lease
-from tuner.storages._reconnect import Backoff
+from tuner.storages._reconnect import Backoff, retry_seconds
 from tuner.storages._slots import claim_order, enough_waiting, slot_holders
 from tuner.storages._urls import mask_url
 
@@ -108,18 +109,19 @@ class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
                     self._sync_with_backend()
 
 
-# One append, whole or not at all, and once: a retry after a lost reply finds its token and
-# writes nothing. The lines are numbered and keyed as Optuna's ``JournalRedisBackend`` writes them.
+# One append, whole or not at all, and once: a retry after a lost reply finds its token, kept
+# for as long as retries go on, and writes nothing. The lines are numbered and keyed as Optuna's
+# ``JournalRedisBackend`` writes them. ARGV: the prefix, the token, its lifetime in seconds, the lines.
 _APPEND_ONCE = """
 local done = string.format('%s:append:%s', ARGV[1], ARGV[2])
 if redis.call('exists', done) == 1 then return 0 end
 local counter = string.format('%s:log_number', ARGV[1])
 redis.call('setnx', counter, -1)
-for i = 3, #ARGV do
+for i = 4, #ARGV do
     local number = redis.call('incr', counter)
     redis.call('set', string.format('%s:log:%d', ARGV[1], number), ARGV[i])
 end
-redis.call('set', done, 1, 'EX', 3600)
+redis.call('set', done, 1, 'EX', ARGV[3])
 return 1
 """
 # Lines fetched per round trip: Optuna's backend fetches one at a time, and a worker joining a
@@ -184,8 +186,9 @@ class RedisJournalBackend(optuna.storages.journal.JournalRedisBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         token = uuid.uuid4().hex
+        lifetime_s = math.ceil(retry_seconds()) + 60
         lines = [json.dumps(log) for log in logs]
-        self._waited(lambda: self._append_once(args=[self._prefix, token, *lines]))
+        self._waited(lambda: self._append_once(args=[self._prefix, token, lifetime_s, *lines]))
 
     def save_snapshot(self, snapshot: bytes) -> None:
         self._waited(lambda: super(RedisJournalBackend, self).save_snapshot(snapshot))
