@@ -538,6 +538,29 @@ def test_a_redis_append_sent_again_is_written_once_and_lines_come_in_order(redis
     assert [line["line"] for line in backend.read_logs(2499)] == [2499, "retried"]
 
 
+def test_a_worker_killed_as_it_wins_a_trial_on_redis_leaves_the_trial_leased(redis_url, monkeypatch):
+    """The claim and the trial's first lease reach Redis in one append: written after it, a
+    worker killed in between left a running trial that no lease tells, and every other worker
+    waited for it. The kill is a BaseException raised where the worker writes who runs it."""
+    from tuner.storages import _trials
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object) -> None:
+        raise Killed
+
+    storage = make_storage(redis_url)
+    study = optuna.create_study(study_name="won", storage=storage)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING))
+    monkeypatch.setattr(_trials, "_write_user_attrs", killed)
+    with pytest.raises(Killed):
+        claim_next_waiting_trial(storage, study._study_id, {"worker": "w1"})
+    (trial,) = make_storage(redis_url).get_all_trials(study._study_id)
+    assert trial.state == TrialState.RUNNING and "worker" not in trial.user_attrs
+    assert abs(time.time() - trial.system_attrs[LEASE]) < 5
+
+
 def test_a_redis_back_without_its_journal_is_an_error_not_an_empty_study(redis_url):
     """Restarted without its data, Redis would take this worker's writes as a new journal's
     first lines, which no reader sees: the worker stops, saying what happened."""

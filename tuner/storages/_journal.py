@@ -87,6 +87,10 @@ class JournalStorage(LeaseHeartbeat, optuna.storages.JournalStorage):
         if refused is not None:
             raise refused
 
+    def owns(self, trial_id: int) -> bool:
+        """Whether this process's last claim, as the journal has it, won ``trial_id``."""
+        return self._replay_result.owned_trial_id == trial_id
+
     @contextlib.contextmanager
     def one_append(self) -> Iterator[None]:
         """Hold this thread's writes made within and append them as the block ends, raised or not.

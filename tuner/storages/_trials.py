@@ -54,14 +54,35 @@ def claim_by_racing(storage: optuna.storages.BaseStorage, study_id: int, attrs: 
             return None
         for frozen in sorted(waiting, key=claim_order):
             try:
-                won = storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING)
+                won, leased = _race(storage, frozen._trial_id)
             except UpdateFinishedTrialError:
                 continue
             if won:
                 with one_write(storage):
                     _write_user_attrs(storage, frozen._trial_id, attrs)
-                    write_claim_lease(storage, frozen._trial_id)
+                    if not leased:
+                        write_claim_lease(storage, frozen._trial_id)
                 return frozen._trial_id
+
+
+def _race(storage: optuna.storages.BaseStorage, trial_id: int) -> tuple[bool, bool]:
+    """Whether this worker won the trial, and whether its first lease went with the claim.
+
+    On tuner's journal (Redis) the lease goes in the claim's append: written after it, a worker
+    killed in between left a running trial that no lease tells, which every other worker then
+    waited for. A lost race leaves the lease on the winner's trial, whose worker renews it."""
+    lease = storage.claim_lease() if isinstance(storage, JournalStorage) else {}
+    if not lease:
+        return storage.set_trial_state_values(trial_id, state=TrialState.RUNNING), False
+    with storage.one_append():
+        # What the claim returns within the append means nothing: the win is read after it.
+        storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+        for key, value in lease.items():
+            storage.set_trial_system_attr(trial_id, key, value)
+    won = storage.owns(trial_id)
+    if won:
+        storage.lease_claimed(trial_id)
+    return won, True
 
 
 def slot_maker(storage: object) -> ReconnectingRDBStorage | JournalFileSlots | None:
