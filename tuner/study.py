@@ -157,12 +157,11 @@ def create_study(
     """
     if study_name:
         spec = spec.model_copy(update={"name": study_name})
-    from tuner.workloads import check_workload
-
-    # Before the storage is opened: a SQLite or journal file is not made for a spec refused.
-    check_workload(spec)
     if not isinstance(storage, optuna.storages.BaseStorage):
         storage = make_storage(storage, max_retries=spec.max_retries)
+    from tuner.workloads import check_workload
+
+    check_workload(spec)
     if len(spec.directions) > 1 and "pruner" in spec.model_fields_set and spec.pruner.name != "none":
         logger.warning(
             "Study %r has %d objectives: Optuna prunes single-objective studies only, so its "

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tuner.space import Hyperparameters
 from tuner.train import memory
@@ -103,20 +103,6 @@ def evaluate(
     own = workload.metrics(all_outputs, all_targets)
     metrics.update({name: metric_value(name, value) for name, value in own.items()})
     return metrics
-
-
-# What each epoch reports beside the metrics of ``evaluate``.
-EPOCH_METRICS = ("train_loss", "lr", "train_time_s")
-
-
-def reported_metrics(workload: Workload, hp: Hyperparameters, samples: int = 8) -> set[str]:
-    """The metric names an epoch of ``workload`` reports, read off a fresh model evaluated on the
-    CPU on a few validation samples. A spec's objective is checked against them before its study
-    is made: checked at the first epoch, a misspelt metric left a study whose stored spec the
-    corrected one no longer matched."""
-    subset = Subset(workload.val_data, range(min(samples, len(workload.val_data))))  # type: ignore[arg-type]
-    batches = Batches(subset, torch.device("cpu"), getattr(workload, "collate", None))
-    return {*evaluate(workload.model(hp), workload, batches, samples, "fp32"), *EPOCH_METRICS}
 
 
 def _autocast(device: torch.device, precision: str) -> Any:

@@ -6,7 +6,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -57,19 +57,6 @@ class OutOfMemory(optuna.TrialPruned):
 class MissingMetric(SpecError):
     """The spec's objective names a metric the workload does not report: no trial can finish,
     so the worker stops rather than fail the whole budget one trial at a time."""
-
-
-def check_objectives(objectives: list[Objective], reported: Iterable[str]) -> None:
-    """Raise ``MissingMetric``, naming the spec field, where an objective's metric is not among
-    the ``reported`` names."""
-    reported = sorted(reported)
-    missing = [o.metric for o in objectives if o.metric not in reported]
-    if missing:
-        field = "objective.metric" if len(objectives) == 1 else "objectives"
-        raise MissingMetric(
-            f"spec field '{field}': {missing[0]!r} is not among the metrics the workload "
-            f"reports: {', '.join(reported)}."
-        )
 
 
 class WorkerStopped(Exception):
@@ -174,7 +161,13 @@ class Reporter:
                 f"report() got epoch {epoch!r} after epoch {last}; report each epoch once, counted from 1."
             )
         metrics = {"train_time_s": time.perf_counter() - self.started, **metrics}
-        check_objectives(self.objectives, metrics)
+        missing = [o.metric for o in self.objectives if o.metric not in metrics]
+        if missing:
+            field = "objective.metric" if len(self.objectives) == 1 else "objectives"
+            raise MissingMetric(
+                f"spec field '{field}': {missing[0]!r} is not among the metrics the workload "
+                f"reports: {', '.join(sorted(metrics))}."
+            )
         metrics = {name: metric_value(name, value) for name, value in metrics.items()}
         for name, value in metrics.items():
             if not math.isfinite(value):

@@ -132,33 +132,12 @@ def check_batch_size(workload: Workload | TrainingFunction, batch_size: int, *, 
 
 def check_workload(spec: Any) -> None:
     """Refuse a spec whose workload does not load, whose batch range exceeds the data set, that
-    asks a training function for what only tuner's loop does, that searches a momentum no
-    trial uses, or whose objective is a metric a torch workload does not report."""
+    asks a training function for what only tuner's loop does, or that searches a momentum no
+    trial uses."""
     workload = load_spec_workload(spec)
     check_loop_settings(workload, spec, spec.search.batch_schedule.choices if spec.search.batch_schedule else ())
     check_batch_size(workload, spec.search.batch_size.high, field="search.batch_size.high", name=spec.workload)
     _check_momentum(workload, spec)
-    _check_metrics(workload, spec)
-
-
-def _check_metrics(workload: Workload | TrainingFunction, spec: Any) -> None:
-    """Refuse an objective metric that a torch workload does not report. A training function's
-    metrics are known only from its first report, where the worker checks them; so are those of
-    a workload that cannot be evaluated on the CPU here."""
-    if train_size(workload) is None:
-        return
-    from tuner.space import Hyperparameters
-    from tuner.train.loop import reported_metrics
-    from tuner.train.reporter import check_objectives
-
-    lr = spec.search.lr.low
-    optimizer = spec.search.optimizer.choices[0] if spec.search.optimizer else "adamw"
-    hp = Hyperparameters(batch_size=spec.search.batch_size.low, lr=lr, epochs=1, base_lr=lr, optimizer=optimizer)
-    try:
-        reported = reported_metrics(workload, hp)  # type: ignore[arg-type]
-    except Exception:  # a model for another device, metrics that need the whole set
-        return
-    check_objectives(spec.all_objectives, reported)
 
 
 def _check_momentum(workload: Workload | TrainingFunction, spec: Any) -> None:
