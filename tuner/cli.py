@@ -139,29 +139,28 @@ def run(
     environments = _gpu_environments(gpus, workers_per_gpu, device)
     url = storage_url(storage)
     created = create_study(spec, url, study_name=study)
-    budget = budget_state(created, spec)
-    if budget.exhausted:
-        # Workers would import torch only to find nothing to do.
-        met = (
-            f"{budget.finished} of {budget.n_trials} trials finished; raise it with --n-trials"
-            if budget.n_trials is not None and budget.finished >= budget.n_trials
-            else f"its {spec.budget.timeout_s:g} s have passed"
-        )
-        errors.print(f"study {created.study_name!r} has met its budget ({met}); no workers started", highlight=False)
-        finished = Finished(codes=[])
-    else:
-        # Seeds from index 0 repeat a seeded run of a fresh study; a run that goes on with one
-        # (after Ctrl-C, or with a budget raised) draws them, or its workers would propose the
-        # trials that the last run's proposed again.
-        proposed = any(trial.params for trial in created.get_trials(deepcopy=False))
-        with deletion_named(created):
+    with deletion_named(created):
+        budget = budget_state(created, spec)
+        if budget.exhausted:
+            # Workers would import torch only to find nothing to do.
+            met = (
+                f"{budget.finished} of {budget.n_trials} trials finished; raise it with --n-trials"
+                if budget.n_trials is not None and budget.finished >= budget.n_trials
+                else f"its {spec.budget.timeout_s:g} s have passed"
+            )
+            errors.print(f"study {created.study_name!r} has met its budget ({met}); no workers started", highlight=False)
+            finished = Finished(codes=[])
+        else:
+            # Seeds from index 0 repeat a seeded run of a fresh study; a run that goes on with one
+            # (after Ctrl-C, or with a budget raised) draws them, or its workers would propose the
+            # trials that the last run's proposed again.
+            proposed = any(trial.params for trial in created.get_trials(deepcopy=False))
             finished = run_workers(
                 created, spec, url, len(environments) if environments else workers or 1, errors,
                 device="cuda" if environments else device, environments=environments,
                 checkpoint_dir=checkpoint_dir, artifact_dir=artifact_dir, keep_checkpoints=keep_checkpoints,
                 first_index=None if proposed else 0,
             )
-    with deletion_named(created):
         _print_best(created.study_name, url, "table", required=False)
         _exit_as_workers_did(created, spec, finished)
         _fail_without_an_answer(created)

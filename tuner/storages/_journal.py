@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -195,7 +196,7 @@ class RedisJournalBackend(optuna.storages.journal.JournalRedisBackend):
         self._waited(lambda: self._append_once(args=[self._prefix, token, lifetime_s, *lines]))
 
     def save_snapshot(self, snapshot: bytes) -> None:
-        self._waited(lambda: super(RedisJournalBackend, self).save_snapshot(snapshot))
+        self._waited(functools.partial(super().save_snapshot, snapshot))
 
     def load_snapshot(self) -> bytes | None:
         return self._waited(super().load_snapshot)
