@@ -19,6 +19,7 @@ from tuner.errors import SpecError, WorkloadError
 from tuner.retrain import FixedSpec, retrain
 from tuner.status import study_status
 from tuner.study import load_study
+from tuner.train.reporter import MissingMetric
 
 
 def _run(spec: dict, url: str) -> optuna.Study:
@@ -148,6 +149,19 @@ def test_a_training_function_that_never_reports_completes_with_a_warning(sqlite_
     (trial,) = study.trials
     assert trial.state == TrialState.COMPLETE and trial.value == 0.5
     assert "trial 0: the training function never called report(epoch, metrics)" in caplog.text
+
+
+def test_final_metrics_without_the_objective_stop_the_worker_and_keep_the_trials_slot(sqlite_url):
+    spec = small_spec(
+        "unreturned", workload="user_workloads:returns_accuracy_only", budget={"n_trials": 1},
+        objective={"metric": "val_loss", "direction": "minimize"},
+    )
+    with pytest.raises(MissingMetric, match="'val_loss' is not among the metrics the workload reports: val_accuracy"):
+        _run(spec, sqlite_url)
+    study = optuna.load_study(study_name="unreturned", storage=sqlite_url)
+    failed, waiting = study.trials
+    assert failed.state == TrialState.FAIL and "'val_loss' is not among" in failed.user_attrs["error"]
+    assert waiting.state == TrialState.WAITING and waiting.system_attrs["retry_history"] == [failed.number]
 
 
 def test_the_tuner_script_finds_a_module_in_the_folder_it_runs_from(tmp_path, sqlite_url):

@@ -191,6 +191,11 @@ def returns_nan(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     return {"val_accuracy": math.nan}
 
 
+def returns_accuracy_only(hp: tuner.Hyperparameters, report) -> dict[str, float]:
+    """Reports no epoch and returns its accuracy alone."""
+    return {"val_accuracy": 0.5}
+
+
 def raises(hp: tuner.Hyperparameters, report) -> dict[str, float]:
     raise ValueError("broken workload")
 

@@ -200,18 +200,56 @@ def create_study(
         save_study_note(study, spec)
     else:
         stored_dict = stored.to_dict()
-        # The budget may change (see _check_budget_holds); nothing else may.
+        # The budget may change (see _check_budget_holds), and the objectives' metric names
+        # while no trial has reported (see _rename_metrics); nothing else may.
         fixed_stored, fixed_wanted = {**stored_dict, "budget": None}, {**wanted, "budget": None}
-        if fixed_stored != fixed_wanted:
+        renamed = fixed_stored != fixed_wanted
+        if renamed and not _metrics_renamable(study, stored, spec):
+            only_names = _metric_blind(stored) == _metric_blind(spec)
             raise SpecError(
                 f"Study {spec.name!r} exists with a different spec; use another name or the "
                 f"stored spec. Difference:\n{_spec_diff(fixed_stored, fixed_wanted)}"
+                + ("\nA metric is renamed only while no trial of the study has reported or runs." if only_names else "")
             )
         if stored_dict["budget"] != wanted["budget"]:
             _check_budget_holds(study, spec)
+        if stored_dict != wanted:
             storage.set_study_system_attr(study_id, SPEC_ATTR, json.dumps(wanted))
+        if renamed:
+            _rename_metrics(study, stored, spec)
     _add_slots(study, spec)
     return study
+
+
+def _metric_blind(spec: StudySpec) -> dict:
+    """The spec's fields but its budget and the names of its objectives' metrics."""
+    unnamed = spec.model_copy(
+        update={
+            "objective": spec.objective and spec.objective.model_copy(update={"metric": ""}),
+            "objectives": spec.objectives and [o.model_copy(update={"metric": ""}) for o in spec.objectives],
+        }
+    )
+    return {**unnamed.to_dict(), "budget": None}
+
+
+def _metrics_renamable(study: optuna.Study, stored: StudySpec, wanted: StudySpec) -> bool:
+    """Whether ``wanted`` corrects the stored spec's metric names and nothing else, in a study
+    none of whose trials reported under them: a misspelt metric stops a worker at its trial's
+    first epoch and leaves nothing that the corrected name would mix with, and the study's
+    name should not be lost to a typo. A running trial may still report under the old name."""
+    if _metric_blind(stored) != _metric_blind(wanted):
+        return False
+    reported = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return not any(t.state in reported or t.intermediate_values for t in study.get_trials(deepcopy=False))
+
+
+def _rename_metrics(study: optuna.Study, stored: StudySpec, spec: StudySpec) -> None:
+    from tuner.notes import save_study_note
+
+    study.set_metric_names([objective.metric for objective in spec.all_objectives])
+    save_study_note(study, spec)
+    old, new = (", ".join(o.metric for o in s.all_objectives) for s in (stored, spec))
+    logger.warning("Study %r now optimizes %s in place of %s: none of its trials had reported a value.", spec.name, new, old)
 
 
 def _refuse_a_foreign_study(study: optuna.Study, spec: StudySpec, storage: optuna.storages.BaseStorage) -> None:

@@ -64,7 +64,14 @@ from tuner.study import (
 from tuner.train import memory
 from tuner.train.checkpoint import Checkpoint
 from tuner.train.loop import train
-from tuner.train.reporter import Diverged, MissingMetric, OutOfMemory, Reporter, WorkerStopped
+from tuner.train.reporter import (
+    Diverged,
+    MissingMetric,
+    OutOfMemory,
+    Reporter,
+    WorkerStopped,
+    check_objective_metrics,
+)
 from tuner.workloads import Workload, final_metrics, load_workload
 
 logger = logging.getLogger("tuner.worker")
@@ -357,8 +364,11 @@ def _run_trial(
             try:
                 state, values, outcome = _train(study, spec, workload, hp, reporter, device, checkpoint, stop)
             except MissingMetric as error:
+                # The spec's fault, not the trial's: its slot waits again for the corrected spec,
+                # which the study takes while no trial has reported (``create_study``).
                 reporter.records["error"] = str(error)
-                _finish(study, spec, trial, TrialState.FAIL, None, "failed", reporter, options)
+                reporter.write_records()
+                _hand_back(study, trial)
                 raise
             reporter.records["duration_s"] = time.perf_counter() - started
             if outcome == "worker_stopped":
@@ -437,6 +447,7 @@ def _train(
                     )
         # A training function's own metrics lack what the reporter adds, such as train_time_s.
         final = {**(reporter.history[-1] if reporter.history else {}), **metrics}
+        check_objective_metrics(spec.all_objectives, final)
         values = [float(final[o.metric]) for o in spec.all_objectives]
         for objective, value in zip(spec.all_objectives, values):
             if not math.isfinite(value):

@@ -59,6 +59,18 @@ class MissingMetric(SpecError):
     so the worker stops rather than fail the whole budget one trial at a time."""
 
 
+def check_objective_metrics(objectives: list[Objective], metrics: Mapping[str, Any]) -> None:
+    """Raise ``MissingMetric`` where ``metrics`` lacks an objective's metric."""
+    missing = [o.metric for o in objectives if o.metric not in metrics]
+    if missing:
+        field = "objective.metric" if len(objectives) == 1 else "objectives"
+        raise MissingMetric(
+            f"spec field '{field}': {missing[0]!r} is not among the metrics the workload "
+            f"reports: {', '.join(sorted(metrics))}. Correct the spec and run it again: its trial "
+            "waits for it, and a study none of whose trials has reported takes the corrected metric."
+        )
+
+
 class WorkerStopped(Exception):
     """The worker was asked to stop; its trial goes back to the queue to be resumed."""
 
@@ -161,13 +173,7 @@ class Reporter:
                 f"report() got epoch {epoch!r} after epoch {last}; report each epoch once, counted from 1."
             )
         metrics = {"train_time_s": time.perf_counter() - self.started, **metrics}
-        missing = [o.metric for o in self.objectives if o.metric not in metrics]
-        if missing:
-            field = "objective.metric" if len(self.objectives) == 1 else "objectives"
-            raise MissingMetric(
-                f"spec field '{field}': {missing[0]!r} is not among the metrics the workload "
-                f"reports: {', '.join(sorted(metrics))}."
-            )
+        check_objective_metrics(self.objectives, metrics)
         metrics = {name: metric_value(name, value) for name, value in metrics.items()}
         for name, value in metrics.items():
             if not math.isfinite(value):
