@@ -6,6 +6,7 @@ import fcntl
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -23,7 +24,8 @@ from optuna.trial import TrialState
 from conftest import small_spec, tuner
 from test_proxy import storage_of_kind
 from tuner.storages import _rdb_reads
-from tuner.errors import StorageError
+from tuner.storages._reconnect import permanent_error
+from tuner.errors import StorageError, TunerError
 from tuner.spec import Objective, parse_spec
 from tuner.study import create_study
 from tuner.storages import LEASE, PromptJournalFileLock, claim_next_waiting_trial, make_storage, one_write, rdb_backend, record_epochs, set_user_attrs, slot_maker, sqlalchemy_url
@@ -83,6 +85,28 @@ def test_a_database_url_ending_in_log_opens_the_database_not_a_journal(tmp_path,
     assert rdb_backend(make_storage(f"{scheme}study.log")) is not None
     assert not [path for path in tmp_path.iterdir() if path.is_dir()]
     assert (tmp_path / "study.log").read_bytes().startswith(b"SQLite format 3")
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("attempt to write a readonly database", StorageError),
+        ("file is not a database", StorageError),
+        ("database disk image is malformed", StorageError),
+        ("database or disk is full", TunerError),
+        ("database is locked", None),
+    ],
+)
+def test_a_sqlite_error_without_its_code_name_is_told_by_its_message(message, expected):
+    """Python 3.10's sqlite3 raises its errors without ``sqlite_errorname``; there a read-only
+    file was retried for TUNER_DB_RETRY_S as a lost connection."""
+    error = sqlite3.OperationalError(message)
+    assert not hasattr(error, "sqlite_errorname")
+    refused = permanent_error(error, "sqlite:///study.db")
+    if expected is None:
+        assert refused is None
+    else:
+        assert type(refused) is expected and str(refused).endswith(f": {message}.")
 
 
 def test_a_read_only_sqlite_file_fails_at_once_instead_of_being_retried(tmp_path, write_spec, read_only):

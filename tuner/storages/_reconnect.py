@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,15 @@ _PERMANENT_SQLITE = {
     "SQLITE_NOTADB": (StorageError, "is not a SQLite database"),
     "SQLITE_CORRUPT": (StorageError, "is corrupt"),
     "SQLITE_FULL": (TunerError, "is on a full disk"),
+}
+
+# Python 3.10's sqlite3 gives no result code's name (``sqlite_errorname`` came in 3.11): SQLite's
+# own message for each code above, which an extended code shares with its primary, stands in.
+_SQLITE_MESSAGES = {
+    "attempt to write a readonly database": "SQLITE_READONLY",
+    "file is not a database": "SQLITE_NOTADB",
+    "database disk image is malformed": "SQLITE_CORRUPT",
+    "database or disk is full": "SQLITE_FULL",
 }
 
 # PostgreSQL's SQLSTATEs of the same kind: a full disk, and a server that takes no writes (a
@@ -77,7 +87,7 @@ def is_connection_error(error: BaseException) -> bool:
 def permanent_error(error: BaseException, url: str) -> TunerError | None:
     """The error to fail with at once where the database refused for good, else None."""
     for current in _chain(error):
-        name = getattr(current, "sqlite_errorname", "")
+        name = getattr(current, "sqlite_errorname", None) or _sqlite_errorname(current)
         for prefix, (kind, what) in _PERMANENT_SQLITE.items():
             if name.startswith(prefix):
                 return kind(f"Storage {mask_url(url)!r} {what}: {current}.")
@@ -85,6 +95,10 @@ def permanent_error(error: BaseException, url: str) -> TunerError | None:
             kind, what = _PERMANENT_POSTGRES[current.sqlstate]
             return kind(f"Storage {mask_url(url)!r} {what}: {first_line(str(current))}.")
     return None
+
+
+def _sqlite_errorname(error: BaseException) -> str:
+    return _SQLITE_MESSAGES.get(str(error), "") if isinstance(error, sqlite3.Error) else ""
 
 
 def first_line(message: str) -> str:
