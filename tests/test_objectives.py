@@ -83,6 +83,17 @@ def test_a_pruner_with_two_objectives_is_named_as_unused(sqlite_url: str, caplog
     assert "Optuna prunes single-objective studies only" in caplog.text and "'median'" in caplog.text
 
 
+def test_a_misspelt_metric_among_several_is_renamed_but_not_its_direction(sqlite_url: str) -> None:
+    misspelt = [{**TRADEOFF[0], "metric": "val_acc"}, TRADEOFF[1]]
+    create_study(parse_spec(_spec("renamed", objectives=misspelt)), sqlite_url)
+    turned = [TRADEOFF[0], {**TRADEOFF[1], "direction": "maximize"}]
+    with pytest.raises(SpecError, match="objectives: .* stored, .* given"):
+        create_study(parse_spec(_spec("renamed", objectives=turned)), sqlite_url)
+    study = create_study(parse_spec(_spec("renamed", objectives=TRADEOFF)), sqlite_url)
+    assert study.metric_names == ["val_accuracy", "train_time_s"]
+    assert optuna.load_study(study_name="renamed", storage=sqlite_url).metric_names == ["val_accuracy", "train_time_s"]
+
+
 def test_cmaes_with_two_objectives_is_refused() -> None:
     with pytest.raises(SpecError, match="sampler 'cmaes' takes one objective; with several use tpe"):
         parse_spec(_spec("cma", objectives=TRADEOFF, sampler={"name": "cmaes"}))
