@@ -443,12 +443,11 @@ def status(
     """Per study: trials by state, budget, best value, epochs saved by pruning, pace, ETA, live workers."""
     import time
 
-    import optuna
     from rich.live import Live
 
     from tuner.status import status_table, study_status
     from tuner.storages import make_storage, storage_name
-    from tuner.study import load_study, stored_spec
+    from tuner.study import SPEC_ATTR, load_study
 
     opened = make_storage(storage, create=False)
 
@@ -457,9 +456,10 @@ def status(
         with no stored spec they have no budget to show and would fail the status of every study."""
         if study:
             return [study], []
-        names = sorted(optuna.get_all_study_names(opened))
-        others = [name for name in names if stored_spec(opened, name) is None]
-        return [name for name in names if name not in others], others
+        # One read of every study's attributes, the stored spec among them.
+        made_by_tuner = {frozen.study_name: SPEC_ATTR in frozen.system_attrs for frozen in opened.get_all_studies()}
+        names = sorted(made_by_tuner)
+        return [name for name in names if made_by_tuner[name]], [name for name in names if not made_by_tuner[name]]
 
     names, others = studies()
     if others:
