@@ -201,11 +201,11 @@ def create_study(
     else:
         stored_dict = stored.to_dict()
         # The budget may change (see _check_budget_holds), and the objectives' metric names
-        # while no trial has reported (see _rename_metrics); nothing else may.
+        # while no trial has reported (see _nothing_reported); nothing else may.
         fixed_stored, fixed_wanted = {**stored_dict, "budget": None}, {**wanted, "budget": None}
         renamed = fixed_stored != fixed_wanted
-        if renamed and not _metrics_renamable(study, stored, spec):
-            only_names = _metric_blind(stored) == _metric_blind(spec)
+        only_names = renamed and _metric_blind(stored) == _metric_blind(spec)
+        if renamed and not (only_names and _nothing_reported(study)):
             raise SpecError(
                 f"Study {spec.name!r} exists with a different spec; use another name or the "
                 f"stored spec. Difference:\n{_spec_diff(fixed_stored, fixed_wanted)}"
@@ -232,13 +232,11 @@ def _metric_blind(spec: StudySpec) -> dict:
     return {**unnamed.to_dict(), "budget": None}
 
 
-def _metrics_renamable(study: optuna.Study, stored: StudySpec, wanted: StudySpec) -> bool:
-    """Whether ``wanted`` corrects the stored spec's metric names and nothing else, in a study
-    none of whose trials reported under them: a misspelt metric stops a worker at its trial's
-    first epoch and leaves nothing that the corrected name would mix with, and the study's
-    name should not be lost to a typo. A running trial may still report under the old name."""
-    if _metric_blind(stored) != _metric_blind(wanted):
-        return False
+def _nothing_reported(study: optuna.Study) -> bool:
+    """Whether no trial has reported under the stored metric names, which may then be corrected:
+    a misspelt metric stops a worker at its trial's first epoch and leaves nothing that the
+    corrected name would mix with, and the study's name should not be lost to a typo. A running
+    trial may still report under the old name."""
     reported = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     return not any(t.state in reported or t.intermediate_values for t in study.get_trials(deepcopy=False))
 
