@@ -36,11 +36,25 @@ def _reporter() -> Reporter:
 def test_ramp_multiplies_the_batch_at_its_fractions_of_the_epochs() -> None:
     hp = _hp(RAMP)
     assert [epoch_batch_size(hp, epoch, [], None, 1437) for epoch in range(4)] == [32, 32, 64, 128]
-    assert epoch_batch_size(hp, 3, [], None, 100) == 100  # never more than the training set
-    assert epoch_lr(hp, 128) == hp.lr  # the growing batch replaces the decay
+    assert epoch_lr(hp, 3, 128) == hp.lr  # the growing batch replaces the decay
     # 0.55 x 100 is 55.00000000000001 in floating point: still epoch 55, not 56.
     long = _hp(BatchSchedule(name="ramp", ramp_at=(0.55,)), epochs=100)
     assert [epoch_batch_size(long, epoch, [], None, 1437) for epoch in (54, 55)] == [32, 64]
+
+
+def test_a_ramp_held_at_the_top_of_the_range_lowers_the_rate_instead() -> None:
+    """Smith et al. decay the rate once the batch is at its largest: the batch that could not
+    grow by 2 halves the rate, so every ramp anneals as much whatever its starting batch."""
+    held = _hp(BatchSchedule(name="ramp", ramp_factor=2, ramp_at=(0.5, 0.75), high=64))
+    assert [epoch_batch_size(held, epoch, [], None, 1437) for epoch in range(4)] == [32, 32, 64, 64]
+    assert [epoch_lr(held, epoch, 64 if epoch > 1 else 32) for epoch in range(4)] == pytest.approx([0.01, 0.01, 0.01, 0.005])
+    # The training set holds it back as the range does.
+    assert epoch_batch_size(_hp(RAMP), 3, [], None, 100) == 100
+    assert epoch_lr(_hp(RAMP), 3, 100) == pytest.approx(0.01 * 100 / 128)
+    # A hand-written batch above the range is trained as it is, and only its growth is held.
+    above = _hp(BatchSchedule(name="ramp", ramp_at=(0.5,), high=16))
+    assert [epoch_batch_size(above, epoch, [], None, 1437) for epoch in (0, 3)] == [32, 32]
+    assert epoch_lr(above, 0, 32) == 0.01 and epoch_lr(above, 3, 32) == 0.005
 
 
 def test_adaptive_follows_the_noise_scale_within_the_range() -> None:
@@ -50,7 +64,7 @@ def test_adaptive_follows_the_noise_scale_within_the_range() -> None:
     assert epoch_batch_size(hp, 1, [32], 5000.0, 1437) == 256
     assert epoch_batch_size(hp, 1, [32], 3.0, 1437) == 16
     assert epoch_batch_size(hp, 2, [32, 64], None, 1437) == 64
-    assert epoch_lr(hp, 128) == pytest.approx(0.02)  # sqrt rule: 4x the batch, 2x the rate
+    assert epoch_lr(hp, 1, 128) == pytest.approx(0.02)  # sqrt rule: 4x the batch, 2x the rate
 
 
 def test_ramp_trains_with_the_growing_batch_at_a_constant_rate() -> None:
@@ -59,6 +73,11 @@ def test_ramp_trains_with_the_growing_batch_at_a_constant_rate() -> None:
     assert reporter.records["batch_size_per_epoch"] == [32, 32, 64, 128]
     assert reporter.history[-1]["lr"] == pytest.approx(0.01)
     assert reporter.history[-1]["val_accuracy"] > 0.8
+
+    held = _reporter()
+    train(load_workload("digits_mlp"), _hp(BatchSchedule(name="ramp", high=64)), held, device=CPU)
+    assert held.records["batch_size_per_epoch"] == [32, 32, 64, 64]
+    assert [epoch["lr"] for epoch in held.history[1:]] == pytest.approx([0.01, 0.01, 0.005])
 
 
 def test_adaptive_training_uses_the_measured_scale_and_resumes_the_same(tmp_path) -> None:

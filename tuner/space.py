@@ -16,9 +16,10 @@ from tuner.spec import SEED_LIMIT, LearningRateSpace, ScheduleName, SearchSpace,
 class BatchSchedule:
     """How the effective batch changes from epoch to epoch (``tuner.train.schedule`` applies it).
 
-    ``ramp`` multiplies it by ``ramp_factor`` at each fraction ``ramp_at`` of the epochs and keeps
-    the rate; ``adaptive`` takes the measured noise scale, clipped to ``[low, high]``, and moves
-    the rate by ``(batch / starting batch) ** lr_exponent``, the spec's scaling rule.
+    ``ramp`` multiplies it by ``ramp_factor`` at each fraction ``ramp_at`` of the epochs, up to
+    ``high``, and keeps the rate until the batch stops growing; ``adaptive`` takes the measured
+    noise scale, clipped to ``[low, high]``, and moves the rate by
+    ``(batch / starting batch) ** lr_exponent``, the spec's scaling rule.
     """
 
     name: ScheduleName = "constant"

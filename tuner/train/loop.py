@@ -301,7 +301,7 @@ def train(
 
 def _rates(hp: Hyperparameters, epoch: int, batch_size: int, train_size: int) -> Callable[[int, int], float]:
     """The rate of a step of ``epoch`` that covers its samples ``start`` to ``end``."""
-    peak = epoch_lr(hp, batch_size)
+    peak = epoch_lr(hp, epoch, batch_size)
     total = train_size * hp.epochs
     offset = epoch * train_size
 

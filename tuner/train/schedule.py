@@ -7,7 +7,8 @@ keeps (the batches used so far, the noise scale), so a resumed trial repeats the
   cosine over the last fifth of the trial.
 - ``ramp`` (Smith et al. 2017, "Don't Decay the Learning Rate, Increase the Batch Size"): the
   batch grows by ``ramp_factor`` at set fractions of the epochs *instead of* decaying the rate,
-  which only warms up.
+  which only warms up. A batch held at the top of the search range (or at the training set)
+  divides the rate by the growth it missed, as the paper does at its largest batch.
 - ``adaptive``: from the second epoch on, the batch is the gradient noise scale measured so far
   (McCandlish et al. 2018), clipped to the search range, and the rate follows the batch by the
   spec's scaling rule; warm-up, hold and cosine as for ``constant``.
@@ -31,10 +32,8 @@ def epoch_batch_size(hp: Hyperparameters, epoch: int, used: list[int], noise_sca
     schedule = hp.schedule
     batch_size = hp.batch_size
     if schedule.name == "ramp":
-        # ceil: a ramp point never falls on the first epoch, and 0.5 of 3 epochs is epoch 2. The
-        # rounding first: 0.55 * 100 is 55.00000000000001, whose ceil would be a whole epoch late.
-        ramps = sum(epoch >= max(1, math.ceil(round(at * hp.epochs, 9))) for at in schedule.ramp_at)
-        batch_size = hp.batch_size * schedule.ramp_factor**ramps
+        # The growth stops at the top of the search range; a hand-written batch above it stays.
+        batch_size = min(ramp_batch_size(hp, epoch), max(hp.batch_size, schedule.high or train_size))
     elif schedule.name == "adaptive" and epoch > 0:
         if noise_scale is None:
             batch_size = used[-1]
@@ -43,12 +42,25 @@ def epoch_batch_size(hp: Hyperparameters, epoch: int, used: list[int], noise_sca
     return max(1, min(batch_size, train_size))
 
 
-def epoch_lr(hp: Hyperparameters, batch_size: int) -> float:
-    """The peak rate at ``batch_size``: the searched rate, moved by the scaling rule when the
-    adaptive schedule changed the batch (a ramp keeps it: the growing batch is its decay)."""
-    if hp.schedule.name != "adaptive":
-        return hp.lr
-    return hp.lr * (batch_size / hp.batch_size) ** hp.schedule.lr_exponent
+def ramp_batch_size(hp: Hyperparameters, epoch: int) -> int:
+    """The batch a ramp asks for at ``epoch`` (counted from 0), before any limit."""
+    schedule = hp.schedule
+    # ceil: a ramp point never falls on the first epoch, and 0.5 of 3 epochs is epoch 2. The
+    # rounding first: 0.55 * 100 is 55.00000000000001, whose ceil would be a whole epoch late.
+    ramps = sum(epoch >= max(1, math.ceil(round(at * hp.epochs, 9))) for at in schedule.ramp_at)
+    return hp.batch_size * schedule.ramp_factor**ramps
+
+
+def epoch_lr(hp: Hyperparameters, epoch: int, batch_size: int) -> float:
+    """The peak rate of ``epoch``, trained at ``batch_size``: the searched rate, moved by the
+    scaling rule when the adaptive schedule changed the batch. A ramp keeps it while its batch
+    grows, the growing batch being its decay, and divides it by what a held batch did not grow:
+    a step's noise goes with rate over batch, so either lowers it alike."""
+    if hp.schedule.name == "ramp":
+        return hp.lr * batch_size / ramp_batch_size(hp, epoch)
+    if hp.schedule.name == "adaptive":
+        return hp.lr * (batch_size / hp.batch_size) ** hp.schedule.lr_exponent
+    return hp.lr
 
 
 def lr_factor(start: float, end: float, *, decay: bool) -> float:
