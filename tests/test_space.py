@@ -76,3 +76,37 @@ def test_the_first_trial_of_a_study_is_the_centre(tmp_path, budget, trials):
     hp = suggest(trial, spec.search, seed=0)
     assert (hp.batch_size, hp.epochs) == (centre(spec.search)["batch_size"], centre(spec.search)["epochs"])
     assert len(study.trials) == trials
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes"])
+def test_momentum_is_drawn_for_sgd_trials_only(caplog, sampler):
+    """A momentum drawn for adamw would change nothing, yet the sampler and the dashboard's
+    importances would take it for a searched value. Past the start-up trials the samplers that
+    model the space jointly draw the momentum on its own, which is the space's design, not a
+    warning each trial."""
+    from tuner.spec import parse_spec
+    from tuner.study import make_sampler
+    from conftest import small_spec
+
+    spec = small_spec("momentum")
+    spec["search"]["optimizer"] = {"choices": ["sgd", "adamw"]}
+    spec["search"]["momentum"] = {"low": 0.8, "high": 0.99}
+    spec["sampler"] = {"name": sampler, "seed": 3, "n_startup_trials": 4}
+    parsed = parse_spec(spec)
+    study = optuna.create_study(sampler=make_sampler(parsed), direction="maximize")
+    with caplog.at_level("WARNING", logger="optuna"):
+        for _ in range(12):
+            trial = study.ask()
+            hp = suggest(trial, parsed.search, seed=0)
+            assert ("momentum" in trial.params) == (hp.optimizer == "sgd")
+            study.tell(trial, hp.lr)
+    assert {trial.params["optimizer"] for trial in study.trials} == {"sgd", "adamw"}
+    assert "sampled independently" not in caplog.text
+
+
+def test_the_centre_has_a_momentum_only_where_its_optimizer_is_sgd():
+    searched = {"momentum": {"low": 0.81, "high": 0.99}}
+    sgd_first = SearchSpace.model_validate({**space().model_dump(), **searched})
+    assert math.isclose(centre(sgd_first)["momentum"], 0.9)
+    adamw_first = SearchSpace.model_validate({**sgd_first.model_dump(), "optimizer": {"choices": ["adamw", "sgd"]}})
+    assert centre(adamw_first)["optimizer"] == "adamw" and "momentum" not in centre(adamw_first)

@@ -149,7 +149,8 @@ def test_a_fragment_section_that_is_not_a_mapping_is_named_as_such(hyperparamete
     assert "instance of" not in str(error.value)
 
 
-# tuner's loop gives the momentum to SGD only; a training function may use hp.momentum as it likes.
+# Searched optimizers draw a momentum for sgd only, and tuner's loop gives it to SGD only; a
+# training function with no searched optimizer may use hp.momentum as it likes.
 @pytest.mark.parametrize(
     ("workload", "optimizer", "refused"),
     [
@@ -157,6 +158,7 @@ def test_a_fragment_section_that_is_not_a_mapping_is_named_as_such(hyperparamete
         ("digits_mlp", {"choices": ["adamw", "adam"]}, True),
         ("digits_mlp", {"choices": ["sgd", "adamw"]}, False),
         ("user_workloads:own_loop", None, False),
+        ("user_workloads:own_loop", {"choices": ["adam"]}, True),
     ],
 )
 def test_a_momentum_searched_without_sgd_is_refused(workload, optimizer, refused):

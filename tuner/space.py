@@ -74,6 +74,20 @@ def lr_param_name(space: LearningRateSpace) -> str:
     return "lr" if space.scale_with_batch == "none" else "base_lr"
 
 
+def momentum_searched(optimizer: str | None) -> bool:
+    """Whether a trial that trains with the searched ``optimizer`` (None: not searched) samples
+    the momentum. Among searched optimizers only sgd takes one; a value drawn for the others
+    would change nothing and show in the study as if it had. Without a searched optimizer every
+    trial draws it, for a training function's own optimizer."""
+    return optimizer in (None, "sgd")
+
+
+def is_conditional(space: SearchSpace) -> bool:
+    """Whether some trials sample a parameter that others do not: the momentum, where sgd is
+    searched beside other optimizers."""
+    return space.momentum is not None and space.optimizer is not None and len(space.optimizer.choices) > 1
+
+
 def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparameters:
     """Ask the trial for every searched value and derive the rate actually used."""
     batch = space.batch_size
@@ -88,12 +102,15 @@ def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparam
     )
     epochs = trial.suggest_int("epochs", space.epochs.low, space.epochs.high, log=space.epochs.log)
     extras: dict[str, float | str] = {}
+    optimizer = None
     if space.optimizer is not None:
-        extras["optimizer"] = trial.suggest_categorical("optimizer", space.optimizer.choices)
-    for name in ("weight_decay", "momentum"):
-        bounds = getattr(space, name)
-        if bounds is not None:
-            extras[name] = trial.suggest_float(name, bounds.low, bounds.high, log=bounds.log)
+        optimizer = extras["optimizer"] = trial.suggest_categorical("optimizer", space.optimizer.choices)
+    if space.weight_decay is not None:
+        bounds = space.weight_decay
+        extras["weight_decay"] = trial.suggest_float("weight_decay", bounds.low, bounds.high, log=bounds.log)
+    if space.momentum is not None and momentum_searched(optimizer):
+        bounds = space.momentum
+        extras["momentum"] = trial.suggest_float("momentum", bounds.low, bounds.high, log=bounds.log)
     return Hyperparameters(
         batch_size=batch_size,
         lr=scaled_learning_rate(base_lr, batch_size, space.lr),
@@ -122,12 +139,13 @@ def centre(space: SearchSpace) -> dict[str, float | int | str]:
         lr_param_name(space.lr): middle(space.lr.low, space.lr.high, space.lr.log),
         "epochs": round(middle(space.epochs.low, space.epochs.high, space.epochs.log)),
     }
+    optimizer = None
     if space.optimizer is not None:
-        params["optimizer"] = space.optimizer.choices[0]
-    for name in ("weight_decay", "momentum"):
-        bounds = getattr(space, name)
-        if bounds is not None:
-            params[name] = middle(bounds.low, bounds.high, bounds.log)
+        optimizer = params["optimizer"] = space.optimizer.choices[0]
+    if space.weight_decay is not None:
+        params["weight_decay"] = middle(space.weight_decay.low, space.weight_decay.high, space.weight_decay.log)
+    if space.momentum is not None and momentum_searched(optimizer):
+        params["momentum"] = middle(space.momentum.low, space.momentum.high, space.momentum.log)
     if space.batch_schedule is not None:
         choices = space.batch_schedule.choices
         params["batch_schedule"] = "constant" if "constant" in choices else choices[0]

@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner.errors import BadInputError, SpecError, StudyNotFoundError, TunerError
-from tuner.space import centre
+from tuner.space import centre, is_conditional
 from tuner.spec import SEED_LIMIT, StudySpec, parse_spec
 from tuner.storages import RetryStaleTrial, enough_waiting, make_storage, slot_counts, slot_holders, slot_maker, storage_name
 
@@ -46,6 +46,10 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
     seed = None if options.seed is None else (options.seed + seed_offset) % SEED_LIMIT
     n_startup = options.n_startup_trials
     name = options.name
+    # A parameter only some trials sample (sgd's momentum) is left out of the joint model of
+    # GP and CMA-ES and drawn on its own at random: the design of such a space, not a warning
+    # each trial (TPE draws it from the trials that have it, and does not warn).
+    conditional = is_conditional(spec.search)
     if name == "tpe":
         # Multivariate: batch size and learning rate interact, which independent TPE cannot see.
         # Four start-up trials, the centre one and three random, not Optuna's ten: a budget of
@@ -61,12 +65,13 @@ def make_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.Ba
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(
-            seed=seed, n_startup_trials=10 if n_startup is None else n_startup
+            seed=seed, n_startup_trials=10 if n_startup is None else n_startup,
+            warn_independent_sampling=not conditional,
         )
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(
             seed=seed, n_startup_trials=1 if n_startup is None else n_startup,
-            consider_pruned_trials=True,
+            consider_pruned_trials=True, warn_independent_sampling=not conditional,
         )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)

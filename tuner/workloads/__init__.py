@@ -141,11 +141,12 @@ def check_workload(spec: Any) -> None:
 
 
 def _check_momentum(workload: Workload | TrainingFunction, spec: Any) -> None:
-    """Refuse a momentum range that a torch workload's trials never use: tuner's loop gives it to
-    SGD only, so without sgd among the optimizers the sampler would search a value that changes
-    nothing. A training function may use ``hp.momentum`` as it likes."""
+    """Refuse a momentum range that no trial uses: among searched optimizers only sgd's trials
+    draw it (``tuner.space.momentum_searched``), and tuner's loop, whose optimizer is adamw where
+    none is searched, gives it to SGD only. A training function without a searched optimizer may
+    use ``hp.momentum`` as it likes."""
     search = spec.search
-    if search.momentum is None or train_size(workload) is None:
+    if search.momentum is None or (search.optimizer is None and train_size(workload) is None):
         return
     # Not searched, the optimizer is adamw.
     optimizers = search.optimizer.choices if search.optimizer is not None else ["adamw"]
