@@ -5,8 +5,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 # A local folder of wheels, where the machine keeps one, is searched for that build first.
 WHEELS ?= $(wildcard /opt/wheels)
-# Test processes (pytest-xdist); most tests wait on the worker processes they start.
-TEST_PROCESSES ?= 2
+# Test processes (pytest-xdist). Most tests wait on the worker processes they start, so on 2
+# cores a third keeps them busy (the suite in about 10 minutes instead of 12; 4 are no faster).
+TEST_PROCESSES ?= 3
 BIN = $(VENV)/bin
 
 .PHONY: demo test install
