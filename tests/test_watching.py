@@ -399,6 +399,8 @@ def test_exported_best_trial_retrains_to_its_value(finished_study: dict, tmp_pat
     trained = tuner("train", str(fragment), "--out", str(model), "--device", "cpu")
     assert trained.returncode == 0, trained.stderr
     assert model.stat().st_size > 10_000
+    epochs = _load(finished_study).best_params["epochs"]
+    assert f"epoch {epochs}/{epochs}: val_accuracy=" in trained.stderr  # the last epoch, out of all
     shown = next(line for line in trained.stdout.splitlines() if "val_accuracy" in line)
     best = _load(finished_study).best_value
     # Same seed, same data, same loop: the curve repeats up to thread-count rounding.

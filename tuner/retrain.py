@@ -94,7 +94,7 @@ def retrain(fixed: FixedSpec, *, device: str = "auto", out: Path = Path("model.p
     hp = fixed.hyperparameters
     check_batch_size(workload, hp.batch_size, field="hyperparameters.batch_size", name=fixed.workload)
     check_loop_settings(workload, fixed, (hp.schedule.name,), "hyperparameters.schedule")
-    reporter = Reporter(optuna.trial.FixedTrial({}, hp.seed), [fixed.objective])
+    reporter = Reporter(optuna.trial.FixedTrial({}, hp.seed), [fixed.objective], epochs=hp.epochs)
     if not isinstance(workload, Workload):
         return dict(final_metrics(workload(hp, reporter), reporter.history)), None
     check_writable(out)

@@ -88,7 +88,11 @@ class Reporter:
         trial: optuna.Trial,
         objectives: list[Objective],
         stop_requested: Callable[[], bool] = lambda: False,
+        *,
+        epochs: int | None = None,
     ) -> None:
+        """``epochs``: how many the trial trains, where its parameters do not say (a retrain's
+        fixed trial): the log shows each epoch out of them and always the last."""
         self.trial = trial
         self.stop_requested = stop_requested
         self.objectives = objectives
@@ -100,7 +104,7 @@ class Reporter:
         self._unwritten: dict[int, float] = {}
         self._next_value_write = time.monotonic() + VALUE_WRITE_INTERVAL_S
         self._next_history_write = time.monotonic() + HISTORY_WRITE_INTERVAL_S
-        self._epochs = trial.params.get("epochs")
+        self._epochs = trial.params.get("epochs", epochs)
         self._next_log = 0.0
         self._resumed = False
         # The stop a training function was told through ``report`` (``__call__``): one that it
