@@ -83,9 +83,11 @@ def momentum_searched(optimizer: str | None) -> bool:
 
 
 def is_conditional(space: SearchSpace) -> bool:
-    """Whether some trials sample a parameter that others do not: the momentum, where sgd is
-    searched beside other optimizers."""
-    return space.momentum is not None and space.optimizer is not None and len(space.optimizer.choices) > 1
+    """Whether some trials sample a parameter that others do not: the momentum, where the
+    searched optimizers draw it for some (``momentum_searched``) and not for others."""
+    if space.momentum is None or space.optimizer is None:
+        return False
+    return len({momentum_searched(optimizer) for optimizer in space.optimizer.choices}) > 1
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace, *, seed: int) -> Hyperparameters:
