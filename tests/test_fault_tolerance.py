@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -149,6 +150,26 @@ def test_a_hand_back_does_not_use_up_the_retries_of_a_killed_worker(tmp_path, wr
     assert study.trials[2].system_attrs["retry_history"] == [0, 1]
 
 
+def _pause_outside_a_write(worker: subprocess.Popen, url: str) -> None:
+    """SIGSTOP ``worker``, where it uses a SQLite file at a moment it holds none of its write
+    lock: a paused writer keeps the file locked, which no other process can take from it, and
+    the other worker could not fail the trial as stale."""
+    while True:
+        worker.send_signal(signal.SIGSTOP)
+        if not url.startswith("sqlite"):
+            return
+        probe = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            worker.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "grpc"])
 def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_path, write_spec, kind, request, monkeypatch):
@@ -158,7 +179,7 @@ def test_a_worker_back_after_its_trial_was_retried_leaves_it_and_goes_on(tmp_pat
     checkpoints = tmp_path / "checkpoints"
     with storage_of_kind(kind, request, tmp_path) as url:
         args, first = _worker_two_epochs_in(write_spec, url, "paused", checkpoints)
-        first.send_signal(signal.SIGSTOP)
+        _pause_outside_a_write(first, url)
         second = start_tuner(*args)
         study = _load(url, "paused")
         _wait_for(lambda: len(study.get_trials(states=(TrialState.RUNNING,))) == 1 and len(study.trials) == 2, what="the retry")
